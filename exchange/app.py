@@ -1,0 +1,133 @@
+"""The service: one `create_app()`, one lifespan that owns the database, the pool and the jobs."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator
+
+import asyncpg
+from litestar import Litestar, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.logging import LoggingConfig
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+
+from exchange.accounts.controller import AccountController
+from exchange.bids.controller import BidController
+from exchange.core.auth import ApiKeyAuthentication, hash_secret, new_api_key
+from exchange.core.clock import Clock, system_clock
+from exchange.core.context import AppContext
+from exchange.core.errors import EXCEPTION_HANDLERS
+from exchange.core.settings import Settings
+from exchange.db.embedded import start_embedded, stop_embedded
+from exchange.db.migrate import MIGRATION_LOCK_KEY, apply_migrations
+from exchange.hosts.controller import AgentController, HostController
+from exchange.markets.controller import MarketController
+from exchange.offers.controller import OfferController
+from exchange.scheduler import start_jobs
+
+log = logging.getLogger("exchange")
+
+PUBLIC_PATHS = ["/healthz", "/metrics", "/schema"]
+
+
+class MetricsController(PrometheusController):
+    path = "/metrics"
+    openmetrics_format = False
+
+
+@get("/healthz", tags=["ops"])
+async def healthz(ctx: AppContext) -> dict[str, str]:
+    await ctx.pool.fetchval("SELECT 1")
+    return {"status": "ok", "database": "ok"}
+
+
+async def bootstrap_admin(conn: asyncpg.Connection, settings: Settings, now) -> None:
+    """GPUX_ADMIN_KEY, when set, is the admin's key. Otherwise the first start generates one, writes
+    it to $GPUX_HOME/admin.key (mode 0600) and prints it once."""
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    try:
+        admin = await conn.fetchrow("SELECT id FROM accounts WHERE role = 'admin' ORDER BY id LIMIT 1")
+        if settings.admin_key:
+            digest = hash_secret(settings.admin_key)
+            if admin is None:
+                await _create_admin(conn, digest, now)
+            else:
+                await conn.execute("UPDATE accounts SET api_key_hash = $2 WHERE id = $1", admin["id"], digest)
+            return
+        if admin is not None:
+            return
+        key = new_api_key()
+        await _create_admin(conn, hash_secret(key), now)
+        key_file = Path(settings.home) / "admin.key"
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key + "\n")
+        os.chmod(key_file, 0o600)
+        print(f"admin API key (shown once, saved to {key_file}): {key}", flush=True)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+
+
+async def _create_admin(conn: asyncpg.Connection, digest: bytes, now) -> None:
+    from exchange.ledger.service import open_books
+
+    async with conn.transaction():
+        account_id = await conn.fetchval(
+            "INSERT INTO accounts (name, role, api_key_hash, created_at) VALUES ('admin', 'admin', $1, $2) RETURNING id",
+            digest, now)
+        await open_books(conn, account_id)
+
+
+def create_app(settings: Settings | None = None, clock: Clock = system_clock) -> Litestar:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        server = None
+        url = settings.database_url
+        if url is None:
+            server, url = await asyncio.to_thread(start_embedded, settings.home)
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=16, command_timeout=60)
+        scheduler = None
+        try:
+            async with pool.acquire() as conn:
+                await apply_migrations(conn)
+                await bootstrap_admin(conn, settings, clock())
+            ctx = AppContext(settings=settings, pool=pool, clock=clock)
+            app.state.ctx = ctx
+            if settings.run_scheduler:
+                scheduler = start_jobs(ctx)
+            log.info("gpu-exchange ready", extra={"fields": {"embedded": server is not None}})
+            yield
+        finally:
+            if scheduler is not None:
+                scheduler.shutdown(wait=False)
+            await pool.close()
+            if server is not None:
+                stop_embedded(server)
+
+    def provide_ctx(state: State) -> AppContext:
+        return state.ctx
+
+    prometheus = PrometheusConfig(app_name="gpux", group_path=True, exclude=["/metrics"])
+    return Litestar(
+        route_handlers=[healthz, MetricsController, AccountController, HostController, AgentController,
+                        OfferController, BidController, MarketController],
+        lifespan=[lifespan],
+        dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},
+        middleware=[prometheus.middleware, DefineMiddleware(ApiKeyAuthentication, exclude=PUBLIC_PATHS)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=OpenAPIConfig(title="gpu-exchange", version="1.0.0", path="/schema"),
+        logging_config=LoggingConfig(
+            formatters={"standard": {"()": "exchange.core.logs.JsonFormatter"}},
+            log_exceptions="always",
+        ),
+        state=State({"settings": settings}),
+    )

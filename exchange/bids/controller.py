@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.params import Parameter
+
+from exchange.bids import service
+from exchange.bids.schemas import Bid, BidCreate, BidList, BidStatus
+from exchange.core.auth import requires
+from exchange.core.context import AppContext
+
+
+class BidController(Controller):
+    path = "/v1/bids"
+    tags = ["bids"]
+    guards = [requires("tenant")]
+
+    @post("/", status_code=201)
+    async def place(self, ctx: AppContext, request: Request, data: BidCreate) -> Response[Bid]:
+        bid, replayed = await service.place_bid(ctx, request.user.account_id, data)
+        return Response(bid, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
+
+    @get("/")
+    async def list(self, ctx: AppContext, request: Request, status: BidStatus | None = None,
+                   cursor: str | None = None, limit: Annotated[int, Parameter(ge=1, le=500)] = 100) -> BidList:
+        items, next_cursor = await service.list_bids(ctx, request.user.account_id, status, cursor, limit)
+        return BidList(items=items, next=next_cursor)
+
+    @get("/{bid_id:int}")
+    async def get(self, ctx: AppContext, request: Request, bid_id: int) -> Bid:
+        return await service.get_bid(ctx, request.user.account_id, bid_id)
+
+    @delete("/{bid_id:int}", status_code=200)
+    async def cancel(self, ctx: AppContext, request: Request, bid_id: int) -> Bid:
+        return await service.cancel_bid(ctx, request.user.account_id, bid_id)

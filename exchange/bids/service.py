@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+import msgspec
+
+from exchange.bids.schemas import Bid, BidCreate
+from exchange.core.context import AppContext, request_hash
+from exchange.core.errors import Conflict, InvalidField, NotFound
+from exchange.core.money import cost_micros, format_money, parse_money
+from exchange.ledger import service as ledger
+
+_bid_encoder = msgspec.json.Encoder()
+BID_COLUMNS = ("id, account_id, market, gpus, duration_s, limit_price, client_order_id, min_survival, min_notice_s,"
+               " time_in_force, expire_at, requeue_on_preempt, status, hold_amount, unfilled_reason,"
+               " unfilled_shortfall, created_at, updated_at, request_hash")
+
+
+def to_bid(row: asyncpg.Record) -> Bid:
+    shortfall = row["unfilled_shortfall"]
+    return Bid(id=row["id"], market=row["market"], gpus=row["gpus"], duration_s=row["duration_s"],
+               limit_price=format_money(row["limit_price"]), client_order_id=row["client_order_id"],
+               min_survival=row["min_survival"], min_notice_s=row["min_notice_s"],
+               time_in_force=row["time_in_force"], expire_at=row["expire_at"],
+               requeue_on_preempt=row["requeue_on_preempt"], status=row["status"],
+               hold=format_money(row["hold_amount"]), unfilled_reason=row["unfilled_reason"],
+               unfilled_shortfall=None if shortfall is None else format_money(shortfall),
+               created_at=row["created_at"], updated_at=row["updated_at"])
+
+
+def validate_bid(ctx: AppContext, data: BidCreate, now: datetime) -> int:
+    """Checks the body beyond its shape; returns the limit price in micro-dollars."""
+    settings = ctx.settings
+    if data.gpus > settings.max_gang_gpus:
+        raise InvalidField("gpus", f"at most {settings.max_gang_gpus} GPUs in one gang")
+    if not settings.min_duration_s <= data.duration_s <= settings.max_duration_s:
+        raise InvalidField("duration_s", f"must be between {settings.min_duration_s} and {settings.max_duration_s} seconds")
+    limit = parse_money(data.limit_price)
+    if limit <= 0:
+        raise InvalidField("limit_price", "must be greater than zero")
+    if data.time_in_force == "gtd" and data.expire_at is None:
+        raise InvalidField("expire_at", "time_in_force gtd needs expire_at")
+    if data.expire_at is not None:
+        if data.time_in_force == "ioc":
+            raise InvalidField("expire_at", "an ioc bid cannot carry expire_at")
+        if data.expire_at.tzinfo is None:
+            raise InvalidField("expire_at", "must be an RFC 3339 time with a zone")
+        if data.expire_at <= now:
+            raise InvalidField("expire_at", "must be in the future")
+    return limit
+
+
+async def place_bid(ctx: AppContext, account_id: int, data: BidCreate) -> tuple[Bid, bool]:
+    """Rest a bid and hold `limit × gpus × duration` of the tenant's funds. Returns (bid, replayed)."""
+    now = ctx.clock()
+    limit = validate_bid(ctx, data, now)
+    # expire_at given with the default tif means good-till-date.
+    tif = "gtd" if data.expire_at is not None else data.time_in_force
+    hold = cost_micros(limit, data.gpus, data.duration_s)
+    fingerprint = request_hash(_bid_encoder.encode(data))
+    async with ctx.pool.acquire() as conn:
+        async with conn.transaction():
+            if not await conn.fetchval("SELECT 1 FROM markets WHERE id = $1", data.market):
+                raise InvalidField("market", f"unknown market {data.market!r} (see GET /v1/markets)")
+            row = await conn.fetchrow(
+                f"INSERT INTO bids (account_id, market, gpus, duration_s, limit_price, min_survival, min_notice_s,"
+                f" time_in_force, expire_at, client_order_id, request_hash, requeue_on_preempt, status, hold_amount,"
+                f" created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,'open',$13,$14,$14)"
+                f" ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING {BID_COLUMNS}",
+                account_id, data.market, data.gpus, data.duration_s, limit, data.min_survival, data.min_notice_s,
+                tif, data.expire_at, data.client_order_id, fingerprint, data.requeue_on_preempt, hold, now)
+            if row is not None:
+                await ledger.place_hold(conn, account_id=account_id, amount=hold, now=now, ref_type="bid",
+                                        ref_id=row["id"])
+                return to_bid(row), False
+        # The client_order_id exists (a retry, or a racing duplicate that committed first).
+        existing = await conn.fetchrow(
+            f"SELECT {BID_COLUMNS} FROM bids WHERE account_id = $1 AND client_order_id = $2",
+            account_id, data.client_order_id)
+    if existing["request_hash"] != fingerprint:
+        raise Conflict("idempotency_conflict", "this client_order_id was used for a different bid",
+                       field="client_order_id")
+    return to_bid(existing), True
+
+
+async def get_bid(ctx: AppContext, account_id: int, bid_id: int) -> Bid:
+    row = await ctx.pool.fetchrow(f"SELECT {BID_COLUMNS} FROM bids WHERE id = $1 AND account_id = $2", bid_id, account_id)
+    if row is None:
+        raise NotFound(f"bid {bid_id}")
+    return to_bid(row)
+
+
+async def list_bids(ctx: AppContext, account_id: int, status: str | None, cursor: str | None,
+                    limit: int) -> tuple[list[Bid], str | None]:
+    if cursor is not None and not cursor.isdigit():
+        raise InvalidField("cursor", "must be the `next` value of a previous page")
+    before = int(cursor) if cursor else 2**63 - 1
+    rows = await ctx.pool.fetch(
+        f"SELECT {BID_COLUMNS} FROM bids WHERE account_id = $1 AND ($2::text IS NULL OR status = $2) AND id < $3"
+        f" ORDER BY id DESC LIMIT $4", account_id, status, before, limit + 1)
+    items = [to_bid(r) for r in rows[:limit]]
+    return items, (str(items[-1].id) if len(rows) > limit else None)
+
+
+async def close_bid(conn: asyncpg.Connection, bid_id: int, status: str, now: datetime) -> asyncpg.Record | None:
+    """End an open bid (cancelled/expired) and release its hold; None if it was not open."""
+    row = await conn.fetchrow(
+        "SELECT id, account_id, hold_amount FROM bids WHERE id = $1 AND status = 'open' FOR UPDATE", bid_id)
+    if row is None:
+        return None
+    await conn.execute("UPDATE bids SET status = $2, hold_amount = 0, updated_at = $3 WHERE id = $1", bid_id, status, now)
+    await ledger.release_hold(conn, account_id=row["account_id"], amount=row["hold_amount"], now=now,
+                              ref_type="bid", ref_id=bid_id)
+    return row
+
+
+async def cancel_bid(ctx: AppContext, account_id: int, bid_id: int) -> Bid:
+    now = ctx.clock()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        owner = await conn.fetchval("SELECT account_id FROM bids WHERE id = $1", bid_id)
+        if owner != account_id:
+            raise NotFound(f"bid {bid_id}")
+        closed = await close_bid(conn, bid_id, "cancelled", now)
+        row = await conn.fetchrow(f"SELECT {BID_COLUMNS} FROM bids WHERE id = $1", bid_id)
+    if closed is None and row["status"] != "cancelled":
+        raise Conflict("bid_not_open", f"bid {bid_id} is {row['status']} and can no longer be cancelled")
+    return to_bid(row)
+
+
+async def expire_bids(pool: asyncpg.Pool, now: datetime) -> int:
+    """Good-till-date bids past their expire_at end as expired and release their hold."""
+    expired = 0
+    async with pool.acquire() as conn:
+        ids = [r["id"] for r in await conn.fetch(
+            "SELECT id FROM bids WHERE status = 'open' AND time_in_force = 'gtd' AND expire_at <= $1 ORDER BY id", now)]
+        for bid_id in ids:
+            async with conn.transaction():
+                if await close_bid(conn, bid_id, "expired", now):
+                    expired += 1
+    return expired

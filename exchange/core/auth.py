@@ -1,0 +1,90 @@
+"""API keys and agent tokens (stored as SHA-256: they are 256-bit random, so a fast hash is safe),
+the request's principal, and role guards."""
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import asyncpg
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
+
+from exchange.core.structs import Struct
+
+ROLES = ("admin", "owner", "tenant", "trader")
+API_KEY_PREFIX = "gpx_"
+AGENT_TOKEN_PREFIX = "gpa_"
+
+
+class Principal(Struct, frozen=True, kw_only=True):
+    """Who is calling: an account (by role) or a host agent (role 'agent', scoped to one host)."""
+    role: str | None
+    account_id: int | None = None
+    host_id: int | None = None
+
+    @property
+    def anonymous(self) -> bool:
+        return self.role is None
+
+
+ANONYMOUS = Principal(role=None)
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_agent_token() -> str:
+    return AGENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def bearer_token(connection: ASGIConnection) -> str | None:
+    header = connection.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise NotAuthorizedException("the Authorization header must be 'Bearer <api key>'")
+    return token.strip()
+
+
+async def resolve_token(pool: asyncpg.Pool, token: str) -> Principal | None:
+    digest = hash_secret(token)
+    if token.startswith(AGENT_TOKEN_PREFIX):
+        row = await pool.fetchrow("SELECT id, owner_id FROM hosts WHERE agent_token_hash = $1", digest)
+        return Principal(role="agent", account_id=row["owner_id"], host_id=row["id"]) if row else None
+    row = await pool.fetchrow("SELECT id, role FROM accounts WHERE api_key_hash = $1", digest)
+    return Principal(role=row["role"], account_id=row["id"]) if row else None
+
+
+class ApiKeyAuthentication(AbstractAuthenticationMiddleware):
+    """No header: anonymous (public routes still answer, guarded ones say 401). A bad key: 401."""
+
+    async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
+        token = bearer_token(connection)
+        if token is None:
+            return AuthenticationResult(user=ANONYMOUS, auth=None)
+        principal = await resolve_token(connection.app.state.ctx.pool, token)
+        if principal is None:
+            raise NotAuthorizedException("unknown API key")
+        return AuthenticationResult(user=principal, auth=token)
+
+
+def requires(*roles: str):
+    """A guard admitting only the given roles ('agent' for host agent tokens)."""
+
+    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        principal: Principal = connection.user
+        if principal.anonymous:
+            raise NotAuthorizedException("an API key is required (Authorization: Bearer <key>)")
+        if principal.role not in roles:
+            raise PermissionDeniedException(f"this needs the role {' or '.join(roles)}; the key is {principal.role}")
+
+    guard.__name__ = f"requires_{'_'.join(roles)}"
+    return guard

@@ -1,0 +1,118 @@
+"""One error shape for every 4xx: {"error": {"code", "message", "field"?}}, machine-readable."""
+from __future__ import annotations
+
+import re
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from exchange.core.structs import Struct
+
+
+class ErrorDetail(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(Struct, frozen=True, kw_only=True):
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """A refusal the client can act on. Raised by services; rendered by `api_error_handler`."""
+
+    status_code = 400
+
+    def __init__(self, code: str, message: str, *, field: str | None = None, status: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+        if status is not None:
+            self.status_code = status
+
+
+class InvalidField(ApiError):
+    status_code = 422
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__("invalid_field", f"{field}: {message}", field=field)
+
+
+class NotFound(ApiError):
+    status_code = 404
+
+    def __init__(self, what: str) -> None:
+        super().__init__("not_found", f"{what} not found")
+
+
+class Conflict(ApiError):
+    status_code = 409
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(code, message, field=field)
+
+
+class InsufficientFunds(ApiError):
+    status_code = 402
+
+    def __init__(self, needed: str, available: str) -> None:
+        super().__init__("insufficient_funds",
+                         f"this order needs a hold of {needed} but only {available} is available")
+
+
+class Forbidden(ApiError):
+    status_code = 403
+
+    def __init__(self, message: str) -> None:
+        super().__init__("forbidden", message)
+
+
+_error_encoder = msgspec.json.Encoder()
+_FIELD_IN_MESSAGE = re.compile(r"field `([^`]+)`")
+
+
+def _response(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(_error_encoder.encode(ErrorBody(error=detail)), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def api_error_handler(_: Request, exc: ApiError) -> Response[bytes]:
+    return _response(exc.status_code, ErrorDetail(code=exc.code, message=exc.message, field=exc.field), exc.headers)
+
+
+def validation_error_handler(_: Request, exc: ValidationException) -> Response[bytes]:
+    """Litestar's body validation (msgspec) names the key; unknown and missing fields name it only in
+    the message, so pull it out from there."""
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    first = extra[0] if extra and isinstance(extra[0], dict) else {}
+    message = str(first.get("message") or exc.detail)
+    key = first.get("key")
+    found = _FIELD_IN_MESSAGE.search(message)
+    field = found.group(1) if found else (key if key not in (None, "data") else None)
+    code = "malformed_body" if not extra else "invalid_field"
+    text = f"{field}: {message}" if field else message
+    return _response(400, ErrorDetail(code=code, message=text, field=field))
+
+
+_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+          409: "conflict", 413: "too_large", 429: "rate_limited"}
+
+
+def http_error_handler(_: Request, exc: HTTPException) -> Response[bytes]:
+    status = exc.status_code
+    if status >= 500:
+        return _response(status, ErrorDetail(code="internal_error", message="internal error"))
+    headers = dict(exc.headers or {})
+    return _response(status, ErrorDetail(code=_CODES.get(status, "bad_request"), message=str(exc.detail)), headers)
+
+
+EXCEPTION_HANDLERS = {
+    ApiError: api_error_handler,
+    ValidationException: validation_error_handler,
+    HTTPException: http_error_handler,
+}

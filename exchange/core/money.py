@@ -1,0 +1,37 @@
+"""Money is integer micro-dollars inside and a decimal string on the wire; never a float."""
+from __future__ import annotations
+
+import re
+
+MICROS_PER_DOLLAR = 1_000_000
+SECONDS_PER_HOUR = 3600
+
+# At most 6 decimals, no sign, no exponent: the only accepted spelling of an amount on the wire.
+MONEY_PATTERN = r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,6})?$"
+_MONEY_RE = re.compile(MONEY_PATTERN)
+
+
+def parse_money(text: str) -> int:
+    """'2.35' -> 2_350_000. Raises ValueError for anything but a plain non-negative decimal."""
+    if not _MONEY_RE.match(text):
+        raise ValueError(f"not a decimal amount with at most 6 decimals: {text!r}")
+    whole, _, frac = text.partition(".")
+    return int(whole) * MICROS_PER_DOLLAR + int(frac.ljust(6, "0") or "0")
+
+
+def format_money(micros: int) -> str:
+    """2_350_000 -> '2.35'; keeps at least two decimals, like a price board."""
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(micros), MICROS_PER_DOLLAR)
+    frac_text = f"{frac:06d}".rstrip("0").ljust(2, "0")
+    return f"{sign}{whole}.{frac_text}"
+
+
+def ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def cost_micros(price_micros_per_gpu_h: int, gpus: int, seconds: int) -> int:
+    """What `gpus` GPUs cost for `seconds` at a per-GPU-hour price, rounded up to the micro-dollar
+    (a hold must always cover the charge it backs)."""
+    return ceil_div(price_micros_per_gpu_h * gpus * seconds, SECONDS_PER_HOUR)

@@ -1,0 +1,48 @@
+"""Settings, read once from the environment into a frozen struct (SPEC §9)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    database_url: str | None = None
+    home: Path = Path(".gpux")
+    admin_key: str | None = None
+    tick_s: float = 2.0
+    settle_s: float = 60.0
+    fee_bps: int = 0
+    max_gang_gpus: int = 1024
+    max_duration_s: int = 30 * 24 * 3600
+    min_duration_s: int = 60
+    run_scheduler: bool = True
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "Settings":
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {
+            "database_url": env.get("DATABASE_URL") or None,
+            "home": Path(env.get("GPUX_HOME", ".gpux")),
+            "admin_key": env.get("GPUX_ADMIN_KEY") or None,
+            "tick_s": float(env.get("GPUX_TICK_S", "2")),
+            "settle_s": float(env.get("GPUX_SETTLE_S", "60")),
+            "fee_bps": int(env.get("GPUX_FEE_BPS", "0")),
+            "max_gang_gpus": int(env.get("GPUX_MAX_GANG_GPUS", "1024")),
+            "run_scheduler": env.get("GPUX_SCHEDULER", "1") not in ("0", "false", "no"),
+            "log_level": env.get("GPUX_LOG_LEVEL", "INFO"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.tick_s <= 0 or self.settle_s <= 0:
+            raise ValueError("GPUX_TICK_S and GPUX_SETTLE_S must be positive")
+        if not 0 <= self.fee_bps <= 10_000:
+            raise ValueError("GPUX_FEE_BPS must be between 0 and 10000")
+        if self.max_gang_gpus < 1:
+            raise ValueError("GPUX_MAX_GANG_GPUS must be at least 1")

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from litestar import Controller, Request, get, post, put
+
+from exchange.core.auth import requires
+from exchange.core.context import AppContext
+from exchange.hosts import service
+from exchange.hosts.schemas import AgentIdentity, Host, HostCreate, HostCreated, HostList, Inventory
+
+
+class HostController(Controller):
+    path = "/v1/hosts"
+    tags = ["hosts"]
+
+    @post("/", guards=[requires("owner")], status_code=201)
+    async def create(self, ctx: AppContext, request: Request, data: HostCreate) -> HostCreated:
+        return await service.create_host(ctx, request.user.account_id, data)
+
+    @get("/", guards=[requires("owner", "admin")])
+    async def list(self, ctx: AppContext, request: Request) -> HostList:
+        return HostList(items=await service.list_hosts(ctx, request.user))
+
+    @get("/{host_id:int}", guards=[requires("owner", "admin", "agent")])
+    async def get(self, ctx: AppContext, request: Request, host_id: int) -> Host:
+        return await service.get_host(ctx, request.user, host_id)
+
+
+class AgentController(Controller):
+    """Endpoints for a host's agent; its token acts for that one host only."""
+    path = "/v1/agent"
+    tags = ["agent"]
+    guards = [requires("agent")]
+
+    @get("/me")
+    async def me(self, ctx: AppContext, request: Request) -> AgentIdentity:
+        return await service.agent_identity(ctx, request.user)
+
+    @put("/inventory")
+    async def inventory(self, ctx: AppContext, request: Request, data: Inventory) -> Host:
+        return await service.put_inventory(ctx, request.user, data)

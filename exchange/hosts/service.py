@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import asyncpg
+
+from exchange.core.auth import Principal, hash_secret, new_agent_token
+from exchange.core.context import AppContext
+from exchange.core.errors import Conflict, Forbidden, InvalidField, NotFound
+from exchange.hosts.schemas import AgentIdentity, Host, HostCreate, HostCreated, HostGpu, Inventory
+from exchange.markets.service import ensure_markets
+
+
+async def create_host(ctx: AppContext, owner_id: int, data: HostCreate) -> HostCreated:
+    token = new_agent_token()
+    try:
+        host_id = await ctx.pool.fetchval(
+            "INSERT INTO hosts (owner_id, name, fabric, agent_token_hash, created_at) VALUES ($1,$2,$3,$4,$5)"
+            " RETURNING id", owner_id, data.name, data.fabric, hash_secret(token), ctx.clock())
+    except asyncpg.UniqueViolationError:
+        raise Conflict("name_taken", f"you have a host named {data.name!r} already", field="name") from None
+    return HostCreated(id=host_id, name=data.name, fabric=data.fabric, agent_token=token)
+
+
+async def host_for(ctx: AppContext | asyncpg.Connection, principal: Principal, host_id: int) -> asyncpg.Record:
+    """The host row if the caller may act on it: its owner, or its own agent. Another owner's host
+    is 'not found' (its existence is not theirs to know); another host's agent is forbidden."""
+    conn = ctx.pool if isinstance(ctx, AppContext) else ctx
+    row = await conn.fetchrow("SELECT * FROM hosts WHERE id = $1", host_id)
+    if principal.role == "agent":
+        if principal.host_id != host_id:
+            raise Forbidden("an agent token acts only for its own host")
+        return row
+    if row is None or (principal.role != "admin" and row["owner_id"] != principal.account_id):
+        raise NotFound(f"host {host_id}")
+    return row
+
+
+async def list_hosts(ctx: AppContext, principal: Principal) -> list[Host]:
+    where, args = ("", []) if principal.role == "admin" else ("WHERE h.owner_id = $1", [principal.account_id])
+    rows = await ctx.pool.fetch(f"SELECT * FROM hosts h {where} ORDER BY id", *args)
+    return [await _host(ctx, r) for r in rows]
+
+
+async def get_host(ctx: AppContext, principal: Principal, host_id: int) -> Host:
+    return await _host(ctx, await host_for(ctx, principal, host_id))
+
+
+async def _host(ctx: AppContext, row: asyncpg.Record) -> Host:
+    gpus = await ctx.pool.fetch(
+        "SELECT uuid, model, memory_mb, idx FROM gpus WHERE host_id = $1 AND present ORDER BY idx", row["id"])
+    return Host(id=row["id"], name=row["name"], fabric=row["fabric"], owner_id=row["owner_id"],
+                created_at=row["created_at"], last_seen_at=row["last_seen_at"],
+                gpus=[HostGpu(uuid=g["uuid"], model=g["model"], memory_mb=g["memory_mb"], index=g["idx"]) for g in gpus])
+
+
+async def agent_identity(ctx: AppContext, principal: Principal) -> AgentIdentity:
+    row = await ctx.pool.fetchrow("SELECT id, name, fabric FROM hosts WHERE id = $1", principal.host_id)
+    return AgentIdentity(host_id=row["id"], name=row["name"], fabric=row["fabric"])
+
+
+async def put_inventory(ctx: AppContext, principal: Principal, data: Inventory) -> Host:
+    """Replace the host's GPU set with what its agent reports. A GPU another host reported is
+    refused: one physical GPU is sold by one host only."""
+    uuids = [g.uuid for g in data.gpus]
+    if len(set(uuids)) != len(uuids):
+        raise InvalidField("gpus", "a GPU UUID appears twice")
+    host_id = principal.host_id
+    now = ctx.clock()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT id FROM hosts WHERE id = $1 FOR UPDATE", host_id)
+        taken = await conn.fetchval(
+            "SELECT uuid FROM gpus WHERE uuid = ANY($1::text[]) AND host_id <> $2 AND present LIMIT 1", uuids, host_id)
+        if taken:
+            raise Conflict("gpu_on_other_host", f"GPU {taken} is registered to another host", field="gpus")
+        await conn.execute("UPDATE gpus SET present = false WHERE host_id = $1", host_id)
+        await conn.executemany(
+            "INSERT INTO gpus (uuid, host_id, idx, model, memory_mb, present, reported_at)"
+            " VALUES ($1, $2, $3, $4, $5, true, $6) ON CONFLICT (uuid) DO UPDATE SET host_id = EXCLUDED.host_id,"
+            " idx = EXCLUDED.idx, model = EXCLUDED.model, memory_mb = EXCLUDED.memory_mb, present = true,"
+            " reported_at = EXCLUDED.reported_at",
+            [(g.uuid, host_id, g.index if g.index is not None else i, g.model, g.memory_mb, now)
+             for i, g in enumerate(data.gpus)])
+        await conn.execute("UPDATE hosts SET last_seen_at = $2 WHERE id = $1", host_id, now)
+        await ensure_markets(conn, {g.model for g in data.gpus}, now)
+    return await get_host(ctx, principal, host_id)

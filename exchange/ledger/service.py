@@ -1,0 +1,83 @@
+"""The double-entry ledger: the only code that moves money. Every movement is one transfer whose
+postings sum to zero (the schema refuses anything else at commit)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from exchange.core.errors import InsufficientFunds
+from exchange.core.money import format_money
+
+
+@dataclass(frozen=True, slots=True)
+class Books:
+    """The ledger accounts of one exchange account."""
+    available: int
+    held: int
+
+
+async def open_books(conn: asyncpg.Connection, account_id: int) -> Books:
+    rows = await conn.fetch(
+        "INSERT INTO ledger_accounts (account_id, kind) VALUES ($1, 'available'), ($1, 'held') RETURNING id, kind",
+        account_id)
+    ids = {r["kind"]: r["id"] for r in rows}
+    return Books(available=ids["available"], held=ids["held"])
+
+
+async def books_of(conn: asyncpg.Connection, account_id: int) -> Books:
+    rows = await conn.fetch("SELECT id, kind FROM ledger_accounts WHERE account_id = $1", account_id)
+    ids = {r["kind"]: r["id"] for r in rows}
+    return Books(available=ids["available"], held=ids["held"])
+
+
+async def system_book(conn: asyncpg.Connection, kind: str) -> int:
+    return await conn.fetchval("SELECT id FROM ledger_accounts WHERE account_id IS NULL AND kind = $1", kind)
+
+
+async def post_transfer(conn: asyncpg.Connection, *, kind: str, account_id: int | None,
+                        postings: list[tuple[int, int]], now: datetime, ref_type: str | None = None,
+                        ref_id: int | None = None, idempotency_key: str | None = None,
+                        request_hash: bytes | None = None, memo: str | None = None) -> int:
+    """Write one transfer. Must run inside the caller's transaction (the balance check is deferred
+    to its commit). Zero-amount postings are dropped; a transfer with nothing left is still recorded
+    when it carries an idempotency key, so that a retry finds it."""
+    legs = [(book, amount) for book, amount in postings if amount != 0]
+    if sum(amount for _, amount in legs) != 0:
+        raise ValueError(f"transfer {kind} does not sum to zero: {legs}")
+    transfer_id = await conn.fetchval(
+        "INSERT INTO transfers (kind, account_id, ref_type, ref_id, idempotency_key, request_hash, memo, created_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+        kind, account_id, ref_type, ref_id, idempotency_key, request_hash, memo, now)
+    if legs:
+        await conn.executemany(
+            "INSERT INTO postings (transfer_id, ledger_account_id, amount) VALUES ($1, $2, $3)",
+            [(transfer_id, book, amount) for book, amount in legs])
+    return transfer_id
+
+
+async def place_hold(conn: asyncpg.Connection, *, account_id: int, amount: int, now: datetime,
+                     ref_type: str, ref_id: int) -> None:
+    """Move `amount` from available to held. Locks the available book first, so concurrent holds of
+    one account queue up and each sees the balance the previous one left."""
+    books = await books_of(conn, account_id)
+    available = await conn.fetchval("SELECT balance FROM ledger_accounts WHERE id = $1 FOR UPDATE", books.available)
+    if available < amount:
+        raise InsufficientFunds(needed=format_money(amount), available=format_money(available))
+    await post_transfer(conn, kind="hold", account_id=account_id, now=now, ref_type=ref_type, ref_id=ref_id,
+                        postings=[(books.available, -amount), (books.held, amount)])
+
+
+async def release_hold(conn: asyncpg.Connection, *, account_id: int, amount: int, now: datetime,
+                       ref_type: str, ref_id: int, kind: str = "release") -> None:
+    if amount == 0:
+        return
+    books = await books_of(conn, account_id)
+    await post_transfer(conn, kind=kind, account_id=account_id, now=now, ref_type=ref_type, ref_id=ref_id,
+                        postings=[(books.held, -amount), (books.available, amount)])
+
+
+async def balances(conn: asyncpg.Connection | asyncpg.Pool, account_id: int) -> dict[str, int]:
+    rows = await conn.fetch("SELECT kind, balance FROM ledger_accounts WHERE account_id = $1", account_id)
+    return {r["kind"]: r["balance"] for r in rows}
