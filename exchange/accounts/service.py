@@ -6,6 +6,7 @@ import msgspec
 from exchange.accounts.schemas import (Account, AccountCreate, AccountCreated, Balance, Deposit, DepositCreate,
                                        LedgerEntry, LedgerPage)
 from exchange.core.auth import hash_secret, new_api_key
+from exchange.core import metrics
 from exchange.core.context import AppContext, request_hash
 from exchange.core.errors import Conflict, InvalidField, NotFound
 from exchange.core.money import format_money, parse_money
@@ -62,6 +63,7 @@ async def deposit(ctx: AppContext, account_id: int, data: DepositCreate) -> tupl
             conn, kind="deposit", account_id=account_id, now=now, idempotency_key=data.idempotency_key,
             request_hash=fingerprint, memo=format_money(amount),
             postings=[(world, -amount), (books.available, amount)])
+    metrics.DEPOSITS.inc()
     return Deposit(id=transfer_id, account_id=account_id, amount=format_money(amount),
                    idempotency_key=data.idempotency_key, created_at=now), False
 

@@ -7,7 +7,8 @@ import msgspec
 
 from exchange.bids.schemas import Bid, BidCreate
 from exchange.core.context import AppContext, request_hash
-from exchange.core.errors import Conflict, InvalidField, NotFound
+from exchange.core import metrics
+from exchange.core.errors import ApiError, Conflict, InvalidField, NotFound
 from exchange.core.money import cost_micros, format_money, parse_money
 from exchange.ledger import service as ledger
 
@@ -53,6 +54,17 @@ def validate_bid(ctx: AppContext, data: BidCreate, now: datetime) -> int:
 
 async def place_bid(ctx: AppContext, account_id: int, data: BidCreate) -> tuple[Bid, bool]:
     """Rest a bid and hold `limit × gpus × duration` of the tenant's funds. Returns (bid, replayed)."""
+    try:
+        bid, replayed = await _place_bid(ctx, account_id, data)
+    except ApiError as refusal:
+        metrics.BIDS_REFUSED.labels(refusal.code).inc()
+        raise
+    if not replayed:
+        metrics.BIDS_PLACED.labels(bid.market).inc()
+    return bid, replayed
+
+
+async def _place_bid(ctx: AppContext, account_id: int, data: BidCreate) -> tuple[Bid, bool]:
     now = ctx.clock()
     limit = validate_bid(ctx, data, now)
     # expire_at given with the default tif means good-till-date.
@@ -112,6 +124,7 @@ async def close_bid(conn: asyncpg.Connection, bid_id: int, status: str, now: dat
     await conn.execute("UPDATE bids SET status = $2, hold_amount = 0, updated_at = $3 WHERE id = $1", bid_id, status, now)
     await ledger.release_hold(conn, account_id=row["account_id"], amount=row["hold_amount"], now=now,
                               ref_type="bid", ref_id=bid_id)
+    metrics.BIDS_CLOSED.labels(status).inc()
     return row
 
 

@@ -99,7 +99,7 @@ def validation_error_handler(_: Request, exc: ValidationException) -> Response[b
     return _response(400, ErrorDetail(code=code, message=text, field=field))
 
 
-_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+_CODES = {400: "malformed_body", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
           409: "conflict", 413: "too_large", 429: "rate_limited"}
 
 

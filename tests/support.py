@@ -1,0 +1,87 @@
+"""Test support: real PostgreSQL databases and real `gpux serve` processes (never mocks)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ADMIN_KEY = "gpx_test_admin_key_0123456789abcdefghijklmnop"
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL pointing at another database (works for socket and TCP URLs)."""
+    return re.sub(r"^(postgres(?:ql)?://[^/]*/)([^?]*)", lambda m: m.group(1) + name, url, count=1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A `gpux serve` subprocess on a free port."""
+    base_url: str
+    proc: subprocess.Popen
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_server(tmp: Path, *, database_url: str | None, home: Path | None = None, workers: int = 1,
+                 extra_env: dict[str, str] | None = None, port: int | None = None,
+                 admin_key: str | None = ADMIN_KEY, ready_timeout: float = 90) -> ServerProcess:
+    port = port or free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "GPUX_ADMIN_KEY")}
+    env.update({"GPUX_HOME": str(home or tmp / "home"), "GPUX_TICK_S": "0.5", "GPUX_LOG_LEVEL": "WARNING",
+                "PYTHONUNBUFFERED": "1"})
+    if admin_key:
+        env["GPUX_ADMIN_KEY"] = admin_key
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    env.update(extra_env or {})
+    tmp.mkdir(parents=True, exist_ok=True)
+    log_path = tmp / f"server-{port}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "exchange.cli", "serve", "--port", str(port),
+                                 "--workers", str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    server = ServerProcess(base_url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, env=env)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gpux serve exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.base_url + "/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"gpux serve did not become ready:\n{server.log()}")
+
+
+def run_audit(database_url: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DATABASE_URL=database_url)
+    return subprocess.run([sys.executable, "-m", "exchange.cli", "audit"], env=env, capture_output=True, text=True,
+                          timeout=120)
