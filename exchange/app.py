@@ -27,6 +27,7 @@ from exchange.core.settings import Settings
 from exchange.db.embedded import start_embedded, stop_embedded
 from exchange.db.migrate import MIGRATION_LOCK_KEY, apply_migrations
 from exchange.hosts.controller import AgentController, HostController
+from exchange.leases.controller import AgentLeaseController, LeaseController
 from exchange.markets.controller import MarketController
 from exchange.offers.controller import OfferController
 from exchange.scheduler import start_jobs
@@ -103,12 +104,17 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
             ctx = AppContext(settings=settings, pool=pool, clock=clock)
             app.state.ctx = ctx
             if settings.run_scheduler:
-                scheduler = start_jobs(ctx)
+                # Compile the matching kernels now (cached on disk), not in the first tick.
+                from matching import warm_up
+
+                await asyncio.to_thread(warm_up)
+                scheduler, leader = start_jobs(ctx, url)
             log.info("gpu-exchange ready", extra={"fields": {"embedded": server is not None}})
             yield
         finally:
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
+                await leader.close()
             await pool.close()
             if server is not None:
                 stop_embedded(server)
@@ -119,7 +125,7 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
     prometheus = PrometheusConfig(app_name="gpux", group_path=True, exclude=["/metrics"])
     return Litestar(
         route_handlers=[healthz, MetricsController, AccountController, HostController, AgentController,
-                        OfferController, BidController, MarketController],
+                        OfferController, BidController, MarketController, LeaseController, AgentLeaseController],
         lifespan=[lifespan],
         dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},
         middleware=[prometheus.middleware, DefineMiddleware(ApiKeyAuthentication, exclude=PUBLIC_PATHS)],

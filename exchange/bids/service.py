@@ -141,14 +141,11 @@ async def cancel_bid(ctx: AppContext, account_id: int, bid_id: int) -> Bid:
     return to_bid(row)
 
 
-async def expire_bids(pool: asyncpg.Pool, now: datetime) -> int:
-    """Good-till-date bids past their expire_at end as expired and release their hold."""
-    expired = 0
-    async with pool.acquire() as conn:
-        ids = [r["id"] for r in await conn.fetch(
-            "SELECT id FROM bids WHERE status = 'open' AND time_in_force = 'gtd' AND expire_at <= $1 ORDER BY id", now)]
-        for bid_id in ids:
-            async with conn.transaction():
-                if await close_bid(conn, bid_id, "expired", now):
-                    expired += 1
-    return expired
+async def expire_bids(conn: asyncpg.Connection, now: datetime) -> int:
+    """Good-till-date bids past their expire_at end as expired and release their hold (inside the
+    caller's transaction)."""
+    ids = [r["id"] for r in await conn.fetch(
+        "SELECT id FROM bids WHERE status = 'open' AND time_in_force = 'gtd' AND expire_at <= $1 ORDER BY id", now)]
+    for bid_id in ids:
+        await close_bid(conn, bid_id, "expired", now)
+    return len(ids)

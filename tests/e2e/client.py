@@ -17,6 +17,10 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def in_seconds(seconds: float) -> str:
+    return rfc3339(datetime.now(timezone.utc) + timedelta(seconds=seconds))
+
+
 def in_hours(hours: float) -> str:
     return rfc3339(datetime.now(timezone.utc) + timedelta(hours=hours))
 

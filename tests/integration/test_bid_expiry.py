@@ -35,9 +35,11 @@ async def test_gtd_bid_expires_and_releases_its_hold(db_url: str) -> None:
 
     # Act: nothing expires before its time; after it, the bid ends and the hold returns.
     clock.advance(5 * 60)
-    early = await expire_bids(pool, clock())
+    async with pool.acquire() as conn, conn.transaction():
+        early = await expire_bids(conn, clock())
     clock.advance(6 * 60)
-    late = await expire_bids(pool, clock())
+    async with pool.acquire() as conn, conn.transaction():
+        late = await expire_bids(conn, clock())
 
     # Assert
     assert bid.time_in_force == "gtd" and (early, late) == (0, 1)

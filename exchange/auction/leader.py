@@ -1,0 +1,53 @@
+"""One matching leader among all server processes: whoever holds a PostgreSQL advisory lock on a
+dedicated connection runs the ticks; if it dies, its connection closes, the lock frees, and another
+process takes over on its next attempt (and rebuilds its book from the database)."""
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+
+from exchange.auction.book_sync import BookSync
+from exchange.auction.service import TickSummary, run_tick
+from exchange.core.context import AppContext
+
+log = logging.getLogger(__name__)
+TICK_LOCK_KEY = 0x6770_7578_0002
+
+
+class MatchingLeader:
+    def __init__(self, ctx: AppContext, dsn: str) -> None:
+        self.ctx = ctx
+        self.dsn = dsn
+        self.conn: asyncpg.Connection | None = None
+        self.sync: BookSync | None = None
+
+    async def _lead(self) -> bool:
+        if self.conn is not None and not self.conn.is_closed():
+            return True
+        self.conn = await asyncpg.connect(self.dsn)
+        if await self.conn.fetchval("SELECT pg_try_advisory_lock($1)", TICK_LOCK_KEY):
+            self.sync = BookSync()  # a new leader loads the whole book once, then only changes
+            log.info("this process now runs the auction ticks")
+            return True
+        await self.conn.close()
+        self.conn = None
+        return False
+
+    async def tick(self) -> TickSummary | None:
+        if not await self._lead():
+            return None
+        try:
+            return await run_tick(self.conn, self.sync, self.ctx.clock())
+        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+            log.exception("lost the database during a tick; giving up leadership")
+            await self.close()
+            return None
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            try:
+                await self.conn.close()
+            finally:
+                self.conn = None
+                self.sync = None

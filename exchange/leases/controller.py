@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, Request, get
+from litestar.params import Parameter
+
+from exchange.core.auth import requires
+from exchange.core.context import AppContext
+from exchange.leases import service
+from exchange.leases.schemas import Lease, LeaseList, LeaseStatus
+
+
+class LeaseController(Controller):
+    path = "/v1/leases"
+    tags = ["leases"]
+    guards = [requires("tenant", "owner", "admin")]
+
+    @get("/")
+    async def list(self, ctx: AppContext, request: Request, status: LeaseStatus | None = None,
+                   cursor: str | None = None, limit: Annotated[int, Parameter(ge=1, le=500)] = 100) -> LeaseList:
+        items, next_cursor = await service.list_leases(ctx, request.user, status, cursor, limit)
+        return LeaseList(items=items, next=next_cursor)
+
+    @get("/{lease_id:int}")
+    async def get(self, ctx: AppContext, request: Request, lease_id: int) -> Lease:
+        return await service.get_lease(ctx, request.user, lease_id)
+
+
+class AgentLeaseController(Controller):
+    """The leases on the agent's own host, so it can run its hooks and meter them."""
+    path = "/v1/agent/leases"
+    tags = ["agent"]
+    guards = [requires("agent")]
+
+    @get("/")
+    async def list(self, ctx: AppContext, request: Request, status: LeaseStatus | None = None,
+                   cursor: str | None = None, limit: Annotated[int, Parameter(ge=1, le=500)] = 500) -> LeaseList:
+        items, next_cursor = await service.list_leases(ctx, request.user, status, cursor, limit)
+        return LeaseList(items=items, next=next_cursor)

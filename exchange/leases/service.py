@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import asyncpg
+
+from exchange.core.auth import Principal
+from exchange.core.context import AppContext
+from exchange.core.errors import InvalidField, NotFound
+from exchange.core.money import format_money
+from exchange.leases.schemas import Lease
+
+_COLUMNS = ("l.id, l.bid_id, l.market, l.tier, l.host_id, l.offer_id, l.gpus, l.gpu_uuids, l.price, l.limit_price,"
+            " l.start_at, l.planned_end_at, l.end_at, l.status, l.end_reason, l.hold_amount")
+
+
+def to_lease(row: asyncpg.Record) -> Lease:
+    return Lease(id=row["id"], bid_id=row["bid_id"], market=row["market"], tier=row["tier"], host_id=row["host_id"],
+                 offer_id=row["offer_id"], gpus=row["gpus"], gpu_uuids=list(row["gpu_uuids"]),
+                 price=format_money(row["price"]), limit_price=format_money(row["limit_price"]),
+                 start_at=row["start_at"], planned_end_at=row["planned_end_at"], end_at=row["end_at"],
+                 status=row["status"], end_reason=row["end_reason"], hold=format_money(row["hold_amount"]))
+
+
+def visibility(principal: Principal) -> tuple[str, list]:
+    """Which leases a caller may see: a tenant its own, an owner those on its hosts, an agent its
+    host's, the admin all. The SQL condition and its argument."""
+    if principal.role == "tenant":
+        return "l.account_id = $1", [principal.account_id]
+    if principal.role == "owner":
+        return "l.host_id IN (SELECT id FROM hosts WHERE owner_id = $1)", [principal.account_id]
+    if principal.role == "agent":
+        return "l.host_id = $1", [principal.host_id]
+    return "$1::bigint IS NULL", [None]
+
+
+async def list_leases(ctx: AppContext, principal: Principal, status: str | None, cursor: str | None,
+                      limit: int) -> tuple[list[Lease], str | None]:
+    if cursor is not None and not cursor.isdigit():
+        raise InvalidField("cursor", "must be the `next` value of a previous page")
+    scope, args = visibility(principal)
+    rows = await ctx.pool.fetch(
+        f"SELECT {_COLUMNS} FROM leases l WHERE {scope} AND ($2::text IS NULL OR l.status = $2) AND l.id < $3"
+        f" ORDER BY l.id DESC LIMIT $4", *args, status, int(cursor) if cursor else 2**63 - 1, limit + 1)
+    items = [to_lease(r) for r in rows[:limit]]
+    return items, (str(items[-1].id) if len(rows) > limit else None)
+
+
+async def get_lease(ctx: AppContext, principal: Principal, lease_id: int) -> Lease:
+    scope, args = visibility(principal)
+    row = await ctx.pool.fetchrow(f"SELECT {_COLUMNS} FROM leases l WHERE {scope} AND l.id = $2", *args, lease_id)
+    if row is None:
+        raise NotFound(f"lease {lease_id}")
+    return to_lease(row)

@@ -1,0 +1,420 @@
+"""The stateful order book of one GPU model: blocks (supply), firm and spot bids, incumbents.
+
+The book is kept between ticks so that a tick costs what changed:
+
+* Blocks live in a `BlockTable` (sorted by block_id); a `BlockIndex` (floor-sorted rows, segment
+  trees, fabric lists) is derived from it and only rebuilt when blocks change.  Allocation updates
+  the index in place, and `free` is written back to the table after each tick.
+* Each tier keeps its bids in a main run sorted by (limit desc, seq asc), plus a small pending
+  run of recent additions with the same layout; ticks merge the two on the fly.  Cancels and fills
+  only flip a state byte; both runs are compacted into one now and then.
+* Bids with equal (duration, notice, survival budget, gpus) share a class id, and per-class
+  answers ("structurally eligible?", "nothing fits any more") are cached for one tick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from matching import kernels as K
+from matching.arrays import (
+    BID_FIELDS,
+    BLOCK_FIELDS,
+    INT64_MAX,
+    BlockTable,
+    Tier,
+    as_columns,
+    validate_bids,
+)
+
+_BIT, _GE, _LE = K.mask_tables()
+_EMPTY_I64 = np.empty(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class TickResult:
+    """One tier's outcome of a tick (docs/matching.md)."""
+
+    fill_bid_id: np.ndarray  # int64, one row per (bid, block) in allocation order
+    fill_block_id: np.ndarray  # int64
+    fill_gpus: np.ndarray  # int32
+    price: int  # -1 when nothing traded
+    indicative: int  # == price when something traded
+    loser_bid_id: np.ndarray  # int64, ascending
+    loser_reason: np.ndarray  # int8, matching.reasons.Reason values
+    loser_shortfall: np.ndarray  # int64, > 0 only for LIMIT_BELOW_PRICE
+    outbid_lease_id: np.ndarray  # int64, ascending; always empty for firm
+    state_hash: int  # uint64 value
+
+    def as_dict(self) -> dict:
+        """Plain Python values, in the shape `matching.reference.reference_tick` returns."""
+        return {
+            "fills": list(
+                zip(
+                    self.fill_bid_id.tolist(),
+                    self.fill_block_id.tolist(),
+                    self.fill_gpus.tolist(),
+                    strict=True,
+                )
+            ),
+            "price": int(self.price),
+            "indicative": int(self.indicative),
+            "losers": list(
+                zip(
+                    self.loser_bid_id.tolist(),
+                    self.loser_reason.tolist(),
+                    self.loser_shortfall.tolist(),
+                    strict=True,
+                )
+            ),
+            "outbid": self.outbid_lease_id.tolist(),
+            "state_hash": int(self.state_hash),
+        }
+
+
+@dataclass(frozen=True)
+class ModelTickResult:
+    firm: TickResult
+    spot: TickResult
+
+
+class BlockIndex:
+    """Floor-sorted copy of the blocks with the search structures the kernels use."""
+
+    def __init__(self, table: BlockTable, rows: np.ndarray | None = None) -> None:
+        c = table.cols
+        n = len(table)
+        if rows is None:
+            rows = np.lexsort((c["block_id"], c["floor"]))
+        self.rows = rows
+        self.n = n
+        lf = np.empty((n, K.NL), dtype=np.int64)
+        lf[:, K.L_FLOOR] = c["floor"][rows]
+        lf[:, K.L_FREE] = c["free"][rows]
+        lf[:, K.L_GPUS] = c["gpus"][rows]
+        lf[:, K.L_HOSTG] = c["host_gpus"][rows]
+        lf[:, K.L_AVAIL] = c["available_until"][rows]
+        lf[:, K.L_FIRM] = c["firm_until"][rows]
+        lf[:, K.L_CUT] = c["cut_at"][rows]
+        lf[:, K.L_NOTICE] = c["notice_s"][rows]
+        lf[:, K.L_RATE] = c["rate_mph"][rows]
+        lf[:, K.L_EFIRM] = np.minimum(lf[:, K.L_AVAIL], lf[:, K.L_FIRM])
+        lf[:, K.L_ESPOT] = np.minimum(lf[:, K.L_AVAIL], lf[:, K.L_CUT])
+        fabric_ids, fab = np.unique(c["fabric_id"][rows], return_inverse=True)
+        lf[:, K.L_FAB] = fab
+        lf[:, K.L_BLOCK] = c["block_id"][rows]
+        lf[:, K.L_ROW] = rows
+        self.lf = lf
+
+        self.size = 1 << max(0, (n - 1).bit_length()) if n > 0 else 1
+        self.dyn = np.empty((2 * self.size, K.NT), dtype=np.int64)
+        self.stat = np.empty((2 * self.size, K.NT), dtype=np.int64)
+        K.build_trees(lf, n, self.size, self.dyn, self.stat, _BIT)
+
+        # Whole-host blocks per fabric, in (floor, block_id) order: multi-host gangs use these.
+        nfab = len(fabric_ids)
+        self.whole = np.flatnonzero(lf[:, K.L_GPUS] == lf[:, K.L_HOSTG])
+        whole_fab = fab[self.whole]
+        self.fab_leaf = np.ascontiguousarray(self.whole[np.argsort(whole_fab, kind="stable")])
+        counts = np.bincount(whole_fab, minlength=nfab)
+        self.fab_end = np.cumsum(counts).astype(np.int64)
+        self.fab_start = (self.fab_end - counts).astype(np.int64)
+        self.fab_total = np.bincount(
+            whole_fab, weights=lf[self.whole, K.L_GPUS], minlength=nfab
+        ).astype(np.int64)
+        self.fab_wf = np.zeros(nfab, dtype=np.int64)
+
+        # For reason NOTICE_TOO_LONG: the widest spot window among blocks with notice >= x.
+        nv, first = np.unique(lf[:, K.L_NOTICE], return_index=True)
+        by_notice = np.argsort(lf[:, K.L_NOTICE], kind="stable")
+        if n:
+            _, starts = np.unique(lf[by_notice, K.L_NOTICE], return_index=True)
+            best = np.maximum.reduceat(lf[by_notice, K.L_ESPOT], starts)
+            nbest = np.maximum.accumulate(best[::-1])[::-1]
+        else:
+            nbest = _EMPTY_I64
+        self.nv = np.ascontiguousarray(nv.astype(np.int64))
+        self.nbest = np.ascontiguousarray(nbest.astype(np.int64))
+        self.max_host = int(lf[:, K.L_HOSTG].max()) if n else 0
+
+    def refresh_fabric_free(self) -> None:
+        lf = self.lf
+        w = self.whole
+        whole_free = w[lf[w, K.L_FREE] == lf[w, K.L_GPUS]]
+        self.fab_wf[:] = np.bincount(
+            lf[whole_free, K.L_FAB], weights=lf[whole_free, K.L_GPUS], minlength=len(self.fab_wf)
+        ).astype(np.int64)
+
+    def lowest_free_floor(self) -> int:
+        """Lowest floor among blocks with free > 0, or -1."""
+        nz = np.flatnonzero(self.lf[:, K.L_FREE] > 0)
+        return int(self.lf[nz[0], K.L_FLOOR]) if len(nz) else -1
+
+
+class BidRun:
+    """Bids of one tier in two orders: priority (limit desc, seq asc) and bid_id."""
+
+    __slots__ = ("bid", "lim", "seq", "cls", "state", "ids", "pos", "id_lim", "id_cls")
+
+    def __init__(self, bid, lim, seq, cls, state, ids, pos, id_lim, id_cls) -> None:
+        self.bid, self.lim, self.seq, self.cls, self.state = bid, lim, seq, cls, state
+        self.ids, self.pos, self.id_lim, self.id_cls = ids, pos, id_lim, id_cls
+
+    def __len__(self) -> int:
+        return len(self.bid)
+
+    @classmethod
+    def empty(cls) -> BidRun:
+        i64 = np.empty(0, np.int64)
+        i32 = np.empty(0, np.int32)
+        return cls(i64, i64.copy(), i64.copy(), i32, np.empty(0, np.int8), i64.copy(),
+                   i32.copy(), i64.copy(), i32.copy())
+
+    @classmethod
+    def from_batch(cls, bid: np.ndarray, lim: np.ndarray, seq: np.ndarray, klass: np.ndarray):
+        # numpy's lexsort is much faster than numba's sort for the initial order.
+        order = np.lexsort((seq, -lim))
+        inv = np.empty(len(order), np.int32)
+        inv[order] = np.arange(len(order), dtype=np.int32)
+        by_id = np.argsort(bid, kind="stable")
+        c = np.ascontiguousarray
+        return cls(
+            c(bid[order]), c(lim[order]), c(seq[order]), c(klass[order].astype(np.int32)),
+            np.full(len(bid), K.STATE_LIVE, np.int8),
+            c(bid[by_id]), c(inv[by_id]), c(lim[by_id]), c(klass[by_id].astype(np.int32)),
+        )
+
+    def merged_with(self, other: BidRun) -> BidRun:
+        return BidRun(*K.merge_runs(
+            self.bid, self.lim, self.seq, self.cls, self.state, self.ids, self.pos,
+            other.bid, other.lim, other.seq, other.cls, other.state, other.ids, other.pos,
+        ))
+
+    def kill(self, bid_ids: np.ndarray) -> int:
+        """Mark the live bids among bid_ids dead; returns how many."""
+        if len(self.ids) == 0 or len(bid_ids) == 0:
+            return 0
+        at = np.searchsorted(self.ids, bid_ids)
+        inside = at < len(self.ids)
+        at = at[inside]
+        hit = at[self.ids[at] == bid_ids[inside]]
+        pos = self.pos[hit]
+        live = pos[self.state[pos] == K.STATE_LIVE]
+        self.state[live] = K.STATE_DEAD
+        return len(live)
+
+    def live_count(self) -> int:
+        return int(np.count_nonzero(self.state == K.STATE_LIVE))
+
+
+class TierBook:
+    """Bids of one tier and their class table."""
+
+    def __init__(self, tier: Tier) -> None:
+        self.tier = tier
+        self.main = BidRun.empty()
+        self.pend = BidRun.empty()
+        self.n_dead = 0
+        self.n_cls = 0
+        self.cls_key = np.zeros((64, K.NK), np.int64)
+        self.cls_st = np.full((64, K.NC), -1, np.int64)
+        self.hkeys = np.zeros((128, K.NK), np.int64)
+        self.hvals = np.full(128, -1, np.int64)
+
+    def _classes(self, keys: np.ndarray) -> np.ndarray:
+        out = np.empty(len(keys), np.int32)
+        start = 0
+        while True:
+            start, self.n_cls = K.assign_classes(
+                keys, start, self.hkeys, self.hvals, self.n_cls, self.cls_key, out
+            )
+            if start == len(keys):
+                return out
+            # Grow both tables (doubling) and resume where the kernel stopped.
+            cap = len(self.hvals) * 2
+            self.hkeys = np.zeros((cap, K.NK), np.int64)
+            self.hvals = np.full(cap, -1, np.int64)
+            if len(self.cls_key) < cap // 2:
+                grown = np.zeros((cap // 2, K.NK), np.int64)
+                grown[: self.n_cls] = self.cls_key[: self.n_cls]
+                self.cls_key = grown
+                st = np.full((cap // 2, K.NC), -1, np.int64)
+                st[: len(self.cls_st)] = self.cls_st
+                self.cls_st = st
+            K.rehash_classes(self.cls_key, self.n_cls, self.hkeys, self.hvals)
+
+    def add(self, c: dict[str, np.ndarray]) -> None:
+        validate_bids(c)
+        self.remove(c["bid_id"])  # re-adding a bid_id replaces it
+        keys = np.empty((len(c["bid_id"]), K.NK), np.int64)
+        keys[:, K.K_DUR] = c["duration_s"]
+        keys[:, K.K_GPUS] = c["gpus"]
+        if self.tier == Tier.FIRM:
+            # Firm eligibility ignores notice and survival: do not split classes on them.
+            keys[:, K.K_MN] = 0
+            keys[:, K.K_BUDGET] = INT64_MAX
+        else:
+            keys[:, K.K_MN] = c["min_notice_s"]
+            keys[:, K.K_BUDGET] = c["hazard_budget"]
+        klass = self._classes(keys)
+        run = BidRun.from_batch(c["bid_id"], c["limit"], c["seq"], klass)
+        if len(self.main) == 0 and len(self.pend) == 0:
+            self.main = run
+        else:
+            self.pend = self.pend.merged_with(run) if len(self.pend) else run
+            if len(self.pend) > max(4096, len(self.main) // 16):
+                self.compact()
+
+    def remove(self, bid_ids: np.ndarray) -> None:
+        ids = np.unique(np.asarray(bid_ids, np.int64).reshape(-1))
+        self.n_dead += self.main.kill(ids) + self.pend.kill(ids)
+
+    def compact(self) -> None:
+        """Merge the pending run into the main run and drop dead bids (O(live bids))."""
+        self.main = self.main.merged_with(self.pend)
+        self.pend = BidRun.empty()
+        self.n_dead = 0
+
+    def maybe_compact(self) -> None:
+        if self.n_dead > max(4096, (len(self.main) + len(self.pend)) // 4):
+            self.compact()
+
+
+class ModelBook:
+    """Order book of one GPU model (both tiers), kept between ticks.  See docs/matching.md."""
+
+    def __init__(self) -> None:
+        self._blocks = BlockTable()
+        self._index: BlockIndex | None = None
+        self._tiers = (TierBook(Tier.FIRM), TierBook(Tier.SPOT))
+        self._inc_ids = _EMPTY_I64
+        self._inc_lim = _EMPTY_I64
+        self._tick = 0
+
+    # -- supply ---------------------------------------------------------------------------------
+
+    def upsert_blocks(self, block_id, host_id, fabric_id, host_gpus, gpus, free, floor,
+                      available_until, firm_until, notice_s, rate_mph, cut_at) -> None:
+        """Insert blocks, or replace the blocks with these block_ids (all columns)."""
+        self._blocks.upsert(as_columns(BLOCK_FIELDS, (
+            block_id, host_id, fabric_id, host_gpus, gpus, free, floor,
+            available_until, firm_until, notice_s, rate_mph, cut_at,
+        )))
+
+    def remove_blocks(self, block_ids) -> None:
+        self._blocks.remove(block_ids)
+
+    def blocks(self) -> dict[str, np.ndarray]:
+        """Current block columns (sorted by block_id), `free` as left by the last tick."""
+        return {k: v.copy() for k, v in self._blocks.cols.items()}
+
+    # -- demand ---------------------------------------------------------------------------------
+
+    def add_bids(self, tier, bid_id, seq, gpus, duration_s, limit, hazard_budget,
+                 min_notice_s) -> None:
+        """Add bids to a tier (re-adding a live bid_id replaces it)."""
+        self._tiers[Tier(tier)].add(as_columns(BID_FIELDS, (
+            bid_id, seq, gpus, duration_s, limit, hazard_budget, min_notice_s,
+        )))
+
+    def remove_bids(self, tier, bid_ids) -> None:
+        self._tiers[Tier(tier)].remove(bid_ids)
+
+    def bid_count(self, tier) -> int:
+        t = self._tiers[Tier(tier)]
+        return t.main.live_count() + t.pend.live_count()
+
+    def set_incumbents(self, lease_id, limit) -> None:
+        """Running spot leases (replaces the previous set)."""
+        ids = np.asarray(lease_id, np.int64).reshape(-1)
+        lim = np.asarray(limit, np.int64).reshape(-1)
+        if len(ids) != len(lim):
+            raise ValueError("lease_id and limit differ in length")
+        order = np.argsort(ids, kind="stable")
+        self._inc_ids = np.ascontiguousarray(ids[order])
+        self._inc_lim = np.ascontiguousarray(lim[order])
+
+    def compact(self) -> None:
+        """Drop dead bids and fold pending additions into the main runs (optional upkeep)."""
+        for t in self._tiers:
+            t.compact()
+
+    # -- tick -----------------------------------------------------------------------------------
+
+    def _index_for_tick(self) -> BlockIndex:
+        table = self._blocks
+        if self._index is None or table.order_dirty:
+            self._index = BlockIndex(table)
+        elif table.values_dirty:
+            self._index = BlockIndex(table, rows=self._index.rows)
+        table.order_dirty = table.values_dirty = False
+        return self._index
+
+    def tick(self, now: int) -> ModelTickResult:
+        """Clear firm, then spot on what firm left.  Winners leave the book; `free` drops."""
+        now = int(now)
+        self._tick += 1
+        idx = self._index_for_tick()
+        idx.refresh_fabric_free()
+        firm = self._clear(Tier.FIRM, now, idx)
+        spot = self._clear(Tier.SPOT, now, idx)
+        self._blocks.cols["free"][idx.rows] = idx.lf[:, K.L_FREE]
+        for t in self._tiers:
+            t.maybe_compact()
+        return ModelTickResult(firm=firm, spot=spot)
+
+    def _clear(self, tier: Tier, now: int, idx: BlockIndex) -> TickResult:
+        tb = self._tiers[tier]
+        m, p = tb.main, tb.pend
+        cap = int(idx.lf[:, K.L_FREE].sum()) + 1  # every fill takes at least one GPU
+        fill_bid = np.empty(cap, np.int64)
+        fill_block = np.empty(cap, np.int64)
+        fill_gpus = np.empty(cap, np.int32)
+        nf, n_win, max_floor, lowest_win, highest_lose = K.clear_tier(
+            int(tier), now, self._tick, idx.max_host,
+            m.bid, m.lim, m.seq, m.cls, m.state,
+            p.bid, p.lim, p.seq, p.cls, p.state,
+            tb.cls_key, tb.cls_st,
+            idx.lf, idx.n, idx.size, idx.dyn, idx.stat, _BIT, _GE, _LE,
+            idx.fab_start, idx.fab_end, idx.fab_leaf, idx.fab_wf, idx.fab_total,
+            idx.nv, idx.nbest,
+            fill_bid, fill_block, fill_gpus,
+        )
+        if n_win:
+            price = min(max(highest_lose, max_floor), lowest_win)
+            indicative = price
+            reference = price
+        else:
+            price = -1
+            indicative = max(highest_lose, idx.lowest_free_floor(), 0)
+            reference = indicative
+        ncap = len(m) + len(p)
+        l_bid = np.empty(ncap, np.int64)
+        l_code = np.empty(ncap, np.int8)
+        l_short = np.empty(ncap, np.int64)
+        nl = K.emit_losers(
+            int(tier), now, self._tick, reference, idx.max_host,
+            m.ids, m.pos, m.id_lim, m.id_cls, m.state,
+            p.ids, p.pos, p.id_lim, p.id_cls, p.state,
+            tb.cls_key, tb.cls_st,
+            idx.lf, idx.size, idx.stat, idx.nv, idx.nbest,
+            idx.fab_start, idx.fab_end, idx.fab_leaf, idx.fab_total,
+            l_bid, l_code, l_short,
+        )
+        if tier == Tier.SPOT:
+            outbid = np.ascontiguousarray(self._inc_ids[self._inc_lim < reference])
+        else:
+            outbid = _EMPTY_I64
+        tb.n_dead += n_win
+        fill_bid, fill_block, fill_gpus = fill_bid[:nf], fill_block[:nf], fill_gpus[:nf]
+        l_bid, l_code, l_short = l_bid[:nl], l_code[:nl], l_short[:nl]
+        h = K.state_hash(fill_bid, fill_block, fill_gpus, price, indicative,
+                         l_bid, l_code, l_short, outbid)
+        return TickResult(
+            fill_bid_id=fill_bid, fill_block_id=fill_block, fill_gpus=fill_gpus,
+            price=int(price), indicative=int(indicative),
+            loser_bid_id=l_bid, loser_reason=l_code, loser_shortfall=l_short,
+            outbid_lease_id=outbid, state_hash=int(h),
+        )
