@@ -14,12 +14,13 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.logging import LoggingConfig
 from litestar.middleware import DefineMiddleware
+from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 
 from exchange.accounts.controller import AccountController
 from exchange.bids.controller import BidController
-from exchange.core.auth import ApiKeyAuthentication, hash_secret, new_api_key
+from exchange.core.auth import ApiKeyAuthentication, hash_secret, new_api_key, rate_limit_identity
 from exchange.core.clock import Clock, system_clock
 from exchange.core.context import AppContext
 from exchange.core.errors import EXCEPTION_HANDLERS
@@ -123,12 +124,15 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
         return state.ctx
 
     prometheus = PrometheusConfig(app_name="gpux", group_path=True, exclude=["/metrics"])
+    rate_limit = RateLimitConfig(rate_limit=("second", settings.rate_limit_per_s), exclude=["/healthz", "/metrics"],
+                                 identifier_for_request=rate_limit_identity)
     return Litestar(
         route_handlers=[healthz, MetricsController, AccountController, HostController, AgentController,
                         OfferController, BidController, MarketController, LeaseController, AgentLeaseController],
         lifespan=[lifespan],
         dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},
-        middleware=[prometheus.middleware, DefineMiddleware(ApiKeyAuthentication, exclude=PUBLIC_PATHS)],
+        middleware=[prometheus.middleware, rate_limit.middleware,
+                    DefineMiddleware(ApiKeyAuthentication, exclude=PUBLIC_PATHS)],
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(title="gpu-exchange", version="1.0.0", path="/schema"),
         logging_config=LoggingConfig(

@@ -76,5 +76,25 @@ def audit() -> None:
     sys.exit(1 if breaches else 0)
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks: figures and ratios against a baseline run side by side (README, Benchmarks)."""
+
+
+@bench.command("matching")
+@click.option("--orders", default=1_000_000, show_default=True, type=int)
+@click.option("--hosts", default=100_000, show_default=True, type=int)
+@click.option("--seed", default=1, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="print the figures as one JSON object")
+def bench_matching(orders: int, hosts: int, seed: int, as_json: bool) -> None:
+    """A tick over a seeded book against the plain-Python reference and an exact MILP optimum."""
+    import json
+
+    from loadtests.bench_matching import format_table, run
+
+    figures = run(orders=orders, hosts=hosts, seed=seed)
+    click.echo(json.dumps(figures) if as_json else format_table(figures))
+
+
 if __name__ == "__main__":
     main()

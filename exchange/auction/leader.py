@@ -38,11 +38,17 @@ class MatchingLeader:
         if not await self._lead():
             return None
         try:
-            return await run_tick(self.conn, self.sync, self.ctx.clock())
+            summary = await run_tick(self.conn, self.sync, self.ctx.clock())
         except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
             log.exception("lost the database during a tick; giving up leadership")
             await self.close()
             return None
+        for listener in self.ctx.tick_listeners:
+            try:
+                await listener(summary)
+            except Exception:  # market data must never stop the market
+                log.exception("tick listener %r failed", listener)
+        return summary
 
     async def close(self) -> None:
         if self.conn is not None:

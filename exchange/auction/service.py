@@ -30,6 +30,9 @@ class TickSummary:
     ended: int
     outbid: int
     hashes: dict[str, int]
+    # market id -> market_ticks.id of this tick: the rows (trades, prices) a listener may read.
+    tick_ids: dict[str, int]
+    at: datetime
 
 
 async def end_due_leases(conn: asyncpg.Connection, now: datetime) -> int:
@@ -54,13 +57,16 @@ async def run_tick(conn: asyncpg.Connection, sync: BookSync, now: datetime) -> T
     await sync.load_incumbents(conn)
     fills = leases = outbid = 0
     hashes: dict[str, int] = {}
+    tick_ids: dict[str, int] = {}
     for model in sorted(sync.models):
         state = sync.models[model]
         result = state.book.tick(int(now.timestamp()))
         async with conn.transaction():
             for tier in (Tier.FIRM, Tier.SPOT):
                 tier_result = result.firm if tier == Tier.FIRM else result.spot
-                made, n_outbid = await _persist_tier(conn, state, tier, tier_result, now)
+                tick_id, made, n_outbid = await _persist_tier(conn, state, tier, tier_result, now)
+                if tick_id is not None:
+                    tick_ids[market_id(model, TIER_NAME[tier])] = tick_id
                 leases += made
                 outbid += n_outbid
                 fills += len(tier_result.fill_bid_id)
@@ -69,13 +75,16 @@ async def run_tick(conn: asyncpg.Connection, sync: BookSync, now: datetime) -> T
         await sync.load_bid_changes(conn)
     metrics.TICKS.inc()
     metrics.TICK_SECONDS.observe(time.perf_counter() - started)
-    return TickSummary(markets=len(hashes), fills=fills, leases=leases, ended=ended, outbid=outbid, hashes=hashes)
+    return TickSummary(markets=len(hashes), fills=fills, leases=leases, ended=ended, outbid=outbid, hashes=hashes,
+                       tick_ids=tick_ids, at=now)
 
 
-async def _persist_tier(conn: asyncpg.Connection, state: ModelState, tier: Tier, result, now: datetime) -> tuple[int, int]:
+async def _persist_tier(conn: asyncpg.Connection, state: ModelState, tier: Tier, result,
+                        now: datetime) -> tuple[int | None, int, int]:
+    """Returns (market_ticks id, leases made, leases outbid)."""
     market = market_id(state.model, TIER_NAME[tier])
     if not await conn.fetchval("SELECT 1 FROM markets WHERE id = $1", market):
-        return 0, 0
+        return None, 0, 0
     price = int(result.price)
     indicative = int(result.indicative)
     volume = int(np.sum(result.fill_gpus)) if len(result.fill_gpus) else 0
@@ -100,7 +109,7 @@ async def _persist_tier(conn: asyncpg.Connection, state: ModelState, tier: Tier,
     await _record_losers(conn, state, result, now)
     n_outbid = await _end_outbid(conn, result.outbid_lease_id, now) if tier == Tier.SPOT else 0
     metrics.OPEN_BIDS.labels(market).set(open_bids)
-    return made, n_outbid
+    return tick_id, made, n_outbid
 
 
 async def _open_leases(conn: asyncpg.Connection, bid_id: int, blocks: list[tuple[int, int]], tier: Tier, market: str,

@@ -76,6 +76,16 @@ class ApiKeyAuthentication(AbstractAuthenticationMiddleware):
         return AuthenticationResult(user=principal, auth=token)
 
 
+def rate_limit_identity(request) -> str:
+    """Rate limits count per API key (its hash: the key itself never sits in memory tables), and
+    per remote address for calls without one."""
+    header = request.headers.get("authorization")
+    if header:
+        return "key:" + hash_secret(header).hex()[:32]
+    client = request.client
+    return "addr:" + (client.host if client else "unknown")
+
+
 def requires(*roles: str):
     """A guard admitting only the given roles ('agent' for host agent tokens)."""
 

@@ -3,7 +3,7 @@ lifespan and provided to handlers as `ctx`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import asyncpg
 
@@ -17,6 +17,9 @@ class AppContext:
     pool: asyncpg.Pool
     clock: Clock
     extras: dict[str, Any] = field(default_factory=dict)
+    # Called by the matching leader after each committed tick with its TickSummary (the feed
+    # publishes market data from here). A failing listener is logged, never fails the tick.
+    tick_listeners: list[Callable[[Any], Awaitable[None]]] = field(default_factory=list)
 
 
 def request_hash(payload: bytes) -> bytes:

@@ -108,6 +108,9 @@ def http_error_handler(_: Request, exc: HTTPException) -> Response[bytes]:
     if status >= 500:
         return _response(status, ErrorDetail(code="internal_error", message="internal error"))
     headers = dict(exc.headers or {})
+    if status == 429:
+        # RFC 9110: tell the client when to come back (Litestar gives only RateLimit-Reset).
+        headers["Retry-After"] = str(max(1, int(headers.get("RateLimit-Reset", "1") or 1)))
     return _response(status, ErrorDetail(code=_CODES.get(status, "bad_request"), message=str(exc.detail)), headers)
 
 

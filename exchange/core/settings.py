@@ -17,6 +17,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_gang_gpus: int = 1024
     max_duration_s: int = 30 * 24 * 3600
     min_duration_s: int = 60
+    # Requests per second per API key (per remote address without one), per server process.
+    rate_limit_per_s: int = 200
     run_scheduler: bool = True
     log_level: str = "INFO"
 
@@ -31,6 +33,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "settle_s": float(env.get("GPUX_SETTLE_S", "60")),
             "fee_bps": int(env.get("GPUX_FEE_BPS", "0")),
             "max_gang_gpus": int(env.get("GPUX_MAX_GANG_GPUS", "1024")),
+            "rate_limit_per_s": int(env.get("GPUX_RATE_LIMIT_PER_S", "200")),
             "run_scheduler": env.get("GPUX_SCHEDULER", "1") not in ("0", "false", "no"),
             "log_level": env.get("GPUX_LOG_LEVEL", "INFO"),
         }
@@ -44,5 +47,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("GPUX_TICK_S and GPUX_SETTLE_S must be positive")
         if not 0 <= self.fee_bps <= 10_000:
             raise ValueError("GPUX_FEE_BPS must be between 0 and 10000")
+        if self.rate_limit_per_s < 1:
+            raise ValueError("GPUX_RATE_LIMIT_PER_S must be at least 1")
         if self.max_gang_gpus < 1:
             raise ValueError("GPUX_MAX_GANG_GPUS must be at least 1")

