@@ -30,6 +30,7 @@ from exchange.db.migrate import MIGRATION_LOCK_KEY, apply_migrations
 from exchange.hosts.controller import AgentController, HostController
 from exchange.leases.controller import AgentLeaseController, LeaseController
 from exchange.markets.controller import MarketController
+from exchange.metering.controller import MeterController
 from exchange.offers.controller import OfferController
 from exchange.scheduler import start_jobs
 
@@ -128,7 +129,8 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
                                  identifier_for_request=rate_limit_identity)
     return Litestar(
         route_handlers=[healthz, MetricsController, AccountController, HostController, AgentController,
-                        OfferController, BidController, MarketController, LeaseController, AgentLeaseController],
+                        OfferController, BidController, MarketController, LeaseController, AgentLeaseController,
+                        MeterController],
         lifespan=[lifespan],
         dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},
         middleware=[prometheus.middleware, rate_limit.middleware,

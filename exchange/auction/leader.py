@@ -10,6 +10,7 @@ import asyncpg
 from exchange.auction.book_sync import BookSync
 from exchange.auction.service import TickSummary, run_tick
 from exchange.core.context import AppContext
+from exchange.settlement.service import fail_silent_hosts
 
 log = logging.getLogger(__name__)
 TICK_LOCK_KEY = 0x6770_7578_0002
@@ -37,8 +38,12 @@ class MatchingLeader:
     async def tick(self) -> TickSummary | None:
         if not await self._lead():
             return None
+        settings = self.ctx.settings
         try:
-            summary = await run_tick(self.conn, self.sync, self.ctx.clock())
+            now = self.ctx.clock()
+            # Hosts gone dark free their GPUs before the market clears.
+            await fail_silent_hosts(self.conn, now, grace_s=settings.host_grace_s, fail_s=settings.host_fail_s)
+            summary = await run_tick(self.conn, self.sync, now)
         except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
             log.exception("lost the database during a tick; giving up leadership")
             await self.close()

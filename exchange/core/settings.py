@@ -17,6 +17,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_gang_gpus: int = 1024
     max_duration_s: int = 30 * 24 * 3600
     min_duration_s: int = 60
+    # Metering: a healthy sample covers at most this long (a lost sample is not billed beyond it).
+    meter_max_gap_s: float = 5.0
+    # A lease is closed (rest of its hold released) this long after its end, once late samples are in.
+    settle_close_after_s: float = 30.0
+    # An agent silent this long marks its host silent; this long, its leases end as failed.
+    host_grace_s: float = 30.0
+    host_fail_s: float = 300.0
     # Requests per second per API key (per remote address without one), per server process.
     rate_limit_per_s: int = 200
     run_scheduler: bool = True
@@ -33,6 +40,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "settle_s": float(env.get("GPUX_SETTLE_S", "60")),
             "fee_bps": int(env.get("GPUX_FEE_BPS", "0")),
             "max_gang_gpus": int(env.get("GPUX_MAX_GANG_GPUS", "1024")),
+            "meter_max_gap_s": float(env.get("GPUX_METER_MAX_GAP_S", "5")),
+            "settle_close_after_s": float(env.get("GPUX_SETTLE_CLOSE_AFTER_S", "30")),
+            "host_grace_s": float(env.get("GPUX_HOST_GRACE_S", "30")),
+            "host_fail_s": float(env.get("GPUX_HOST_FAIL_S", "300")),
             "rate_limit_per_s": int(env.get("GPUX_RATE_LIMIT_PER_S", "200")),
             "run_scheduler": env.get("GPUX_SCHEDULER", "1") not in ("0", "false", "no"),
             "log_level": env.get("GPUX_LOG_LEVEL", "INFO"),
@@ -47,6 +58,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("GPUX_TICK_S and GPUX_SETTLE_S must be positive")
         if not 0 <= self.fee_bps <= 10_000:
             raise ValueError("GPUX_FEE_BPS must be between 0 and 10000")
+        if not 0 < self.host_grace_s <= self.host_fail_s:
+            raise ValueError("GPUX_HOST_GRACE_S must be positive and at most GPUX_HOST_FAIL_S")
         if self.rate_limit_per_s < 1:
             raise ValueError("GPUX_RATE_LIMIT_PER_S must be at least 1")
         if self.max_gang_gpus < 1:

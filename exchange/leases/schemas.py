@@ -25,6 +25,13 @@ class Lease(Struct, frozen=True, kw_only=True):
     status: LeaseStatus
     end_reason: str | None
     hold: str
+    # Metering and settlement (GPU-hours and kWh as decimal strings).
+    metered_gpu_hours: str
+    billed_gpu_hours: str
+    charged: str
+    fees: str
+    energy_kwh: str
+    settled_at: datetime | None
 
 
 class LeaseList(Struct, frozen=True, kw_only=True):

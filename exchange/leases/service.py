@@ -9,7 +9,16 @@ from exchange.core.money import format_money
 from exchange.leases.schemas import Lease
 
 _COLUMNS = ("l.id, l.bid_id, l.market, l.tier, l.host_id, l.offer_id, l.gpus, l.gpu_uuids, l.price, l.limit_price,"
-            " l.start_at, l.planned_end_at, l.end_at, l.status, l.end_reason, l.hold_amount")
+            " l.start_at, l.planned_end_at, l.end_at, l.status, l.end_reason, l.hold_amount, l.metered_gpu_s,"
+            " l.billed_gpu_s, l.billed_amount, l.fees_amount, l.energy_mj, l.settled_at")
+
+
+def hours(seconds: int) -> str:
+    return f"{seconds / 3600:.6f}"
+
+
+def kwh(millijoules: int) -> str:
+    return f"{millijoules / 3.6e9:.6f}"
 
 
 def to_lease(row: asyncpg.Record) -> Lease:
@@ -17,7 +26,10 @@ def to_lease(row: asyncpg.Record) -> Lease:
                  offer_id=row["offer_id"], gpus=row["gpus"], gpu_uuids=list(row["gpu_uuids"]),
                  price=format_money(row["price"]), limit_price=format_money(row["limit_price"]),
                  start_at=row["start_at"], planned_end_at=row["planned_end_at"], end_at=row["end_at"],
-                 status=row["status"], end_reason=row["end_reason"], hold=format_money(row["hold_amount"]))
+                 status=row["status"], end_reason=row["end_reason"], hold=format_money(row["hold_amount"]),
+                 metered_gpu_hours=hours(row["metered_gpu_s"]), billed_gpu_hours=hours(row["billed_gpu_s"]),
+                 charged=format_money(row["billed_amount"]), fees=format_money(row["fees_amount"]),
+                 energy_kwh=kwh(row["energy_mj"]), settled_at=row["settled_at"])
 
 
 def visibility(principal: Principal) -> tuple[str, list]:

@@ -42,6 +42,7 @@ class FakeExchange:
         self.failing = False  # answer 503 to everything
         self.lose_next_meter_answer = False  # store the next report, then drop the connection
         self.duplicate_answer = "200"  # or "409": how a repeated seq is answered
+        self.reject_seqs: set[int] = set()  # answered 422, as a report for a GPU not this host's
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -125,6 +126,8 @@ class FakeExchange:
             case "POST", "/v1/agent/meter":
                 seq = body["seq"]
                 self.meter_posts.append(seq)
+                if seq in self.reject_seqs:
+                    return 422, {"error": "unknown GPU", "field": "samples[0].uuid"}
                 if seq in self.meter:
                     if self.duplicate_answer == "409":
                         return 409, {"expected_seq": max(self.meter) + 1}
@@ -251,8 +254,7 @@ async def test_a_restarted_agent_continues_its_sequence_with_the_same_gpus(excha
     await stop_agent(task, stop)
 
     assert exchange.inventory == first_inventory
-    assert_meter_complete(exchange, gpus=2)
-    assert len(exchange.meter_posts) == len(set(exchange.meter_posts))
+    assert_meter_complete(exchange, gpus=2)  # new sequences, samples later than the first run's
 
 
 async def test_a_409_with_expected_seq_acks_and_moves_the_sequence_on(exchange: FakeExchange,
@@ -270,6 +272,20 @@ async def test_a_409_with_expected_seq_acks_and_moves_the_sequence_on(exchange: 
     assert not list((tmp_path / "spool" / "reports").iterdir())
 
 
+async def test_a_report_the_exchange_rejects_is_dropped_without_blocking_the_rest(exchange: FakeExchange,
+                                                                                 tmp_path: Path) -> None:
+    exchange.reject_seqs = {2}
+    stop = asyncio.Event()
+    task = start_agent(exchange, tmp_path, stop)
+
+    await eventually(lambda: len(exchange.meter) >= 4, what="reports after the rejected one")
+    await stop_agent(task, stop)
+
+    assert 2 not in exchange.meter and exchange.meter_posts.count(2) == 1
+    assert sorted(exchange.meter)[:3] == [1, 3, 4]
+    assert not list((tmp_path / "spool" / "reports").iterdir())
+
+
 async def test_leases_run_hooks_once_and_drive_the_simulated_load(exchange: FakeExchange, tmp_path: Path) -> None:
     hook_log = tmp_path / "hooks.log"
     policy = tmp_path / "policy.toml"
@@ -284,10 +300,13 @@ async def test_leases_run_hooks_once_and_drive_the_simulated_load(exchange: Fake
 
     exchange.leases = [{"id": 7, "status": "active", "gpu_uuids": [leased], "start": "2025-01-01T00:00:00Z"}]
     await eventually(lambda: hook_log.exists() and "start" in hook_log.read_text(), what="start hook")
-    await asyncio.sleep(0.6)  # let the simulated card warm up
-    latest = exchange.meter[max(exchange.meter)]
-    power = {s["uuid"]: s["power_mw"] for s in latest}
-    assert power[leased] > 200_000 and power[free] < 90_000
+
+    def latest_power() -> dict[str, int]:
+        latest = exchange.meter[max(exchange.meter)] if exchange.meter else []
+        return {s["uuid"]: s["power_mw"] for s in latest}
+
+    await eventually(lambda: latest_power().get(leased, 0) > 300_000, what="the leased card drawing power")
+    assert latest_power()[free] < 90_000
 
     exchange.leases[0]["status"] = "ending"
     await asyncio.sleep(0.15)

@@ -1,0 +1,83 @@
+"""Builds market scenarios through the real services (no HTTP), on a manual clock."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import asyncpg
+
+from exchange.accounts.schemas import AccountCreate, DepositCreate
+from exchange.accounts.service import create_account, deposit
+from exchange.auction.book_sync import BookSync
+from exchange.auction.service import run_tick
+from exchange.bids.schemas import BidCreate
+from exchange.bids.service import place_bid
+from exchange.core.auth import Principal
+from exchange.core.clock import ManualClock
+from exchange.core.context import AppContext
+from exchange.core.settings import Settings
+from exchange.hosts.schemas import HostCreate, Inventory, InventoryGpu
+from exchange.hosts.service import create_host, put_inventory
+from exchange.metering.schemas import MeterReport, MeterSample
+from exchange.metering.service import ingest_report
+from exchange.offers.schemas import OfferCreate
+from exchange.offers.service import create_offer
+
+START = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
+
+
+@dataclass
+class Scenario:
+    ctx: AppContext
+    clock: ManualClock
+    sync: BookSync
+    owner_id: int = 0
+    tenant_id: int = 0
+    agent: Principal | None = None
+    uuids: list[str] | None = None
+
+    @classmethod
+    async def create(cls, db_url: str, **settings: object) -> "Scenario":
+        pool = await asyncpg.create_pool(db_url, min_size=1, max_size=4)
+        clock = ManualClock(START)
+        ctx = AppContext(settings=Settings.from_env({}, **settings), pool=pool, clock=clock)
+        return cls(ctx=ctx, clock=clock, sync=BookSync())
+
+    async def close(self) -> None:
+        await self.ctx.pool.close()
+
+    async def market(self, *, gpus: int = 8, floor: str = "1.00", firm_hours: float | None = None,
+                     tenant_funds: str = "1000.00", model: str = "H100-80GB") -> None:
+        owner = await create_account(self.ctx, AccountCreate(name="owner", role="owner"))
+        tenant = await create_account(self.ctx, AccountCreate(name="tenant", role="tenant"))
+        await deposit(self.ctx, tenant.id, DepositCreate(amount=tenant_funds, idempotency_key="fund"))
+        host = await create_host(self.ctx, owner.id, HostCreate(name="h1", fabric="pod-a"))
+        self.agent = Principal(role="agent", account_id=owner.id, host_id=host.id)
+        self.uuids = [f"GPU-{i:04d}-0000-0000-0000" for i in range(gpus)]
+        await put_inventory(self.ctx, self.agent, Inventory(gpus=[
+            InventoryGpu(uuid=u, model=model, memory_mb=81559) for u in self.uuids]))
+        await create_offer(self.ctx, Principal(role="owner", account_id=owner.id), OfferCreate(
+            host_id=host.id, gpus=gpus, floor_price=floor, available_until=START + timedelta(days=2),
+            firm_until=START + timedelta(hours=firm_hours) if firm_hours else None))
+        self.owner_id, self.tenant_id = owner.id, tenant.id
+
+    async def bid(self, *, market: str, gpus: int, duration_s: int, limit: str, coid: str = "b1"):
+        bid, _ = await place_bid(self.ctx, self.tenant_id, BidCreate(
+            market=market, gpus=gpus, duration_s=duration_s, limit_price=limit, client_order_id=coid))
+        return bid
+
+    async def tick(self):
+        async with self.ctx.pool.acquire() as conn:
+            return await run_tick(conn, self.sync, self.clock())
+
+    async def report(self, seq: int, uuids: list[str], start: datetime, seconds: int, *, every: float = 1.0,
+                     healthy: bool = True):
+        samples = [MeterSample(uuid=u, ts=start + timedelta(seconds=i * every), util=95, mem_used_mb=70_000,
+                               power_mw=650_000, energy_mj=1_000_000 + int(i * every * 650_000), temp_c=70,
+                               healthy=healthy)
+                   for i in range(int(seconds / every)) for u in uuids]
+        return await ingest_report(self.ctx, self.agent, MeterReport(seq=seq, samples=samples))
+
+    async def balances(self, account_id: int) -> dict[str, int]:
+        rows = await self.ctx.pool.fetch("SELECT kind, balance FROM ledger_accounts WHERE account_id = $1", account_id)
+        return {r["kind"]: r["balance"] for r in rows}
