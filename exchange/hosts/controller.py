@@ -5,7 +5,7 @@ from litestar import Controller, Request, get, post, put
 from exchange.core.auth import requires
 from exchange.core.context import AppContext
 from exchange.hosts import service
-from exchange.hosts.schemas import AgentIdentity, Host, HostCreate, HostCreated, HostList, Inventory
+from exchange.hosts.schemas import AgentIdentity, Host, HostCreate, HostCreated, HostEarnings, HostList, Inventory
 
 
 class HostController(Controller):
@@ -17,12 +17,16 @@ class HostController(Controller):
         return await service.create_host(ctx, request.user.account_id, data)
 
     @get("/", guards=[requires("owner", "admin")])
-    async def list(self, ctx: AppContext, request: Request) -> HostList:
+    async def list_hosts(self, ctx: AppContext, request: Request) -> HostList:
         return HostList(items=await service.list_hosts(ctx, request.user))
 
     @get("/{host_id:int}", guards=[requires("owner", "admin", "agent")])
-    async def get(self, ctx: AppContext, request: Request, host_id: int) -> Host:
+    async def get_host(self, ctx: AppContext, request: Request, host_id: int) -> Host:
         return await service.get_host(ctx, request.user, host_id)
+
+    @get("/{host_id:int}/earnings", guards=[requires("owner", "admin")])
+    async def earnings(self, ctx: AppContext, request: Request, host_id: int) -> HostEarnings:
+        return await service.host_earnings(ctx, request.user, host_id)
 
 
 class AgentController(Controller):

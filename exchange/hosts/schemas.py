@@ -64,3 +64,13 @@ class AgentIdentity(Struct, frozen=True, kw_only=True):
     host_id: int
     name: str
     fabric: str
+
+
+class HostEarnings(Struct, frozen=True, kw_only=True):
+    host_id: int
+    leases: int
+    billed_gpu_hours: str
+    charged: str
+    fees: str
+    earned: str
+    energy_kwh: str

@@ -5,7 +5,8 @@ import asyncpg
 from exchange.core.auth import Principal, hash_secret, new_agent_token
 from exchange.core.context import AppContext
 from exchange.core.errors import Conflict, Forbidden, InvalidField, NotFound
-from exchange.hosts.schemas import AgentIdentity, Host, HostCreate, HostCreated, HostGpu, Inventory
+from exchange.core.money import format_money
+from exchange.hosts.schemas import AgentIdentity, Host, HostCreate, HostCreated, HostEarnings, HostGpu, Inventory
 from exchange.markets.service import ensure_markets
 
 
@@ -82,3 +83,17 @@ async def put_inventory(ctx: AppContext, principal: Principal, data: Inventory) 
         await conn.execute("UPDATE hosts SET last_seen_at = $2 WHERE id = $1", host_id, now)
         await ensure_markets(conn, {g.model for g in data.gpus}, now)
     return await get_host(ctx, principal, host_id)
+
+
+async def host_earnings(ctx: AppContext, principal: Principal, host_id: int) -> HostEarnings:
+    """What the host's leases have been billed, and what the owner earned after the exchange's fee."""
+    from exchange.leases.service import hours, kwh
+
+    await host_for(ctx, principal, host_id)
+    row = await ctx.pool.fetchrow(
+        "SELECT count(*) AS leases, coalesce(sum(billed_gpu_s), 0)::bigint AS gpu_s,"
+        " coalesce(sum(billed_amount), 0)::bigint AS charged, coalesce(sum(fees_amount), 0)::bigint AS fees,"
+        " coalesce(sum(energy_mj), 0)::bigint AS energy FROM leases WHERE host_id = $1", host_id)
+    return HostEarnings(host_id=host_id, leases=row["leases"], billed_gpu_hours=hours(row["gpu_s"]),
+                        charged=format_money(row["charged"]), fees=format_money(row["fees"]),
+                        earned=format_money(row["charged"] - row["fees"]), energy_kwh=kwh(row["energy"]))
