@@ -27,6 +27,7 @@ from exchange.core.errors import EXCEPTION_HANDLERS
 from exchange.core.settings import Settings
 from exchange.db.embedded import start_embedded, stop_embedded
 from exchange.db.migrate import MIGRATION_LOCK_KEY, apply_migrations
+from exchange.db.pool import create_pool
 from exchange.hosts.controller import AgentController, HostController
 from exchange.leases.controller import AgentLeaseController, LeaseController
 from exchange.markets.controller import MarketController
@@ -97,12 +98,16 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
         url = settings.database_url
         if url is None:
             server, url = await asyncio.to_thread(start_embedded, settings.home)
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=16, command_timeout=60)
+        # Migrate before the pool opens: its connections are prepared against the final schema.
+        conn = await asyncpg.connect(url)
+        try:
+            await apply_migrations(conn)
+            await bootstrap_admin(conn, settings, clock())
+        finally:
+            await conn.close()
+        pool = await create_pool(url)
         scheduler = None
         try:
-            async with pool.acquire() as conn:
-                await apply_migrations(conn)
-                await bootstrap_admin(conn, settings, clock())
             ctx = AppContext(settings=settings, pool=pool, clock=clock)
             app.state.ctx = ctx
             if settings.run_scheduler:

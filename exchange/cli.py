@@ -56,6 +56,28 @@ def serve(host: str, port: int, workers: int, home: Path | None) -> None:
 
 
 @main.command()
+@click.option("--exchange", "exchange_url", required=True, help="the exchange's base URL, e.g. http://127.0.0.1:8000")
+@click.option("--token", required=True, envvar="GPUX_AGENT_TOKEN", help="this host's agent token")
+@click.option("--simulate", default=None, help="simulated GPUs, e.g. 8xH100-80GB (default: real GPUs via NVML)")
+@click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="the owner's policy file (TOML): prices, windows, hooks")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="spool and state folder")
+@click.option("--host", default=None, help="host name for the data dir and simulated GPU UUIDs")
+@click.option("--sample-interval", default=1.0, show_default=True, type=float, help="seconds between samples")
+@click.option("--batch", default=5.0, show_default=True, type=float, help="seconds of samples per report")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the simulated readings")
+def agent(exchange_url: str, token: str, simulate: str | None, policy_path: str | None, data_dir: str | None,
+          host: str | None, sample_interval: float, batch: float, seed: int) -> None:
+    """The host agent: reports GPUs, publishes offers, runs lease hooks, meters through NVML."""
+    from agents.runner import run_agent
+    from exchange.core.logs import configure_logging
+
+    configure_logging(os.environ.get("GPUX_LOG_LEVEL", "INFO"))
+    asyncio.run(run_agent(exchange_url, token, simulate=simulate, policy_path=policy_path, data_dir=data_dir,
+                          sample_interval_s=sample_interval, batch_s=batch, host=host, seed=seed))
+
+
+@main.command()
 def audit() -> None:
     """Check the ledger's invariants against the database; exit 1 on any breach."""
     import asyncpg
@@ -93,6 +115,21 @@ def bench_matching(orders: int, hosts: int, seed: int, as_json: bool) -> None:
     from loadtests.bench_matching import format_table, run
 
     figures = run(orders=orders, hosts=hosts, seed=seed)
+    click.echo(json.dumps(figures) if as_json else format_table(figures))
+
+
+@bench.command("settlement")
+@click.option("--leases", default=10_000, show_default=True, type=int)
+@click.option("--samples", default=100_000, show_default=True, type=int)
+@click.option("--seed", default=1, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="print the figures as one JSON object")
+def bench_settlement(leases: int, samples: int, seed: int, as_json: bool) -> None:
+    """Leases settled/s and samples ingested/s, against the raw COPY rate of the same PostgreSQL."""
+    import json
+
+    from loadtests.bench_settlement import format_table, run
+
+    figures = run(leases=leases, samples=samples, seed=seed)
     click.echo(json.dumps(figures) if as_json else format_table(figures))
 
 

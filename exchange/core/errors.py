@@ -26,12 +26,14 @@ class ApiError(Exception):
     status_code = 400
 
     def __init__(self, code: str, message: str, *, field: str | None = None, status: int | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, extra: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
         self.headers = headers or {}
+        # Machine-readable hints beside "error" (e.g. a meter conflict's `expected_seq`).
+        self.extra = extra or {}
         if status is not None:
             self.status_code = status
 
@@ -53,8 +55,9 @@ class NotFound(ApiError):
 class Conflict(ApiError):
     status_code = 409
 
-    def __init__(self, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(code, message, field=field)
+    def __init__(self, code: str, message: str, field: str | None = None,
+                 extra: dict[str, object] | None = None) -> None:
+        super().__init__(code, message, field=field, extra=extra)
 
 
 class InsufficientFunds(ApiError):
@@ -76,13 +79,15 @@ _error_encoder = msgspec.json.Encoder()
 _FIELD_IN_MESSAGE = re.compile(r"field `([^`]+)`")
 
 
-def _response(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> Response[bytes]:
-    return Response(_error_encoder.encode(ErrorBody(error=detail)), status_code=status,
-                    media_type="application/json", headers=headers)
+def _response(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None,
+              extra: dict[str, object] | None = None) -> Response[bytes]:
+    body = {"error": detail, **extra} if extra else ErrorBody(error=detail)
+    return Response(_error_encoder.encode(body), status_code=status, media_type="application/json", headers=headers)
 
 
 def api_error_handler(_: Request, exc: ApiError) -> Response[bytes]:
-    return _response(exc.status_code, ErrorDetail(code=exc.code, message=exc.message, field=exc.field), exc.headers)
+    return _response(exc.status_code, ErrorDetail(code=exc.code, message=exc.message, field=exc.field), exc.headers,
+                     exc.extra)
 
 
 def validation_error_handler(_: Request, exc: ValidationException) -> Response[bytes]:

@@ -23,8 +23,9 @@ def start_embedded(home: Path) -> tuple[object, str]:
     pgdata.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         # As root, pgserver runs PostgreSQL as its own unprivileged user, which must be able to reach
-        # the data folder through every parent (temporary folders are often 0700).
-        for folder in [pgdata, *pgdata.parents]:
+        # the data folder through every parent (temporary folders are often 0700). The data folder
+        # itself must stay 0700: PostgreSQL refuses to start on anything looser.
+        for folder in pgdata.parents:
             if folder == Path("/"):
                 break
             mode = folder.stat().st_mode

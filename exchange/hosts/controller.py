@@ -5,6 +5,8 @@ from litestar import Controller, Request, get, post, put
 from exchange.core.auth import requires
 from exchange.core.context import AppContext
 from exchange.hosts import service
+from exchange.offers.schemas import OfferList
+from exchange.offers.service import list_offers
 from exchange.hosts.schemas import AgentIdentity, Host, HostCreate, HostCreated, HostEarnings, HostList, Inventory
 
 
@@ -38,6 +40,11 @@ class AgentController(Controller):
     @get("/me")
     async def me(self, ctx: AppContext, request: Request) -> AgentIdentity:
         return await service.agent_identity(ctx, request.user)
+
+    @get("/offers")
+    async def offers(self, ctx: AppContext, request: Request) -> OfferList:
+        """The host's live offers, so the agent keeps exactly one published."""
+        return OfferList(items=await list_offers(ctx, request.user, "live"))
 
     @put("/inventory")
     async def inventory(self, ctx: AppContext, request: Request, data: Inventory) -> Host:

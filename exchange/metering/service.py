@@ -43,24 +43,28 @@ async def ingest_report(ctx: AppContext, principal: Principal, report: MeterRepo
     async with ctx.pool.acquire() as conn, conn.transaction():
         # One report of a host at a time, so that a replay racing its original is seen as a replay.
         await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", 0x6D74, host_id)
-        existing = await conn.fetchval("SELECT content_hash FROM meter_reports WHERE host_id = $1 AND seq = $2",
-                                       host_id, report.seq)
+        known = await conn.fetchrow(
+            "SELECT (SELECT content_hash FROM meter_reports WHERE host_id = $1 AND seq = $2) AS existing,"
+            " ARRAY(SELECT uuid FROM gpus WHERE host_id = $1 AND uuid = ANY($3::text[])) AS own,"
+            " (SELECT coalesce(max(seq), 0) + 1 FROM meter_reports WHERE host_id = $1) AS next_seq",
+            host_id, report.seq, uuids)
+        existing = known["existing"]
+        next_seq = known["next_seq"]
         if existing is not None:
             if existing == fingerprint:
                 metrics.METER_REFUSED.labels("duplicate").inc()
                 return MeterAck(seq=report.seq, accepted=0, duplicate=True)
+            # An agent that lost its data dir restarts at 1: tell it where this host's numbers stand.
+            # Gaps are accepted (a full spool drops its oldest reports), so it can skip ahead.
             raise _refuse("replayed_seq", Conflict("replayed_sequence",
                                                    f"report {report.seq} was received already with other samples",
-                                                   field="seq"))
-        own = {r["uuid"] for r in await conn.fetch(
-            "SELECT uuid FROM gpus WHERE host_id = $1 AND uuid = ANY($2::text[])", host_id, uuids)}
+                                                   field="seq", extra={"expected_seq": next_seq}))
+        own = set(known["own"])
         foreign = [u for u in uuids if u not in own]
         if foreign:
             raise _refuse("foreign_gpu", InvalidField("samples", f"GPU {foreign[0]} is not this host's"))
         accepted = 0
         if report.samples:
-            await conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS meter_stage (LIKE meter_samples INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
             await conn.copy_records_to_table(
                 "meter_stage", columns=SAMPLE_COLUMNS,
                 records=[(s.uuid, s.ts, host_id, report.seq, s.util, s.mem_used_mb, s.power_mw, s.energy_mj,

@@ -109,6 +109,7 @@ async def _settle_batch(conn, ids, now, prices, fees_book, fee_bps, max_gap_s, c
             " WHERE l.id = ANY($1::bigint[]) AND NOT l.closed ORDER BY l.id FOR UPDATE OF l", ids)
         metered = {r["id"]: r for r in await conn.fetch(METERED_SQL, now, ids, float(max_gap_s))}
         updates = []
+        transfers: list[ledger.TransferSpec] = []
         for lease in rows:
             stop = _stop(lease, now)
             wall_clock = max(0, int((stop - lease["start_at"]).total_seconds())) * lease["gpus"]
@@ -122,21 +123,23 @@ async def _settle_batch(conn, ids, now, prices, fees_book, fee_bps, max_gap_s, c
             charge = min(value // 3600 - lease["billed_amount"], lease["hold_amount"])
             fee = charge * fee_bps // 10_000
             if charge > 0:
-                await ledger.post_transfer(
-                    conn, kind="settle", account_id=lease["account_id"], now=now, ref_type="lease", ref_id=lease["id"],
+                transfers.append(ledger.TransferSpec(
+                    kind="settle", account_id=lease["account_id"], ref_type="lease", ref_id=lease["id"],
                     memo=f"{delta} GPU-s at {price}",
-                    postings=[(lease["tenant_held"], -charge), (lease["owner_book"], charge - fee), (fees_book, fee)])
+                    postings=[(lease["tenant_held"], -charge), (lease["owner_book"], charge - fee), (fees_book, fee)]))
                 billed += 1
                 charged += charge
             hold_left = lease["hold_amount"] - charge
             over = lease["status"] in ("ended", "failed") and now >= stop + timedelta(seconds=close_after_s)
             if over and hold_left > 0:
-                await ledger.release_hold(conn, account_id=lease["account_id"], amount=hold_left, now=now,
-                                          ref_type="lease", ref_id=lease["id"])
+                transfers.append(ledger.TransferSpec(
+                    kind="release", account_id=lease["account_id"], ref_type="lease", ref_id=lease["id"],
+                    postings=[(lease["tenant_held"], -hold_left), (lease["tenant_available"], hold_left)]))
             closed += over
             updates.append((lease["id"], metered_s, lease["billed_gpu_s"] + delta, value,
                             lease["billed_amount"] + charge, lease["fees_amount"] + fee,
                             0 if over else hold_left, m["energy_mj"] if m else lease["energy_mj"], now, over))
+        await ledger.post_transfers(conn, transfers, now)
         await conn.executemany(
             "UPDATE leases SET metered_gpu_s = $2, billed_gpu_s = $3, billed_value = $4, billed_amount = $5,"
             " fees_amount = $6, hold_amount = $7, energy_mj = greatest(energy_mj, $8), settled_at = $9, closed = $10"

@@ -35,6 +35,7 @@ async def test_meter_reports_are_scoped_deduplicated_and_checked(admin: Api) -> 
     assert first.status_code == 200 and first.json() == {"seq": 1, "accepted": 20, "duplicate": False}
     assert replay.status_code == 200 and replay.json()["duplicate"] is True
     assert forged_replay.status_code == 409 and forged_replay.json()["error"]["code"] == "replayed_sequence"
+    assert forged_replay.json()["expected_seq"] == 2
     assert stolen.status_code == 422 and "not this host's" in stolen.json()["error"]["message"]
     assert future.status_code == 422 and future.json()["error"]["field"] == "samples"
     assert by_tenant.status_code == 403 and by_owner.status_code == 403

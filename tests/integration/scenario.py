@@ -6,6 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import asyncpg
 
+from exchange.db.pool import create_pool
+
 from exchange.accounts.schemas import AccountCreate, DepositCreate
 from exchange.accounts.service import create_account, deposit
 from exchange.auction.book_sync import BookSync
@@ -38,7 +40,7 @@ class Scenario:
 
     @classmethod
     async def create(cls, db_url: str, **settings: object) -> "Scenario":
-        pool = await asyncpg.create_pool(db_url, min_size=1, max_size=4)
+        pool = await create_pool(db_url, min_size=1, max_size=4)
         clock = ManualClock(START)
         ctx = AppContext(settings=Settings.from_env({}, **settings), pool=pool, clock=clock)
         return cls(ctx=ctx, clock=clock, sync=BookSync())

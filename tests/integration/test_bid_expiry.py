@@ -5,6 +5,8 @@ from datetime import datetime, timedelta, timezone
 
 import asyncpg
 
+from exchange.db.pool import create_pool
+
 from exchange.bids.schemas import BidCreate
 from exchange.bids.service import expire_bids, place_bid
 from exchange.core.clock import ManualClock
@@ -19,7 +21,7 @@ START = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 async def test_gtd_bid_expires_and_releases_its_hold(db_url: str) -> None:
     # Arrange: a funded tenant with one bid that expires in 10 minutes, on a manual clock.
     clock = ManualClock(START)
-    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    pool = await create_pool(db_url, min_size=1, max_size=2)
     ctx = AppContext(settings=Settings.from_env({}), pool=pool, clock=clock)
     async with pool.acquire() as conn, conn.transaction():
         await ensure_markets(conn, {"H100-80GB"}, START)

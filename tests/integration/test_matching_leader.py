@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from exchange.db.pool import create_pool
+
 from exchange.auction.leader import MatchingLeader
 from exchange.core.clock import system_clock
 from exchange.core.context import AppContext
@@ -11,7 +13,7 @@ from exchange.core.settings import Settings
 
 
 async def test_one_leader_at_a_time_and_failover(db_url: str) -> None:
-    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    pool = await create_pool(db_url, min_size=1, max_size=2)
     ctx = AppContext(settings=Settings.from_env({}), pool=pool, clock=system_clock)
     first, second = MatchingLeader(ctx, db_url), MatchingLeader(ctx, db_url)
 

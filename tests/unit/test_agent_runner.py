@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
+from urllib.parse import parse_qs, urlsplit
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ class FakeExchange:
         self.inventory: dict[str, Any] | None = None
         self.offers: list[dict[str, Any]] = []
         self.leases: list[dict[str, Any]] = []
+        self.lease_queries: list[str | None] = []
         self.failing = False  # answer 503 to everything
         self.lose_next_meter_answer = False  # store the next report, then drop the connection
         self.duplicate_answer = "200"  # or "409": how a repeated seq is answered
@@ -97,7 +100,9 @@ class FakeExchange:
                 pass
             self._handlers.discard(task)
 
-    def _route(self, method: str, path: str, headers: dict[str, str], body: Any) -> tuple[int, Any] | None:
+    def _route(self, method: str, target: str, headers: dict[str, str], body: Any) -> tuple[int, Any] | None:
+        url = urlsplit(target)
+        path, query = url.path, {key: values[0] for key, values in parse_qs(url.query).items()}
         if headers.get("authorization") != f"Bearer {TOKEN}":
             return 401, {"error": "unauthorized"}
         if self.failing:
@@ -110,19 +115,25 @@ class FakeExchange:
                 self.inventory = body
                 return 200, {"gpus": len(body["gpus"])}
             case "GET", "/v1/agent/offers":
-                live = [o for o in self.offers if parse_rfc3339(o["available_until"]) > _wall()]
+                live = [o for o in self.offers if parse_rfc3339(o["available_until"]) > time.time()]
                 return 200, {"items": live}
             case "POST", "/v1/offers":
-                start = parse_rfc3339(body["available_from"]) if "available_from" in body else _wall()
+                start = parse_rfc3339(body["available_from"]) if "available_from" in body else time.time()
                 end = parse_rfc3339(body["available_until"])
                 for offer in self.offers:
                     if start < parse_rfc3339(offer["available_until"]) and offer["_start"] < end:
                         return 409, {"error": "overlapping offer"}
-                offer = {"id": f"offer-{len(self.offers) + 1}", **body, "_start": start, "_at": now}
+                offer = {"id": len(self.offers) + 1, **body, "status": "live", "_start": start, "_at": now}
                 self.offers.append(offer)
                 return 201, offer
             case "GET", "/v1/agent/leases":
-                return 200, {"items": self.leases}
+                # Newest first, one lease a page: the agent must follow the cursor.
+                matching = [lease for lease in sorted(self.leases, key=lambda lease: -lease["id"])
+                            if query.get("status") in (None, lease["status"])
+                            and lease["id"] < int(query.get("cursor", 2**62))]
+                self.lease_queries.append(query.get("status"))
+                page = matching[:1]
+                return 200, {"items": page, "next": str(page[0]["id"]) if len(matching) > 1 else None}
             case "POST", "/v1/agent/meter":
                 seq = body["seq"]
                 self.meter_posts.append(seq)
@@ -138,12 +149,6 @@ class FakeExchange:
                     return None
                 return 202, {"accepted": len(body["samples"]), "duplicate": False}
         return 404, {"error": f"no route {method} {path}"}
-
-
-def _wall() -> float:
-    import time
-
-    return time.time()
 
 
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
@@ -205,8 +210,8 @@ async def test_agent_registers_and_meters_in_sequence(exchange: FakeExchange, tm
     await stop_agent(task, stop)
 
     assert exchange.inventory is not None
-    expected = [{"uuid": g.uuid, "model": "H100-80GB", "memory_mb": 81559, "name": "NVIDIA H100 80GB HBM3",
-                 "power_limit_mw": 700_000, "mig": False}
+    expected = [{"uuid": g.uuid, "model": "H100-80GB", "memory_mb": 81559, "index": g.index,
+                 "name": "NVIDIA H100 80GB HBM3", "power_limit_mw": 700_000, "mig": False}
                 for g in SimulatedProbe("2xH100-80GB", seed=1, host="h1").inventory()]
     assert exchange.inventory == {"gpus": expected}
     assert_meter_complete(exchange, gpus=2)
@@ -294,34 +299,44 @@ async def test_leases_run_hooks_once_and_drive_the_simulated_load(exchange: Fake
                       f'on_lease_end = "echo end $GPUX_LEASE_ID $GPUX_GPU_UUIDS >> {hook_log}"\n')
     data_dir = tmp_path / "agent"
     stop = asyncio.Event()
-    task = start_agent(exchange, data_dir, stop, policy=policy)
+    task = start_agent(exchange, data_dir, stop, policy=policy, simulate="3xH100-80GB")
     await eventually(lambda: exchange.inventory is not None, what="inventory")
-    leased, free = (gpu["uuid"] for gpu in exchange.inventory["gpus"])  # type: ignore[index]
+    gpu_a, gpu_b, free = (gpu["uuid"] for gpu in exchange.inventory["gpus"])  # type: ignore[index]
 
-    exchange.leases = [{"id": 7, "status": "active", "gpu_uuids": [leased], "start": "2025-01-01T00:00:00Z"}]
-    await eventually(lambda: hook_log.exists() and "start" in hook_log.read_text(), what="start hook")
+    def hooks_run() -> list[str]:
+        return sorted(hook_log.read_text().splitlines()) if hook_log.exists() else []
 
     def latest_power() -> dict[str, int]:
         latest = exchange.meter[max(exchange.meter)] if exchange.meter else []
         return {s["uuid"]: s["power_mw"] for s in latest}
 
-    await eventually(lambda: latest_power().get(leased, 0) > 300_000, what="the leased card drawing power")
+    # Two live leases on two pages of the listing, and an old one that ended long ago.
+    exchange.leases = [{"id": 7, "status": "active", "gpu_uuids": [gpu_a], "start": "2025-01-01T00:00:00Z"},
+                       {"id": 5, "status": "ending", "gpu_uuids": [gpu_b]},
+                       {"id": 2, "status": "ended", "gpu_uuids": [free]}]
+    await eventually(lambda: len(hooks_run()) == 2, what="start hooks")
+    assert hooks_run() == [f"start 5 {gpu_b}", f"start 7 {gpu_a}"]
+    await eventually(lambda: min(latest_power().get(gpu_a, 0), latest_power().get(gpu_b, 0)) > 300_000,
+                     what="the leased cards drawing power")
     assert latest_power()[free] < 90_000
+    assert set(exchange.lease_queries) == {"active", "ending"}  # live leases only, not the history
 
     exchange.leases[0]["status"] = "ending"
     await asyncio.sleep(0.15)
     exchange.leases[0]["status"] = "ended"
-    await eventually(lambda: "end" in hook_log.read_text(), what="end hook")
+    exchange.leases[1]["status"] = "failed"
+    await eventually(lambda: len(hooks_run()) == 4, what="end hooks")
     await stop_agent(task, stop)
-    assert hook_log.read_text() == f"start 7 {leased}\nend 7 {leased}\n"
+    expected = [f"end 5 {gpu_b}", f"end 7 {gpu_a}", f"start 5 {gpu_b}", f"start 7 {gpu_a}"]
+    assert hooks_run() == expected
 
     # A restart remembers what ran; a lease that came and went while the agent was away runs nothing.
     exchange.leases.append({"id": 8, "status": "ended", "gpu_uuids": [free]})
     stop = asyncio.Event()
-    task = start_agent(exchange, data_dir, stop, policy=policy)
+    task = start_agent(exchange, data_dir, stop, policy=policy, simulate="3xH100-80GB")
     await asyncio.sleep(0.4)
     await stop_agent(task, stop)
-    assert hook_log.read_text() == f"start 7 {leased}\nend 7 {leased}\n"
+    assert hooks_run() == expected
 
 
 async def test_the_agent_keeps_one_offer_live_and_renews_it_back_to_back(exchange: FakeExchange,
@@ -338,9 +353,9 @@ async def test_the_agent_keeps_one_offer_live_and_renews_it_back_to_back(exchang
     first, second = exchange.offers[0], exchange.offers[1]
     assert {k: first[k] for k in ("host_id", "gpus", "floor_price", "reclaim_notice_s", "reclaim_rate_per_h")} == {
         "host_id": "host-1", "gpus": 2, "floor_price": "2.50", "reclaim_notice_s": 300, "reclaim_rate_per_h": 0.25}
-    assert "available_from" not in first and "gpu_uuids" not in first
+    assert "available_from" not in first and first["model"] == "H100-80GB"
     assert second["available_from"] == first["available_until"]
-    assert parse_rfc3339(first["firm_until"]) == pytest.approx(_wall() + 60, abs=5)
+    assert parse_rfc3339(first["firm_until"]) == pytest.approx(time.time() + 60, abs=5)
 
 
 async def test_a_policy_naming_a_missing_gpu_fails_at_start(exchange: FakeExchange, tmp_path: Path) -> None:
