@@ -28,6 +28,7 @@ from exchange.core.settings import Settings
 from exchange.db.embedded import start_embedded, stop_embedded
 from exchange.db.migrate import MIGRATION_LOCK_KEY, apply_migrations
 from exchange.db.pool import create_pool
+from exchange.feed.plugin import FeedPlugin
 from exchange.hosts.controller import AgentController, HostController
 from exchange.leases.controller import AgentLeaseController, LeaseController
 from exchange.markets.controller import MarketController
@@ -109,6 +110,7 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
         scheduler = None
         try:
             ctx = AppContext(settings=settings, pool=pool, clock=clock)
+            ctx.extras["database_url"] = url  # the feed's channels backend listens on it
             app.state.ctx = ctx
             if settings.run_scheduler:
                 # Compile the matching kernels now (cached on disk), not in the first tick.
@@ -137,6 +139,7 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
                         OfferController, BidController, MarketController, LeaseController, AgentLeaseController,
                         MeterController],
         lifespan=[lifespan],
+        plugins=[FeedPlugin()],  # market data: /v1/feed, the channels plugin, the page at /
         dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},
         middleware=[prometheus.middleware, rate_limit.middleware,
                     DefineMiddleware(ApiKeyAuthentication, exclude=PUBLIC_PATHS)],

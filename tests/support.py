@@ -85,3 +85,39 @@ def run_audit(database_url: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, DATABASE_URL=database_url)
     return subprocess.run([sys.executable, "-m", "exchange.cli", "audit"], env=env, capture_output=True, text=True,
                           timeout=120)
+
+
+@dataclass
+class AgentProcess:
+    """A `gpux agent --simulate` subprocess."""
+    proc: subprocess.Popen
+    log_path: Path
+    data_dir: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_agent(tmp: Path, base_url: str, token: str, *, host: str, simulate: str = "8xH100-80GB",
+                policy: Path | None = None, sample_interval: float = 0.2, batch: float = 1.0) -> AgentProcess:
+    data_dir = tmp / f"agent-{host}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = tmp / f"agent-{host}.log"
+    args = [sys.executable, "-m", "exchange.cli", "agent", "--exchange", base_url, "--token", token,
+            "--simulate", simulate, "--host", host, "--data-dir", str(data_dir),
+            "--sample-interval", str(sample_interval), "--batch", str(batch)]
+    if policy is not None:
+        args += ["--policy", str(policy)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GPUX_LOG_LEVEL="INFO")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return AgentProcess(proc=proc, log_path=log_path, data_dir=data_dir)

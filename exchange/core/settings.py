@@ -40,6 +40,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "settle_s": float(env.get("GPUX_SETTLE_S", "60")),
             "fee_bps": int(env.get("GPUX_FEE_BPS", "0")),
             "max_gang_gpus": int(env.get("GPUX_MAX_GANG_GPUS", "1024")),
+            "min_duration_s": int(env.get("GPUX_MIN_DURATION_S", "60")),
             "meter_max_gap_s": float(env.get("GPUX_METER_MAX_GAP_S", "5")),
             "settle_close_after_s": float(env.get("GPUX_SETTLE_CLOSE_AFTER_S", "30")),
             "host_grace_s": float(env.get("GPUX_HOST_GRACE_S", "30")),

@@ -1,0 +1,496 @@
+"""The numba engine (matching.book) against the plain-Python reference (matching.reference),
+the invariants of SPEC §4, and hand-written examples that pin docs/matching.md."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from matching import (
+    INT64_MAX,
+    ModelBook,
+    Reason,
+    Tier,
+    hazard_budget_from_survival,
+    rate_mph_from_per_hour,
+    reference_tick,
+    warm_up,
+)
+from matching.testing import add_records, book_from_records, upsert_records
+
+NOW = 1_000_000
+H = 3600
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled():
+    warm_up()
+
+
+# ---------------------------------------------------------------------------------------------
+# random books
+
+
+@st.composite
+def blocks_st(draw, max_blocks=10, rates=(0, 10, 100, 1000)):
+    n = draw(st.integers(0, max_blocks))
+    blocks = []
+    for k in range(n):
+        host_gpus = draw(st.sampled_from([4, 8]))
+        gpus = draw(st.one_of(st.just(host_gpus), st.integers(1, host_gpus)))
+        free = draw(st.one_of(st.just(gpus), st.integers(0, gpus)))
+        blocks.append(
+            {
+                "block_id": 10 + 3 * k,
+                "host_id": 100 + k,
+                "fabric_id": draw(st.integers(1, 3)),
+                "host_gpus": host_gpus,
+                "gpus": gpus,
+                "free": free,
+                "floor": draw(st.sampled_from([0, 100, 200, 300, 500])),
+                "available_until": NOW + draw(st.sampled_from([0, 1, 2, 6, 24, 48])) * H,
+                "firm_until": draw(st.sampled_from([0, NOW - H, NOW + 3 * H, NOW + 30 * H])),
+                "notice_s": draw(st.sampled_from([0, 60, 120, 300])),
+                "rate_mph": draw(st.sampled_from(rates)),
+                "cut_at": draw(st.sampled_from([INT64_MAX, NOW + 5 * H, NOW + H])),
+            }
+        )
+    return blocks
+
+
+BUDGETS = [INT64_MAX, hazard_budget_from_survival(0.9), hazard_budget_from_survival(0.5), 0]
+
+
+@st.composite
+def market_st(draw, max_blocks=10, max_bids=14, rates=(0, 10, 100, 1000)):
+    blocks = draw(blocks_st(max_blocks=max_blocks, rates=rates))
+    n_firm = draw(st.integers(0, max_bids))
+    n_spot = draw(st.integers(0, max_bids))
+    seqs = draw(st.permutations(range(1, n_firm + n_spot + 1)))
+    ids = draw(st.lists(st.integers(1, 10_000), min_size=n_firm + n_spot,
+                        max_size=n_firm + n_spot, unique=True))
+    bids = []
+    for i in range(n_firm + n_spot):
+        bids.append(
+            {
+                "bid_id": ids[i],
+                "seq": seqs[i],
+                "gpus": draw(st.sampled_from([1, 2, 3, 4, 6, 8, 12, 16, 24])),
+                "duration_s": draw(st.sampled_from([1, 2, 6, 24])) * H,
+                "limit": draw(st.sampled_from([50, 100, 200, 300, 400, 600])),
+                "hazard_budget": draw(st.sampled_from(BUDGETS)),
+                "min_notice_s": draw(st.sampled_from([0, 60, 120, 300])),
+            }
+        )
+    leases = draw(st.lists(st.integers(1, 50), max_size=4, unique=True))
+    incumbents = [{"lease_id": i, "limit": draw(st.sampled_from([100, 300, 500]))} for i in leases]
+    return blocks, bids[:n_firm], bids[n_firm:], incumbents
+
+
+def engine_tick(blocks, firm, spot, incumbents, now=NOW):
+    book = book_from_records(blocks, firm, spot, incumbents)
+    return book, book.tick(now)
+
+
+def free_after(book: ModelBook) -> dict[int, int]:
+    cols = book.blocks()
+    return dict(zip(cols["block_id"].tolist(), cols["free"].tolist(), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# engine == reference
+
+
+@PROPERTY
+@given(market_st())
+def test_engine_equals_reference_on_random_books(market):
+    blocks, firm, spot, incumbents = market
+
+    book, result = engine_tick(blocks, firm, spot, incumbents)
+    expected = reference_tick(blocks, firm, spot, incumbents, NOW)
+
+    assert result.firm.as_dict() == expected.firm
+    assert result.spot.as_dict() == expected.spot
+    assert free_after(book) == expected.free_after
+
+
+@PROPERTY
+@given(market_st(max_blocks=24, max_bids=30))
+def test_engine_equals_reference_on_larger_books_with_big_gangs(market):
+    blocks, firm, spot, incumbents = market
+
+    book, result = engine_tick(blocks, firm, spot, incumbents)
+    expected = reference_tick(blocks, firm, spot, incumbents, NOW)
+
+    assert result.firm.as_dict() == expected.firm
+    assert result.spot.as_dict() == expected.spot
+    assert free_after(book) == expected.free_after
+
+
+@settings(max_examples=40, deadline=None)
+@given(market_st(max_blocks=24, max_bids=20, rates=tuple(range(0, 2000, 15))))
+def test_engine_equals_reference_with_more_than_64_reclaim_profiles(market):
+    # 134 rates x 4 notices: the engine groups reclaim profiles into 64 buckets.
+    blocks, firm, spot, incumbents = market
+
+    _, result = engine_tick(blocks, firm, spot, incumbents)
+    expected = reference_tick(blocks, firm, spot, incumbents, NOW)
+
+    assert result.spot.as_dict() == expected.spot
+
+
+# ---------------------------------------------------------------------------------------------
+# invariants
+
+
+def _eligible(tier, bid, blk, now=NOW):
+    end = now + bid["duration_s"]
+    if end > blk["available_until"] or blk["floor"] > bid["limit"]:
+        return False
+    if tier == Tier.FIRM:
+        return blk["firm_until"] >= end
+    exposure = max(0, end - max(now, blk["firm_until"]))
+    return (end <= blk["cut_at"] and blk["notice_s"] >= bid["min_notice_s"]
+            and blk["rate_mph"] * exposure <= bid["hazard_budget"])
+
+
+@PROPERTY
+@given(market_st(max_blocks=16, max_bids=20))
+def test_invariants_hold(market):
+    blocks, firm, spot, incumbents = market
+    by_id = {b["block_id"]: dict(b) for b in blocks}
+    max_host = max((b["host_gpus"] for b in blocks), default=0)
+
+    _, result = engine_tick(blocks, firm, spot, incumbents)
+
+    for tier, bids, res in ((Tier.FIRM, firm, result.firm), (Tier.SPOT, spot, result.spot)):
+        bid_of = {b["bid_id"]: b for b in bids}
+        winners = set(res.fill_bid_id.tolist())
+        for bid_id, block_id, gpus in zip(res.fill_bid_id.tolist(), res.fill_block_id.tolist(),
+                                          res.fill_gpus.tolist(), strict=True):
+            blk, bid = by_id[block_id], bid_of[bid_id]
+            assert bid["limit"] >= res.price, "a winner pays above its limit"
+            assert blk["floor"] <= res.price, "an owner receives below its floor"
+            assert _eligible(tier, bid, blk), "placed on a block it is not eligible for"
+            if tier == Tier.FIRM:
+                assert blk["firm_until"] >= NOW + bid["duration_s"], "firm lease can be reclaimed"
+            blk["free"] -= gpus
+            assert blk["free"] >= 0, "GPUs sold beyond the free count"
+        for bid_id in winners:
+            assert sum(g for b, g in zip(res.fill_bid_id.tolist(), res.fill_gpus.tolist(),
+                                         strict=True) if b == bid_id) == bid_of[bid_id]["gpus"]
+        price = res.price if winners else res.indicative
+        for bid in bids:
+            if bid["bid_id"] in winners or bid["limit"] <= price:
+                continue
+            # An unfilled bid above the price has no block left that it fits.
+            if bid["gpus"] <= max_host:
+                assert not any(_eligible(tier, bid, k) and k["free"] >= bid["gpus"]
+                               for k in by_id.values())
+            else:
+                for fabric in {k["fabric_id"] for k in by_id.values()}:
+                    whole = [k for k in by_id.values() if k["fabric_id"] == fabric
+                             and k["free"] == k["gpus"] == k["host_gpus"] and _eligible(tier, bid, k)]
+                    assert sum(k["gpus"] for k in whole) < bid["gpus"]
+        assert set(res.loser_bid_id.tolist()) | winners == set(bid_of)
+        assert np.all(np.diff(res.loser_bid_id) > 0)
+        assert np.all((res.loser_shortfall > 0) == (res.loser_reason == Reason.LIMIT_BELOW_PRICE))
+    assert len(result.firm.outbid_lease_id) == 0
+
+
+@PROPERTY
+@given(market_st())
+def test_same_input_gives_same_hash(market):
+    blocks, firm, spot, incumbents = market
+
+    _, first = engine_tick(blocks, firm, spot, incumbents)
+    _, again = engine_tick(list(reversed(blocks)), list(reversed(firm)), spot, incumbents)
+
+    assert first.firm.state_hash == again.firm.state_hash
+    assert first.spot.state_hash == again.spot.state_hash
+
+
+# ---------------------------------------------------------------------------------------------
+# the stateful book
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(market_st(max_blocks=12, max_bids=24), st.data())
+def test_incremental_book_equals_fresh_book(market, data):
+    blocks, firm, spot, incumbents = market
+    book = book_from_records(blocks, firm, spot, incumbents)
+    book.tick(NOW)
+    live = {Tier.FIRM: {b["bid_id"]: b for b in firm}, Tier.SPOT: {b["bid_id"]: b for b in spot}}
+    # Winners left the book; what stays are the losers.
+    for tier, res in ((Tier.FIRM, book_tick_losers(book, Tier.FIRM)),
+                      (Tier.SPOT, book_tick_losers(book, Tier.SPOT))):
+        live[tier] = {i: live[tier][i] for i in res}
+    next_seq = 1000
+    for _ in range(data.draw(st.integers(1, 3))):
+        tier = data.draw(st.sampled_from([Tier.FIRM, Tier.SPOT]))
+        if live[tier] and data.draw(st.booleans()):
+            gone = data.draw(st.lists(st.sampled_from(sorted(live[tier])), max_size=4, unique=True))
+            book.remove_bids(tier, np.array(gone, np.int64))
+            for i in gone:
+                del live[tier][i]
+        fresh = [{
+            "bid_id": 20_000 + next_seq + j,
+            "seq": next_seq + j,
+            "gpus": data.draw(st.sampled_from([1, 2, 4, 8, 16])),
+            "duration_s": H * data.draw(st.sampled_from([1, 6])),
+            "limit": data.draw(st.sampled_from([100, 300, 500])),
+            "hazard_budget": INT64_MAX,
+            "min_notice_s": 0,
+        } for j in range(data.draw(st.integers(0, 5)))]
+        next_seq += 10
+        add_records(book, tier, fresh)
+        live[tier].update({b["bid_id"]: b for b in fresh})
+    remaining_blocks = [dict(b, free=free_after(book)[b["block_id"]]) for b in blocks]
+
+    result = book.tick(NOW + 2)
+    fresh_book = book_from_records(remaining_blocks, list(live[Tier.FIRM].values()),
+                                   list(live[Tier.SPOT].values()), incumbents)
+    expected = fresh_book.tick(NOW + 2)
+    reference = reference_tick(remaining_blocks, list(live[Tier.FIRM].values()),
+                               list(live[Tier.SPOT].values()), incumbents, NOW + 2)
+
+    assert result.firm.as_dict() == expected.firm.as_dict() == reference.firm
+    assert result.spot.as_dict() == expected.spot.as_dict() == reference.spot
+
+
+def book_tick_losers(book: ModelBook, tier: Tier) -> list[int]:
+    t = book._tiers[tier]
+    ids = np.concatenate([t.main.ids, t.pend.ids])
+    state = np.concatenate([t.main.state[t.main.pos], t.pend.state[t.pend.pos]])
+    return ids[state == 1].tolist()
+
+
+def test_compaction_keeps_the_book():
+    blocks = [block(1, floor=100, gpus=8)]
+    bids = [bid(i, limit=100 + i, gpus=8) for i in range(1, 40)]
+    book = book_from_records(blocks, [], bids)
+    book.remove_bids(Tier.SPOT, np.arange(1, 30))
+    book.compact()
+
+    result = book.tick(NOW)
+
+    assert result.spot.fill_bid_id.tolist() == [39]
+    assert result.spot.loser_bid_id.tolist() == list(range(30, 39))
+    assert book.bid_count(Tier.SPOT) == 9
+
+
+def test_block_changes_apply_to_the_next_tick():
+    book = book_from_records([block(1, floor=100), block(2, floor=200)], [], [])
+    upsert_records(book, [block(1, floor=300)])
+    book.remove_blocks(np.array([2]))
+    add_records(book, Tier.SPOT, [bid(1, limit=250, gpus=1)])
+
+    result = book.tick(NOW)
+
+    assert result.spot.fill_bid_id.tolist() == []
+    assert result.spot.loser_reason.tolist() == [Reason.BELOW_FLOOR]
+    assert result.spot.indicative == 300
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-written examples
+
+
+def block(block_id, *, floor=100, gpus=8, host_gpus=8, free=None, fabric=1, firm_until=0,
+          available_until=NOW + 48 * H, notice=120, rate=0, cut=INT64_MAX):
+    return {"block_id": block_id, "host_id": block_id, "fabric_id": fabric, "host_gpus": host_gpus,
+            "gpus": gpus, "free": gpus if free is None else free, "floor": floor,
+            "available_until": available_until, "firm_until": firm_until, "notice_s": notice,
+            "rate_mph": rate, "cut_at": cut}
+
+
+def bid(bid_id, *, limit, gpus=1, seq=None, duration=H, budget=INT64_MAX, min_notice=0):
+    return {"bid_id": bid_id, "seq": bid_id if seq is None else seq, "gpus": gpus,
+            "duration_s": duration, "limit": limit, "hazard_budget": budget,
+            "min_notice_s": min_notice}
+
+
+def check_spot(blocks, bids, incumbents=()):
+    """Engine result for a spot-only book, after checking it equals the reference."""
+    _, result = engine_tick(blocks, [], bids, list(incumbents))
+    assert result.spot.as_dict() == reference_tick(blocks, [], bids, list(incumbents), NOW).spot
+    return result.spot
+
+
+def test_price_is_the_highest_losing_limit():
+    blocks = [block(1, floor=100, gpus=2, host_gpus=8)]
+    bids = [bid(1, limit=500), bid(2, limit=400), bid(3, limit=300), bid(4, limit=200)]
+
+    res = check_spot(blocks, bids)
+
+    assert res.fill_bid_id.tolist() == [1, 2]
+    assert res.price == 300
+    assert res.loser_reason.tolist() == [Reason.NO_CAPACITY, Reason.LIMIT_BELOW_PRICE]
+    assert res.loser_shortfall.tolist() == [0, 100]
+
+
+def test_price_is_capped_at_the_lowest_winning_limit():
+    # Bid 1 (limit 500, 8 GPUs) finds no room after bid 0 takes the host: it loses with the
+    # highest losing limit, but the winner only bid 300.
+    blocks = [block(1, floor=100, gpus=8)]
+    bids = [bid(0, limit=600, gpus=4, seq=0), bid(1, limit=500, gpus=8), bid(2, limit=300, gpus=4)]
+
+    res = check_spot(blocks, bids)
+
+    assert res.fill_bid_id.tolist() == [0, 2]
+    assert res.price == 300
+
+
+def test_price_is_raised_to_the_highest_accepted_floor():
+    blocks = [block(1, floor=250, gpus=1, host_gpus=8)]
+    bids = [bid(1, limit=400), bid(2, limit=100)]
+
+    res = check_spot(blocks, bids)
+
+    assert res.fill_bid_id.tolist() == [1]
+    assert res.price == 250
+    assert res.loser_reason.tolist() == [Reason.LIMIT_BELOW_PRICE]
+    assert res.loser_shortfall.tolist() == [150]
+
+
+def test_tightest_fit_on_equal_floors_then_lowest_block_id():
+    blocks = [block(1, free=8), block(2, free=3), block(3, free=2), block(4, free=2),
+              block(5, floor=50, free=1)]
+
+    res = check_spot(blocks, [bid(1, limit=500, gpus=2)])
+
+    assert res.fill_block_id.tolist() == [3]
+
+
+def test_cheapest_block_wins_over_tighter_fit():
+    blocks = [block(1, floor=100, free=2), block(2, floor=90, free=8)]
+
+    res = check_spot(blocks, [bid(1, limit=500, gpus=2)])
+
+    assert res.fill_block_id.tolist() == [2]
+
+
+def test_multi_host_gang_takes_whole_hosts_in_one_fabric():
+    blocks = [block(1, fabric=1, floor=100), block(2, fabric=1, floor=400),
+              block(3, fabric=2, floor=200), block(4, fabric=2, floor=150),
+              block(5, fabric=2, floor=120, free=7)]
+
+    res = check_spot(blocks, [bid(1, limit=500, gpus=12)])
+
+    # Fabric 1 would charge up to 400, fabric 2 up to 200 (block 5 is not entirely free).
+    assert res.fill_block_id.tolist() == [4, 3]
+    assert res.fill_gpus.tolist() == [8, 4]
+    assert res.price == 200
+
+
+def test_firm_bid_needs_a_covering_firm_window_and_firm_clears_first():
+    blocks = [block(1, firm_until=NOW + 2 * H), block(2, firm_until=NOW + 10 * H, floor=300)]
+    firm = [bid(1, limit=400, gpus=8, duration=5 * H)]
+    spot = [bid(2, limit=900, gpus=8, duration=H)]
+
+    _, result = engine_tick(blocks, firm, spot, [])
+
+    assert result.firm.fill_block_id.tolist() == [2]
+    assert result.spot.fill_block_id.tolist() == [1]
+    assert result.firm.as_dict() == reference_tick(blocks, firm, spot, [], NOW).firm
+
+
+@pytest.mark.parametrize(
+    ("blk", "the_bid", "reason"),
+    [
+        (block(1, available_until=NOW + H), bid(1, limit=500, duration=2 * H),
+         Reason.NO_SUPPLY_WINDOW),
+        (block(1, cut=NOW + H), bid(1, limit=500, duration=2 * H), Reason.RESERVATION),
+        (block(1, notice=60), bid(1, limit=500, min_notice=120), Reason.NOTICE_TOO_LONG),
+        (block(1, rate=500), bid(1, limit=500, duration=4 * H,
+                                 budget=hazard_budget_from_survival(0.9)),
+         Reason.SURVIVAL_TOO_HIGH),
+        (block(1, gpus=4), bid(1, limit=500, gpus=6), Reason.TOO_LARGE),
+        (block(1, floor=600), bid(1, limit=500), Reason.BELOW_FLOOR),
+        (block(1, free=0), bid(1, limit=500), Reason.NO_CAPACITY),
+    ],
+)
+def test_unfilled_reasons(blk, the_bid, reason):
+    res = check_spot([blk], [the_bid])
+
+    assert res.loser_reason.tolist() == [reason]
+
+
+def test_firm_window_reason():
+    blocks = [block(1, firm_until=NOW + H)]
+    firm = [bid(1, limit=500, duration=2 * H)]
+
+    _, result = engine_tick(blocks, firm, [], [])
+
+    assert result.firm.loser_reason.tolist() == [Reason.NO_FIRM_WINDOW]
+
+
+def test_survival_counts_exposure_after_the_firm_window_only():
+    budget = hazard_budget_from_survival(0.9)  # 379_297
+    # 4 h at 100 mph = 1_440_000 > budget, but only 1 h (360_000) after the firm window.
+    blocks = [block(1, rate=100, firm_until=NOW + 3 * H)]
+
+    res = check_spot(blocks, [bid(1, limit=500, duration=4 * H, budget=budget)])
+
+    assert res.fill_block_id.tolist() == [1]
+
+
+def test_incumbents_below_the_price_are_outbid():
+    blocks = [block(1, gpus=1, host_gpus=8)]
+    bids = [bid(1, limit=500), bid(2, limit=300)]
+    incumbents = [{"lease_id": 9, "limit": 200}, {"lease_id": 4, "limit": 250},
+                  {"lease_id": 5, "limit": 300}]
+
+    res = check_spot(blocks, bids, incumbents)
+
+    assert res.price == 300
+    assert res.outbid_lease_id.tolist() == [4, 9]
+
+
+def test_indicative_price_when_nothing_trades():
+    blocks = [block(1, floor=700)]
+    bids = [bid(1, limit=500), bid(2, limit=300)]
+
+    res = check_spot(blocks, bids)
+
+    assert res.price == -1
+    assert res.indicative == 700
+    assert res.loser_reason.tolist() == [Reason.LIMIT_BELOW_PRICE] * 2
+
+
+def test_empty_book():
+    res = check_spot([], [])
+
+    assert res.price == -1
+    assert res.indicative == 0
+    assert res.fill_bid_id.tolist() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# units
+
+
+def test_hazard_budget_from_survival():
+    assert hazard_budget_from_survival(0.0) == INT64_MAX
+    assert hazard_budget_from_survival(1.0) == 0
+    assert hazard_budget_from_survival(0.9) == 379_297
+    with pytest.raises(ValueError):
+        hazard_budget_from_survival(1.5)
+
+
+def test_rate_mph_from_per_hour():
+    assert rate_mph_from_per_hour(0.05) == 50
+    assert rate_mph_from_per_hour(0.0) == 0
+    with pytest.raises(ValueError):
+        rate_mph_from_per_hour(-1.0)
+
+
+def test_bad_input_is_rejected():
+    book = ModelBook()
+    with pytest.raises(ValueError):
+        add_records(book, Tier.SPOT, [bid(1, limit=0)])
+    with pytest.raises(ValueError):
+        upsert_records(book, [block(1, gpus=8, host_gpus=4)])
