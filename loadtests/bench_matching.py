@@ -413,6 +413,7 @@ def run(
     *,
     welfare_instances: int = 50,
     reference_budget_s: float = 60.0,
+    reference_sizes: tuple[int, ...] = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000),
     repeats: int = 3,
 ) -> dict:
     """Run every measurement and return the figures (see the module docstring)."""
@@ -420,7 +421,7 @@ def run(
     warm_up()
     figures: dict = {"warm_up_ms": _ms(t0)}
     figures.update(time_engine(orders, hosts, seed, repeats=repeats))
-    figures.update(compare_reference(seed, budget_s=reference_budget_s))
+    figures.update(compare_reference(seed, budget_s=reference_budget_s, sizes=reference_sizes))
     figures.update(welfare(welfare_instances, seed))
     return figures
 

@@ -162,7 +162,7 @@ async def compute_candles(db: Db, market: str, interval: str, *, start: datetime
 
 def candle_from_row(r: Any) -> Candle:
     return Candle(t=r["t"], open=format_money(r["open"]), high=format_money(r["high"]), low=format_money(r["low"]),
-                  close=format_money(r["close"]), volume_gpu_h=round(r["gpu_s"] / 3600, 6), trades=r["n"])
+                  close=format_money(r["close"]), volume_gpu_h=round(float(r["gpu_s"]) / 3600, 6), trades=r["n"])
 
 
 async def get_candles(ctx: AppContext, model: str, tier: str, interval: str, start: datetime | None,
@@ -244,7 +244,7 @@ async def compute_tickers(db: Db, now: datetime, markets: list[str], books: dict
         out[market] = Ticker(
             market=market, last=_money(last), indicative=_money(row["indicative_price"]),
             best_bid=_money(max(bids) if bids else None), best_ask=_money(min(asks) if asks else None),
-            volume_24h_gpu_h=round((d["gpu_s"] if d else 0) / 3600, 6), trades_24h=d["n"] if d else 0,
+            volume_24h_gpu_h=round(float(d["gpu_s"] if d else 0) / 3600, 6), trades_24h=d["n"] if d else 0,
             high_24h=_money(d["high"] if d else None), low_24h=_money(d["low"] if d else None),
             change_24h=_money(change), change_24h_pct=round(100 * change / ref, 4) if change is not None and ref else None,
             open_bids=open_bids.get(market, 0), last_trade_at=row["last_trade_at"], risk=risk[market], at=now)

@@ -63,22 +63,33 @@ async def ingest_report(ctx: AppContext, principal: Principal, report: MeterRepo
         foreign = [u for u in uuids if u not in own]
         if foreign:
             raise _refuse("foreign_gpu", InvalidField("samples", f"GPU {foreign[0]} is not this host's"))
-        accepted = 0
-        if report.samples:
-            await conn.copy_records_to_table(
-                "meter_stage", columns=SAMPLE_COLUMNS,
-                records=[(s.uuid, s.ts, host_id, report.seq, s.util, s.mem_used_mb, s.power_mw, s.energy_mj,
-                          s.temp_c, s.healthy) for s in report.samples])
-            status = await conn.execute(
-                f"INSERT INTO meter_samples ({', '.join(SAMPLE_COLUMNS)}) SELECT {', '.join(SAMPLE_COLUMNS)}"
-                f" FROM meter_stage ON CONFLICT (uuid, ts) DO NOTHING")
-            accepted = int(status.rsplit(" ", 1)[-1])
-        await conn.execute(
-            "INSERT INTO meter_reports (host_id, seq, content_hash, samples, received_at) VALUES ($1, $2, $3, $4, $5)",
-            host_id, report.seq, fingerprint, accepted, now)
+        records = [(s.uuid, s.ts, host_id, report.seq, s.util, s.mem_used_mb, s.power_mw, s.energy_mj, s.temp_c,
+                    s.healthy) for s in report.samples]
+        accepted = await _store_samples(conn, records)
         latest = max((s.ts for s in report.samples), default=None)
         await conn.execute(
-            "UPDATE hosts SET last_seen_at = $2, health = 'ok',"
-            " last_sample_at = greatest(last_sample_at, $3) WHERE id = $1", host_id, now, latest)
+            "WITH report AS (INSERT INTO meter_reports (host_id, seq, content_hash, samples, received_at)"
+            " VALUES ($1, $2, $3, $4, $5))"
+            " UPDATE hosts SET last_seen_at = $5, health = 'ok', last_sample_at = greatest(last_sample_at, $6)"
+            " WHERE id = $1", host_id, report.seq, fingerprint, accepted, now, latest)
     metrics.METER_SAMPLES.inc(accepted)
     return MeterAck(seq=report.seq, accepted=accepted, duplicate=False)
+
+
+async def _store_samples(conn: asyncpg.Connection, records: list[tuple]) -> int:
+    """COPY straight into the table: a new report's samples are new. Only if some sample is stored
+    already (a forged or re-numbered report) go the slower way, through the staging table, keeping
+    what is stored and adding the rest."""
+    if not records:
+        return 0
+    try:
+        async with conn.transaction():  # a savepoint, so a conflict leaves the report's transaction usable
+            await conn.copy_records_to_table("meter_samples", columns=SAMPLE_COLUMNS, records=records)
+        return len(records)
+    except asyncpg.UniqueViolationError:
+        pass
+    await conn.copy_records_to_table("meter_stage", columns=SAMPLE_COLUMNS, records=records)
+    status = await conn.execute(
+        f"INSERT INTO meter_samples ({', '.join(SAMPLE_COLUMNS)}) SELECT {', '.join(SAMPLE_COLUMNS)}"
+        f" FROM meter_stage ON CONFLICT (uuid, ts) DO NOTHING")
+    return int(status.rsplit(" ", 1)[-1])
