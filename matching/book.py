@@ -29,7 +29,8 @@ from matching.arrays import (
     validate_bids,
 )
 
-_BIT, _GE, _LE = K.mask_tables()
+_BIT = K.bit_table()
+_GE, _LE = K.mask_tables()
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
 
 
@@ -80,6 +81,34 @@ class ModelTickResult:
     spot: TickResult
 
 
+def reclaim_profiles(notice: np.ndarray, rate: np.ndarray):
+    """Group blocks by reclaim profile (notice_s, rate_mph), at most 64 groups, so that a tree
+    node can say which profiles lie under it in one int64 bitset.  Owners choose these from few
+    values; with more than 64 distinct pairs, neighbouring pairs share a group whose
+    representative (largest notice, smallest rate) is an optimistic bound for all its members.
+    Returns (bit of each block, representative notice per group, representative rate per group).
+    """
+    order = np.lexsort((rate, notice))
+    new_pair = np.ones(len(order), bool)
+    new_pair[1:] = (np.diff(notice[order]) != 0) | (np.diff(rate[order]) != 0)
+    pid = np.empty(len(order), np.int64)
+    pid[order] = np.cumsum(new_pair) - 1
+    firsts = order[new_pair]
+    pairs = np.stack([notice[firsts], rate[firsts]], axis=1)
+    if len(pairs) > 64:
+        group = (np.arange(len(pairs)) * 64) // len(pairs)
+        pid = group[pid]
+        rep_notice = np.full(64, np.iinfo(np.int64).min, np.int64)
+        rep_rate = np.full(64, np.iinfo(np.int64).max, np.int64)
+        np.maximum.at(rep_notice, group, pairs[:, 0])
+        np.minimum.at(rep_rate, group, pairs[:, 1])
+    else:
+        rep_notice = pairs[:, 0].astype(np.int64)
+        rep_rate = pairs[:, 1].astype(np.int64)
+    bits = K.bit_table()[pid] if len(pid) else np.empty(0, np.int64)
+    return bits, np.ascontiguousarray(rep_notice), np.ascontiguousarray(rep_rate)
+
+
 class BlockIndex:
     """Floor-sorted copy of the blocks with the search structures the kernels use."""
 
@@ -106,6 +135,9 @@ class BlockIndex:
         lf[:, K.L_FAB] = fab
         lf[:, K.L_BLOCK] = c["block_id"][rows]
         lf[:, K.L_ROW] = rows
+        lf[:, K.L_PBIT], self.prof_notice, self.prof_rate = reclaim_profiles(
+            lf[:, K.L_NOTICE], lf[:, K.L_RATE]
+        )
         self.lf = lf
 
         self.size = 1 << max(0, (n - 1).bit_length()) if n > 0 else 1
@@ -121,10 +153,7 @@ class BlockIndex:
         counts = np.bincount(whole_fab, minlength=nfab)
         self.fab_end = np.cumsum(counts).astype(np.int64)
         self.fab_start = (self.fab_end - counts).astype(np.int64)
-        self.fab_total = np.bincount(
-            whole_fab, weights=lf[self.whole, K.L_GPUS], minlength=nfab
-        ).astype(np.int64)
-        self.fab_wf = np.zeros(nfab, dtype=np.int64)
+        self.fsize = 1 << max(0, (nfab - 1).bit_length()) if nfab > 0 else 1
 
         # For reason NOTICE_TOO_LONG: the widest spot window among blocks with notice >= x.
         nv, first = np.unique(lf[:, K.L_NOTICE], return_index=True)
@@ -139,13 +168,13 @@ class BlockIndex:
         self.nbest = np.ascontiguousarray(nbest.astype(np.int64))
         self.max_host = int(lf[:, K.L_HOSTG].max()) if n else 0
 
-    def refresh_fabric_free(self) -> None:
-        lf = self.lf
-        w = self.whole
-        whole_free = w[lf[w, K.L_FREE] == lf[w, K.L_GPUS]]
-        self.fab_wf[:] = np.bincount(
-            lf[whole_free, K.L_FAB], weights=lf[whole_free, K.L_GPUS], minlength=len(self.fab_wf)
-        ).astype(np.int64)
+    def prepare_multi(self, gang_sizes: np.ndarray) -> None:
+        """Per-tick bounds for the multi-host gang sizes present in the book (see kernels)."""
+        mg = np.unique(gang_sizes[gang_sizes > self.max_host]).astype(np.int64)
+        self.mg = np.ascontiguousarray(mg)
+        self.fab_first, self.lbtree, self.static_lb, self.sorder = K.prepare_multi(
+            self.lf, self.fab_start, self.fab_end, self.fab_leaf, self.mg, self.fsize
+        )
 
     def lowest_free_floor(self) -> int:
         """Lowest floor among blocks with free > 0, or -1."""
@@ -357,7 +386,7 @@ class ModelBook:
         now = int(now)
         self._tick += 1
         idx = self._index_for_tick()
-        idx.refresh_fabric_free()
+        idx.prepare_multi(np.concatenate([t.cls_key[: t.n_cls, K.K_GPUS] for t in self._tiers]))
         firm = self._clear(Tier.FIRM, now, idx)
         spot = self._clear(Tier.SPOT, now, idx)
         self._blocks.cols["free"][idx.rows] = idx.lf[:, K.L_FREE]
@@ -378,8 +407,9 @@ class ModelBook:
             p.bid, p.lim, p.seq, p.cls, p.state,
             tb.cls_key, tb.cls_st,
             idx.lf, idx.n, idx.size, idx.dyn, idx.stat, _BIT, _GE, _LE,
-            idx.fab_start, idx.fab_end, idx.fab_leaf, idx.fab_wf, idx.fab_total,
-            idx.nv, idx.nbest,
+            idx.fab_start, idx.fab_end, idx.fab_leaf, idx.nv, idx.nbest,
+            idx.mg, idx.fab_first, idx.lbtree, idx.fsize, idx.static_lb, idx.sorder,
+            idx.prof_notice, idx.prof_rate,
             fill_bid, fill_block, fill_gpus,
         )
         if n_win:
@@ -400,8 +430,8 @@ class ModelBook:
             p.ids, p.pos, p.id_lim, p.id_cls, p.state,
             tb.cls_key, tb.cls_st,
             idx.lf, idx.size, idx.stat, idx.nv, idx.nbest,
-            idx.fab_start, idx.fab_end, idx.fab_leaf, idx.fab_total,
-            l_bid, l_code, l_short,
+            idx.fab_start, idx.fab_end, idx.fab_leaf, idx.mg, idx.static_lb, idx.sorder,
+            idx.prof_notice, idx.prof_rate, l_bid, l_code, l_short,
         )
         if tier == Tier.SPOT:
             outbid = np.ascontiguousarray(self._inc_ids[self._inc_lim < reference])

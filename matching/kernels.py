@@ -44,7 +44,8 @@ L_ESPOT = 10  # min(available_until, cut_at): the end a spot bid may reach
 L_FAB = 11  # dense fabric index
 L_BLOCK = 12  # block_id
 L_ROW = 13  # row in the BlockTable
-NL = 14
+L_PBIT = 14  # bit of the block's reclaim profile (notice, rate), see BlockIndex
+NL = 15
 
 # tree columns (shared positions 1-5 between dyn and stat so one test serves both)
 T_MASK = 0  # dyn: bitset of free counts
@@ -54,7 +55,8 @@ T_ESPOT = 2
 T_NOTICE = 3
 T_FIRM = 4
 T_RATE = 5  # min
-T_AVAIL = 6  # stat only
+T_AVAIL = 6
+T_PMASK = 7  # bitset of the reclaim profiles present
 NT = 8
 
 # cls_key columns
@@ -69,7 +71,13 @@ C_STAMP = 0  # tick number in which CODE/NEED were computed
 C_CODE = 1  # 0 = structurally eligible, else reason 1-6
 C_NEED = 2  # lowest floor at which it would fit (when CODE == 0)
 C_DEAD = 3  # tick number in which an allocation query failed: nothing fits for the rest of it
-NC = 4
+C_NSTAMP = 4  # tick number in which NEED was computed
+C_PSTAMP = 5  # tick number in which POK/PCOND were computed
+C_POK = 6  # reclaim profiles that pass notice and survival whatever the firm window
+C_PCOND = 7  # reclaim profiles that pass notice and may pass survival thanks to a firm window
+C_CSTAMP = 8  # tick number in which CURSOR was last set
+C_CURSOR = 9  # no leaf left of it fits the class any more this tick (free only shrinks)
+NC = 10
 
 R_NO_SUPPLY_WINDOW = 1
 R_NO_FIRM_WINDOW = 2
@@ -89,12 +97,16 @@ FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 FNV_PRIME = np.uint64(0x100000001B3)
 
 
+def bit_table():
+    """BIT[b] = 1 << b as int64 bit patterns (bit 63 is the sign bit)."""
+    return np.array([1 << b for b in range(64)], dtype=np.uint64).view(np.int64)
+
+
 def mask_tables():
-    """BIT[b] = 1 << b, GE[b] = bits >= b, LE[b] = bits <= b, as int64 bit patterns."""
-    bit = np.array([1 << b for b in range(64)], dtype=np.uint64)
+    """GE[b] = bits >= b, LE[b] = bits <= b, as int64 bit patterns."""
     ge = np.array([((1 << 64) - 1) ^ ((1 << b) - 1) for b in range(65)], dtype=np.uint64)
     le = np.array([(1 << (b + 1)) - 1 for b in range(64)], dtype=np.uint64)
-    return bit.view(np.int64), ge.view(np.int64), le.view(np.int64)
+    return ge.view(np.int64), le.view(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,14 +127,40 @@ def leaf_eligible(tier, lf, i, now, end, mn, budget):
 
 
 @njit(cache=True)
-def node_may_fit(tier, t, node, now, end, mn, budget):
-    """False when no leaf under `node` can pass eligibility (aggregates are upper bounds)."""
+def node_may_fit(tier, t, node, now, end, mn, budget, pmask):
+    """False when no leaf under `node` can pass eligibility.  The aggregates are per-dimension
+    bounds; the reclaim-profile bitset `pmask` (profiles that may pass notice and survival)
+    keeps them from mixing notice and rate of different blocks."""
     if tier == FIRM:
         return t[node, T_EFIRM] >= end
-    if t[node, T_ESPOT] < end or t[node, T_NOTICE] < mn:
+    if t[node, T_ESPOT] < end or t[node, T_NOTICE] < mn or t[node, T_PMASK] & pmask == 0:
         return False
     x = end - max(now, t[node, T_FIRM])
     return x <= 0 or t[node, T_RATE] * x <= budget
+
+
+@njit(cache=True)
+def profile_masks(tier, now, tick, c, cls_key, cls_st, prof_notice, prof_rate):
+    """Profiles a class may use, cached per tick in cls_st: those that pass whatever the firm
+    window (POK) and those that need one (PCOND).  Returns POK | PCOND."""
+    if cls_st[c, C_PSTAMP] != tick:
+        pok = 0
+        pcond = 0
+        if tier == FIRM:
+            pok = -1
+        else:
+            dur = cls_key[c, K_DUR]
+            for p in range(len(prof_notice)):
+                if prof_notice[p] < cls_key[c, K_MN]:
+                    continue
+                if prof_rate[p] * dur <= cls_key[c, K_BUDGET]:
+                    pok |= np.int64(1) << p
+                else:
+                    pcond |= np.int64(1) << p
+        cls_st[c, C_POK] = pok
+        cls_st[c, C_PCOND] = pcond
+        cls_st[c, C_PSTAMP] = tick
+    return cls_st[c, C_POK] | cls_st[c, C_PCOND]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +176,7 @@ def _set_identity(t, node):
     t[node, T_FIRM] = I64_MIN
     t[node, T_RATE] = I64_MAX
     t[node, T_AVAIL] = I64_MIN
+    t[node, T_PMASK] = 0
 
 
 @njit(cache=True)
@@ -148,6 +187,7 @@ def _set_leaf_values(t, node, lf, i):
     t[node, T_FIRM] = lf[i, L_FIRM]
     t[node, T_RATE] = lf[i, L_RATE]
     t[node, T_AVAIL] = lf[i, L_AVAIL]
+    t[node, T_PMASK] = lf[i, L_PBIT]
 
 
 @njit(cache=True)
@@ -164,6 +204,7 @@ def _combine(t, node, is_dyn):
     t[node, T_FIRM] = max(t[a, T_FIRM], t[b, T_FIRM])
     t[node, T_RATE] = min(t[a, T_RATE], t[b, T_RATE])
     t[node, T_AVAIL] = max(t[a, T_AVAIL], t[b, T_AVAIL])
+    t[node, T_PMASK] = t[a, T_PMASK] | t[b, T_PMASK]
 
 
 @njit(cache=True)
@@ -230,17 +271,23 @@ def _leaves_at_or_below(lf, n, limit):
 
 
 @njit(cache=True)
-def find_single(tier, now, end, mn, budget, g, limit, lf, n, size, dyn, ge, le, stack):
+def find_single(tier, now, end, mn, budget, pmask, g, limit, start, lf, n, size, dyn, ge, le,
+                stack):
     """Leaf minimising (floor, free, block_id) among eligible leaves with free >= g and
-    floor <= limit, or -1.  Depth-first, left (cheaper) first, pruning on the aggregates."""
+    floor <= limit, searching leaves >= start only.  Returns (leaf or -1, leftmost eligible leaf
+    with free >= g, which is where the class's next search may start).
+
+    Depth-first, left (cheaper) first, pruning on the aggregates.  After the first fit it only
+    looks at leaves of the same floor with a strictly tighter free count (the free-count bitset
+    prunes the rest); leaves are in (floor, block_id) order, so equal fits keep the lowest id."""
     hi = _leaves_at_or_below(lf, n, limit)
-    if hi == 0:
-        return -1
+    if hi <= start:
+        return -1, hi
     lo_bit = min(g, 63)
     best = -1
+    first = hi
     best_free = I64_MAX
     best_floor = 0
-    sp = 0
     stack[0, 0] = 1
     stack[0, 1] = 0
     stack[0, 2] = size
@@ -250,7 +297,7 @@ def find_single(tier, now, end, mn, budget, g, limit, lf, n, size, dyn, ge, le, 
         node = stack[sp, 0]
         lo = stack[sp, 1]
         w = stack[sp, 2]
-        if lo >= hi:
+        if lo >= hi or lo + w <= start:
             continue
         if best >= 0 and lf[lo, L_FLOOR] > best_floor:
             continue
@@ -259,11 +306,13 @@ def find_single(tier, now, end, mn, budget, g, limit, lf, n, size, dyn, ge, le, 
             break
         if dyn[node, T_MASK] & ge[lo_bit] & le[hi_bit] == 0:
             continue
-        if not node_may_fit(tier, dyn, node, now, end, mn, budget):
+        if not node_may_fit(tier, dyn, node, now, end, mn, budget, pmask):
             continue
         if w == 1:
             f = lf[lo, L_FREE]
             if f >= g and f < best_free and leaf_eligible(tier, lf, lo, now, end, mn, budget):
+                if best < 0:
+                    first = lo
                 best = lo
                 best_free = f
                 best_floor = lf[lo, L_FLOOR]
@@ -276,11 +325,11 @@ def find_single(tier, now, end, mn, budget, g, limit, lf, n, size, dyn, ge, le, 
         stack[sp + 1, 1] = lo
         stack[sp + 1, 2] = half
         sp += 2
-    return best
+    return best, first
 
 
 @njit(cache=True)
-def find_static(tier, now, end, mn, budget, g, lf, size, stat, stack):
+def find_static(tier, now, end, mn, budget, pmask, g, lf, size, stat, stack):
     """Leftmost (lowest floor, then block_id) leaf that passes eligibility and has gpus >= g,
     ignoring floor and free, or -1."""
     stack[0, 0] = 1
@@ -294,7 +343,7 @@ def find_static(tier, now, end, mn, budget, g, lf, size, stat, stack):
         w = stack[sp, 2]
         if stat[node, T_GPUS] < g or stat[node, T_AVAIL] < end:
             continue
-        if not node_may_fit(tier, stat, node, now, end, mn, budget):
+        if not node_may_fit(tier, stat, node, now, end, mn, budget, pmask):
             continue
         if w == 1:
             if lf[lo, L_GPUS] >= g and leaf_eligible(tier, lf, lo, now, end, mn, budget):
@@ -313,33 +362,160 @@ def find_static(tier, now, end, mn, budget, g, lf, size, stat, stack):
 
 # ---------------------------------------------------------------------------------------------
 # multi-host gangs
+#
+# For each gang size g in `mg` (the sizes above one host present in the book this tick) and each
+# fabric f, `fab_lb[gi, f]` is a lower bound of the highest floor the fabric would charge: the
+# floor at which its whole free hosts, cheapest first, add up to mg[gi] GPUs (ignoring the bid's
+# eligibility).  `lbtree[gi]` is a min segment tree over fabrics of that bound, so a query visits
+# fabrics cheapest-bound first and stops once no bound can beat the best fabric found.  The static
+# counterparts (`static_lb`, fabrics sorted by it in `sorder`) ignore free and serve the reasons.
 
 
 @njit(cache=True)
-def find_multi(tier, now, end, mn, budget, g, limit, lf, fab_start, fab_end, fab_leaf, fab_wf):
+def gang_index(mg, g):
+    """Index of g in the sorted array mg, or -1."""
+    lo = 0
+    hi = len(mg)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if mg[mid] < g:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < len(mg) and mg[lo] == g:
+        return lo
+    return -1
+
+
+@njit(cache=True)
+def _whole_free(lf, i):
+    return lf[i, L_FREE] == lf[i, L_GPUS]  # fab_leaf only lists whole-host blocks
+
+
+@njit(cache=True)
+def _lb_set(lbtree, fsize, gi, f, v):
+    node = fsize + f
+    if lbtree[gi, node] == v:
+        return
+    lbtree[gi, node] = v
+    node >>= 1
+    while node >= 1:
+        lbtree[gi, node] = min(lbtree[gi, 2 * node], lbtree[gi, 2 * node + 1])
+        node >>= 1
+
+
+@njit(cache=True)
+def fab_refresh(f, lf, fab_end, fab_leaf, fab_first, mg, lbtree, fsize):
+    """Recompute fabric f's bounds after one of its whole hosts stopped being entirely free."""
+    j = fab_first[f]
+    stop = fab_end[f]
+    while j < stop and not _whole_free(lf, fab_leaf[j]):
+        j += 1
+    fab_first[f] = j
+    total = 0
+    gi = 0
+    while j < stop and gi < len(mg):
+        i = fab_leaf[j]
+        if _whole_free(lf, i):
+            total += lf[i, L_GPUS]
+            while gi < len(mg) and total >= mg[gi]:
+                _lb_set(lbtree, fsize, gi, f, lf[i, L_FLOOR])
+                gi += 1
+        j += 1
+    while gi < len(mg):
+        _lb_set(lbtree, fsize, gi, f, I64_MAX)
+        gi += 1
+
+
+@njit(cache=True)
+def prepare_multi(lf, fab_start, fab_end, fab_leaf, mg, fsize):
+    """Per-tick multi-host bounds: (fab_first, lbtree, static_lb, sorder)."""
+    nfab = len(fab_start)
+    ng = len(mg)
+    fab_first = fab_start.copy()
+    lbtree = np.full((ng, 2 * fsize), I64_MAX, dtype=np.int64)
+    static_lb = np.full((ng, nfab), I64_MAX, dtype=np.int64)
+    for f in range(nfab):
+        total = 0
+        gi = 0
+        for j in range(fab_start[f], fab_end[f]):
+            if gi == ng:
+                break
+            i = fab_leaf[j]
+            total += lf[i, L_GPUS]
+            while gi < ng and total >= mg[gi]:
+                static_lb[gi, f] = lf[i, L_FLOOR]
+                gi += 1
+        total = 0
+        gi = 0
+        first = fab_end[f]
+        for j in range(fab_start[f], fab_end[f]):
+            if gi == ng:
+                break
+            i = fab_leaf[j]
+            if not _whole_free(lf, i):
+                continue
+            if first == fab_end[f]:
+                first = j
+            total += lf[i, L_GPUS]
+            while gi < ng and total >= mg[gi]:
+                lbtree[gi, fsize + f] = lf[i, L_FLOOR]
+                gi += 1
+        fab_first[f] = first
+    for gi in range(ng):
+        for node in range(fsize - 1, 0, -1):
+            lbtree[gi, node] = min(lbtree[gi, 2 * node], lbtree[gi, 2 * node + 1])
+    sorder = np.empty((ng, nfab), dtype=np.int64)
+    for gi in range(ng):
+        sorder[gi, :] = np.argsort(static_lb[gi, :])
+    return fab_first, lbtree, static_lb, sorder
+
+
+@njit(cache=True)
+def find_multi(tier, now, end, mn, budget, g, gi, limit,
+               lf, fab_end, fab_leaf, fab_first, lbtree, fsize, stack):
     """Fabric whose cheapest whole free eligible hosts hold g GPUs with the lowest highest floor,
-    then fewest hosts, then lowest fabric_id; -1 if none."""
+    then fewest hosts, then lowest fabric_id (dense index order); -1 if none."""
     best_f = -1
-    best_hf = 0
+    best_hf = I64_MAX
     best_cnt = 0
-    for f in range(len(fab_start)):
-        if fab_wf[f] < g:
+    stack[0, 0] = 1
+    sp = 1
+    while sp > 0:
+        sp -= 1
+        node = stack[sp, 0]
+        v = lbtree[gi, node]
+        if v > limit or v > best_hf:
             continue
+        if node < fsize:
+            a = 2 * node
+            b = a + 1
+            # Visit the child with the lower bound first (it is pushed last).
+            if lbtree[gi, a] <= lbtree[gi, b]:
+                stack[sp, 0] = b
+                stack[sp + 1, 0] = a
+            else:
+                stack[sp, 0] = a
+                stack[sp + 1, 0] = b
+            sp += 2
+            continue
+        f = node - fsize
         total = 0
         cnt = 0
-        for j in range(fab_start[f], fab_end[f]):
+        for j in range(fab_first[f], fab_end[f]):
             i = fab_leaf[j]
             fl = lf[i, L_FLOOR]
-            if fl > limit or (best_f >= 0 and fl > best_hf):
+            if fl > limit or fl > best_hf:
                 break
-            if lf[i, L_FREE] != lf[i, L_GPUS]:
+            if not _whole_free(lf, i):
                 continue
             if not leaf_eligible(tier, lf, i, now, end, mn, budget):
                 continue
             total += lf[i, L_GPUS]
             cnt += 1
             if total >= g:
-                if best_f < 0 or fl < best_hf or (fl == best_hf and cnt < best_cnt):
+                if (fl < best_hf or (fl == best_hf and cnt < best_cnt)
+                        or (fl == best_hf and cnt == best_cnt and f < best_f)):
                     best_f = f
                     best_hf = fl
                     best_cnt = cnt
@@ -348,12 +524,15 @@ def find_multi(tier, now, end, mn, budget, g, limit, lf, fab_start, fab_end, fab
 
 
 @njit(cache=True)
-def need_multi_static(tier, now, end, mn, budget, g, lf, fab_start, fab_end, fab_leaf, fab_total):
+def need_multi_static(tier, now, end, mn, budget, g, gi, lf, fab_start, fab_end, fab_leaf,
+                      static_lb, sorder):
     """Lowest floor at which one fabric's whole hosts (eligible, ignoring free) hold g GPUs."""
     best = -1
-    for f in range(len(fab_start)):
-        if fab_total[f] < g:
-            continue
+    for r in range(sorder.shape[1]):
+        f = sorder[gi, r]
+        lb = static_lb[gi, f]
+        if lb == I64_MAX or (best >= 0 and lb >= best):
+            break
         total = 0
         for j in range(fab_start[f], fab_end[f]):
             i = fab_leaf[j]
@@ -390,20 +569,39 @@ def _notice_window(nv, nbest, mn):
 
 
 @njit(cache=True)
+def multi_exists(tier, now, end, mn, budget, g, gi, lf, fab_start, fab_end, fab_leaf,
+                 static_lb, sorder):
+    """Whether some fabric's eligible whole hosts (ignoring free and floor) hold g GPUs."""
+    for r in range(sorder.shape[1]):
+        f = sorder[gi, r]
+        if static_lb[gi, f] == I64_MAX:
+            return False  # this fabric, and every later one, is too small even when all eligible
+        total = 0
+        for j in range(fab_start[f], fab_end[f]):
+            i = fab_leaf[j]
+            if leaf_eligible(tier, lf, i, now, end, mn, budget):
+                total += lf[i, L_GPUS]
+                if total >= g:
+                    return True
+    return False
+
+
+@njit(cache=True)
 def class_reason(
     tier, now, tick, c, cls_key, cls_st, max_host,
-    lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, fab_total, stack,
+    lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, mg, static_lb, sorder,
+    prof_notice, prof_rate, stack,
 ):
-    """Fill cls_st[c] (CODE, NEED) for this tick: reasons 1-6 of the rule, or 0 and the floor
-    the class would need."""
+    """Fill cls_st[c, CODE] for this tick: reason 1-6 of the rule, or 0 when structurally
+    eligible.  For single-host classes NEED comes for free and is filled too."""
     if cls_st[c, C_STAMP] == tick:
         return
     end = now + cls_key[c, K_DUR]
     mn = cls_key[c, K_MN]
     budget = cls_key[c, K_BUDGET]
     g = cls_key[c, K_GPUS]
+    pmask = profile_masks(tier, now, tick, c, cls_key, cls_st, prof_notice, prof_rate)
     code = 0
-    need = -1
     if stat[1, T_AVAIL] < end:
         code = R_NO_SUPPLY_WINDOW
     elif tier == FIRM and stat[1, T_EFIRM] < end:
@@ -412,23 +610,39 @@ def class_reason(
         code = R_RESERVATION
     elif tier == SPOT and _notice_window(nv, nbest, mn) < end:
         code = R_NOTICE_TOO_LONG
+    elif tier == SPOT and find_static(tier, now, end, mn, budget, pmask, 0, lf, size, stat, stack) < 0:
+        code = R_SURVIVAL_TOO_HIGH
+    elif g > max_host:
+        if not multi_exists(tier, now, end, mn, budget, g, gang_index(mg, g), lf, fab_start,
+                            fab_end, fab_leaf, static_lb, sorder):
+            code = R_TOO_LARGE
     else:
-        if g > max_host:
-            need = need_multi_static(
-                tier, now, end, mn, budget, g, lf, fab_start, fab_end, fab_leaf, fab_total
-            )
+        leaf = find_static(tier, now, end, mn, budget, pmask, g, lf, size, stat, stack)
+        if leaf < 0:
+            code = R_TOO_LARGE
         else:
-            leaf = find_static(tier, now, end, mn, budget, g, lf, size, stat, stack)
-            if leaf >= 0:
-                need = lf[leaf, L_FLOOR]
-        if need < 0:
-            if tier == SPOT and find_static(tier, now, end, mn, budget, 0, lf, size, stat, stack) < 0:
-                code = R_SURVIVAL_TOO_HIGH
-            else:
-                code = R_TOO_LARGE
+            cls_st[c, C_NEED] = lf[leaf, L_FLOOR]
+            cls_st[c, C_NSTAMP] = tick
     cls_st[c, C_STAMP] = tick
     cls_st[c, C_CODE] = code
+
+
+@njit(cache=True)
+def class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end, fab_leaf, mg,
+               static_lb, sorder):
+    """The lowest floor at which a structurally eligible class could fit (for BELOW_FLOOR).
+    Multi-host classes compute it only here, on demand: it is rarely needed and costs a search
+    over fabrics."""
+    if cls_st[c, C_NSTAMP] == tick:
+        return cls_st[c, C_NEED]
+    g = cls_key[c, K_GPUS]
+    need = need_multi_static(
+        tier, now, now + cls_key[c, K_DUR], cls_key[c, K_MN], cls_key[c, K_BUDGET], g,
+        gang_index(mg, g), lf, fab_start, fab_end, fab_leaf, static_lb, sorder,
+    )
     cls_st[c, C_NEED] = need
+    cls_st[c, C_NSTAMP] = tick
+    return need
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,12 +650,12 @@ def class_reason(
 
 
 @njit(cache=True)
-def _take(lf, i, give, size, dyn, bit, fab_wf):
+def _take(lf, i, give, size, dyn, bit, fab_end, fab_leaf, fab_first, mg, lbtree, fsize):
     was_whole_free = lf[i, L_FREE] == lf[i, L_GPUS] and lf[i, L_GPUS] == lf[i, L_HOSTG]
     lf[i, L_FREE] -= give
-    if was_whole_free:
-        fab_wf[lf[i, L_FAB]] -= lf[i, L_GPUS]
     _update_dyn(dyn, size, lf, i, bit)
+    if was_whole_free and len(mg) > 0:
+        fab_refresh(lf[i, L_FAB], lf, fab_end, fab_leaf, fab_first, mg, lbtree, fsize)
 
 
 @njit(cache=True)
@@ -451,7 +665,8 @@ def clear_tier(
     p_bid, p_limit, p_seq, p_cls, p_state,
     cls_key, cls_st,
     lf, n, size, dyn, stat, bit, ge, le,
-    fab_start, fab_end, fab_leaf, fab_wf, fab_total, nv, nbest,
+    fab_start, fab_end, fab_leaf, nv, nbest,
+    mg, fab_first, lbtree, fsize, static_lb, sorder, prof_notice, prof_rate,
     fill_bid, fill_block, fill_gpus,
 ):
     """Walk the tier's live bids in price-time priority (merging the main run and the pending
@@ -495,9 +710,14 @@ def clear_tier(
             budget = cls_key[c, K_BUDGET]
             g = cls_key[c, K_GPUS]
             if g <= max_host:
-                leaf = find_single(tier, now, end, mn, budget, g, lim, lf, n, size, dyn, ge, le, stack)
+                pmask = profile_masks(tier, now, tick, c, cls_key, cls_st, prof_notice, prof_rate)
+                start = cls_st[c, C_CURSOR] if cls_st[c, C_CSTAMP] == tick else 0
+                leaf, first = find_single(tier, now, end, mn, budget, pmask, g, lim, start,
+                                          lf, n, size, dyn, ge, le, stack)
+                cls_st[c, C_CURSOR] = first
+                cls_st[c, C_CSTAMP] = tick
                 if leaf >= 0:
-                    _take(lf, leaf, g, size, dyn, bit, fab_wf)
+                    _take(lf, leaf, g, size, dyn, bit, fab_end, fab_leaf, fab_first, mg, lbtree, fsize)
                     fill_bid[nf] = bid_id
                     fill_block[nf] = lf[leaf, L_BLOCK]
                     fill_gpus[nf] = g
@@ -505,17 +725,18 @@ def clear_tier(
                     max_floor = max(max_floor, lf[leaf, L_FLOOR])
                     won = True
             else:
-                f = find_multi(tier, now, end, mn, budget, g, lim, lf, fab_start, fab_end, fab_leaf, fab_wf)
+                f = find_multi(tier, now, end, mn, budget, g, gang_index(mg, g), lim,
+                               lf, fab_end, fab_leaf, fab_first, lbtree, fsize, stack)
                 if f >= 0:
                     remaining = g
-                    for jj in range(fab_start[f], fab_end[f]):
+                    for jj in range(fab_first[f], fab_end[f]):
                         leaf = fab_leaf[jj]
                         if lf[leaf, L_FREE] != lf[leaf, L_GPUS]:
                             continue
                         if not leaf_eligible(tier, lf, leaf, now, end, mn, budget):
                             continue
                         give = min(remaining, lf[leaf, L_GPUS])
-                        _take(lf, leaf, give, size, dyn, bit, fab_wf)
+                        _take(lf, leaf, give, size, dyn, bit, fab_end, fab_leaf, fab_first, mg, lbtree, fsize)
                         fill_bid[nf] = bid_id
                         fill_block[nf] = lf[leaf, L_BLOCK]
                         fill_gpus[nf] = give
@@ -539,7 +760,8 @@ def clear_tier(
             # Bids come in descending limit: the first structurally eligible loser sets it.
             class_reason(
                 tier, now, tick, c, cls_key, cls_st, max_host,
-                lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, fab_total, stack,
+                lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, mg, static_lb, sorder,
+                prof_notice, prof_rate, stack,
             )
             if cls_st[c, C_CODE] == 0:
                 highest_lose = lim
@@ -552,8 +774,8 @@ def emit_losers(
     m_ids, m_pos, m_lim, m_cls, m_state,
     p_ids, p_pos, p_lim, p_cls, p_state,
     cls_key, cls_st,
-    lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, fab_total,
-    out_bid, out_code, out_short,
+    lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, mg, static_lb, sorder,
+    prof_notice, prof_rate, out_bid, out_code, out_short,
 ):
     """Reasons of the losing bids in bid_id order; retires this tick's winners (WON -> DEAD).
     `price` is the clearing price, or the indicative price when nothing traded."""
@@ -584,17 +806,20 @@ def emit_losers(
             j += 1
         if st != STATE_LIVE:
             continue
-        class_reason(
-            tier, now, tick, c, cls_key, cls_st, max_host,
-            lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, fab_total, stack,
-        )
+        if cls_st[c, C_STAMP] != tick:
+            class_reason(
+                tier, now, tick, c, cls_key, cls_st, max_host,
+                lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, mg, static_lb, sorder,
+                prof_notice, prof_rate, stack,
+            )
         code = cls_st[c, C_CODE]
         short = 0
         if code == 0:
             if lim < price:
                 code = R_LIMIT_BELOW_PRICE
                 short = price - lim
-            elif lim < cls_st[c, C_NEED]:
+            elif lim < class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end,
+                                  fab_leaf, mg, static_lb, sorder):
                 code = R_BELOW_FLOOR
             else:
                 code = R_NO_CAPACITY

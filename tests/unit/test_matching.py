@@ -291,8 +291,9 @@ def test_block_changes_apply_to_the_next_tick():
     result = book.tick(NOW)
 
     assert result.spot.fill_bid_id.tolist() == []
-    assert result.spot.loser_reason.tolist() == [Reason.BELOW_FLOOR]
-    assert result.spot.indicative == 300
+    assert result.spot.indicative == 300  # the lowest free floor
+    assert result.spot.loser_reason.tolist() == [Reason.LIMIT_BELOW_PRICE]
+    assert result.spot.loser_shortfall.tolist() == [50]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,12 +410,14 @@ def test_firm_bid_needs_a_covering_firm_window_and_firm_clears_first():
                                  budget=hazard_budget_from_survival(0.9)),
          Reason.SURVIVAL_TOO_HIGH),
         (block(1, gpus=4), bid(1, limit=500, gpus=6), Reason.TOO_LARGE),
-        (block(1, floor=600), bid(1, limit=500), Reason.BELOW_FLOOR),
+        # Block 2 is cheap but too small, so the indicative price stays at the bid's limit.
+        ([block(1, floor=600), block(2, floor=100, gpus=2)], bid(1, limit=500, gpus=4),
+         Reason.BELOW_FLOOR),
         (block(1, free=0), bid(1, limit=500), Reason.NO_CAPACITY),
     ],
 )
 def test_unfilled_reasons(blk, the_bid, reason):
-    res = check_spot([blk], [the_bid])
+    res = check_spot(blk if isinstance(blk, list) else [blk], [the_bid])
 
     assert res.loser_reason.tolist() == [reason]
 
