@@ -33,6 +33,7 @@ from exchange.hosts.controller import AgentController, HostController
 from exchange.leases.controller import AgentLeaseController, LeaseController
 from exchange.markets.controller import MarketController
 from exchange.metering.controller import MeterController
+from exchange.reclaims.controller import ReclaimController
 from exchange.offers.controller import OfferController
 from exchange.scheduler import start_jobs
 
@@ -137,7 +138,7 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
     return Litestar(
         route_handlers=[healthz, MetricsController, AccountController, HostController, AgentController,
                         OfferController, BidController, MarketController, LeaseController, AgentLeaseController,
-                        MeterController],
+                        MeterController, ReclaimController],
         lifespan=[lifespan],
         plugins=[FeedPlugin()],  # market data: /v1/feed, the channels plugin, the page at /
         dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},

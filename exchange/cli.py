@@ -133,5 +133,37 @@ def bench_settlement(leases: int, samples: int, seed: int, as_json: bool) -> Non
     click.echo(json.dumps(figures) if as_json else format_table(figures))
 
 
+@bench.command("feed")
+@click.option("--subscribers", default=1000, show_default=True, type=int)
+@click.option("--ticks", default=10, show_default=True, type=int)
+@click.option("--tick-s", default=2.0, show_default=True, type=float, help="seconds between ticks (the auction rate)")
+@click.option("--json", "as_json", is_flag=True, help="print the figures as one JSON object")
+def bench_feed(subscribers: int, ticks: int, tick_s: float, as_json: bool) -> None:
+    """Websocket subscribers on a local server: tick-to-client latency against a bare websocket echo."""
+    import json
+
+    from loadtests.bench_feed import format_table, run
+
+    figures = run(subscribers=subscribers, ticks=ticks, tick_s=tick_s)
+    click.echo(json.dumps(figures) if as_json else format_table(figures))
+
+
+@main.command()
+@click.argument("market")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="the exchange's base URL")
+@click.option("--once", is_flag=True, help="print one view once the snapshots are in, then exit")
+@click.option("--seconds", type=float, default=None, help="stop after this long")
+@click.option("--no-color", is_flag=True)
+def watch(market: str, url: str, once: bool, seconds: float | None, no_color: bool) -> None:
+    """A live terminal view of MARKET (e.g. H100-80GB/spot): price, depth, trades, from /v1/feed."""
+    from exchange.watch import watch as run_watch
+
+    try:
+        code = asyncio.run(run_watch(url, market, once=once, seconds=seconds, color=not no_color))
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     main()

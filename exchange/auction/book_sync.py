@@ -87,7 +87,13 @@ class BookSync:
             " o.reclaim_notice_s, o.reclaim_rate_per_h,"
             " (SELECT count(*) FROM gpus g WHERE g.host_id = o.host_id AND g.present AND g.model = o.model) AS host_gpus,"
             " (SELECT coalesce(sum(l.gpus), 0) FROM leases l WHERE l.offer_id = o.id"
-            "   AND l.status IN ('active', 'ending')) AS leased"
+            "   AND l.status IN ('active', 'ending')) AS leased,"
+            # The owner's own demand comes first: GPUs reclaimed now are not for sale...
+            " (SELECT coalesce(sum(rg.gpus), 0) FROM reclaim_gpus rg JOIN reclaims r ON r.id = rg.reclaim_id"
+            "   WHERE rg.host_id = o.host_id AND r.status = 'active' AND r.model = o.model) AS reclaimed,"
+            # ...and no spot lease is placed across a reservation the owner scheduled on this host.
+            " (SELECT min(r.at) FROM reclaims r WHERE r.status = 'scheduled' AND r.model = o.model"
+            "   AND (r.host_id = o.host_id OR (r.host_id IS NULL AND r.owner_id = h.owner_id))) AS cut_at"
             " FROM offers o JOIN hosts h ON h.id = o.host_id"
             " WHERE o.status = 'live' AND o.available_from <= $1 AND o.available_until > $1 ORDER BY o.id", now)
         by_model: dict[str, list[asyncpg.Record]] = {}
@@ -108,13 +114,14 @@ class BookSync:
                 fabric_id=np.array([self.fabric_id(r["fabric"]) for r in live], dtype=np.int64),
                 host_gpus=np.array([max(r["host_gpus"], r["gpus"]) for r in live], dtype=np.int32),
                 gpus=np.array([r["gpus"] for r in live], dtype=np.int32),
-                free=np.array([max(0, min(r["gpus"], r["host_gpus"]) - r["leased"]) for r in live], dtype=np.int32),
+                free=np.array([max(0, min(r["gpus"], r["host_gpus"]) - r["leased"] - r["reclaimed"]) for r in live],
+                              dtype=np.int32),
                 floor=np.array([r["floor_price"] for r in live], dtype=np.int64),
                 available_until=np.array([epoch(r["available_until"]) for r in live], dtype=np.int64),
                 firm_until=np.array([epoch(r["firm_until"]) for r in live], dtype=np.int64),
                 notice_s=np.array([r["reclaim_notice_s"] for r in live], dtype=np.int64),
                 rate_mph=np.array([rate_mph_from_per_hour(r["reclaim_rate_per_h"]) for r in live], dtype=np.int64),
-                cut_at=np.full(len(live), INT64_MAX, dtype=np.int64),
+                cut_at=np.array([epoch(r["cut_at"]) if r["cut_at"] else INT64_MAX for r in live], dtype=np.int64),
             )
 
     async def load_incumbents(self, conn: asyncpg.Connection) -> None:

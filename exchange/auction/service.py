@@ -16,6 +16,7 @@ from exchange.core import metrics
 from exchange.core.money import cost_micros
 from exchange.ledger import service as ledger
 from exchange.markets.service import market_id
+from exchange.reclaims.service import run_due_reclaims
 from matching import Reason, Tier
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ async def end_due_leases(conn: asyncpg.Connection, now: datetime) -> int:
 
 async def run_tick(conn: asyncpg.Connection, sync: BookSync, now: datetime) -> TickSummary:
     started = time.perf_counter()
+    await run_due_reclaims(conn, now)
     async with conn.transaction():
         ended = await end_due_leases(conn, now)
         await expire_bids(conn, now)

@@ -6,7 +6,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import Parameter
 
 from exchange.bids import service
-from exchange.bids.schemas import Bid, BidCreate, BidList, BidStatus
+from exchange.bids.schemas import Bid, BidCost, BidCreate, BidList, BidStatus
 from exchange.core.auth import requires
 from exchange.core.context import AppContext
 
@@ -22,14 +22,18 @@ class BidController(Controller):
         return Response(bid, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
     @get("/")
-    async def list(self, ctx: AppContext, request: Request, status: BidStatus | None = None,
+    async def list_bids(self, ctx: AppContext, request: Request, status: BidStatus | None = None,
                    cursor: str | None = None, limit: Annotated[int, Parameter(ge=1, le=500)] = 100) -> BidList:
         items, next_cursor = await service.list_bids(ctx, request.user.account_id, status, cursor, limit)
         return BidList(items=items, next=next_cursor)
 
     @get("/{bid_id:int}")
-    async def get(self, ctx: AppContext, request: Request, bid_id: int) -> Bid:
+    async def get_bid(self, ctx: AppContext, request: Request, bid_id: int) -> Bid:
         return await service.get_bid(ctx, request.user.account_id, bid_id)
+
+    @get("/{bid_id:int}/cost")
+    async def cost(self, ctx: AppContext, request: Request, bid_id: int) -> BidCost:
+        return await service.bid_cost(ctx, request.user.account_id, bid_id)
 
     @delete("/{bid_id:int}", status_code=200)
     async def cancel(self, ctx: AppContext, request: Request, bid_id: int) -> Bid:

@@ -49,3 +49,11 @@ class Bid(Struct, frozen=True, kw_only=True):
 class BidList(Struct, frozen=True, kw_only=True):
     items: list[Bid]
     next: str | None
+
+
+class BidCost(Struct, frozen=True, kw_only=True):
+    bid_id: int
+    leases: int
+    preemptions: int
+    billed_gpu_hours: str
+    charged: str

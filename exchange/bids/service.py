@@ -5,7 +5,7 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
-from exchange.bids.schemas import Bid, BidCreate
+from exchange.bids.schemas import Bid, BidCost, BidCreate
 from exchange.core.context import AppContext, request_hash
 from exchange.core import metrics
 from exchange.core.errors import ApiError, Conflict, InvalidField, NotFound
@@ -149,3 +149,37 @@ async def expire_bids(conn: asyncpg.Connection, now: datetime) -> int:
     for bid_id in ids:
         await close_bid(conn, bid_id, "expired", now)
     return len(ids)
+
+
+async def requeue_bid(conn: asyncpg.Connection, bid_id: int, now: datetime) -> bool:
+    """Reopen a filled bid whose lease was preempted, if it asked for that; it keeps its id, so it
+    keeps its time priority in the book. Returns whether it is back in the book."""
+    bid = await conn.fetchrow("SELECT * FROM bids WHERE id = $1 FOR UPDATE", bid_id)
+    if bid is None or not bid["requeue_on_preempt"] or bid["status"] != "filled":
+        return False
+    hold = cost_micros(bid["limit_price"], bid["gpus"], bid["duration_s"])
+    try:
+        async with conn.transaction():
+            await ledger.place_hold(conn, account_id=bid["account_id"], amount=hold, now=now, ref_type="bid",
+                                    ref_id=bid_id)
+            await conn.execute(
+                "UPDATE bids SET status = 'open', hold_amount = $2, updated_at = $3, unfilled_reason = NULL,"
+                " unfilled_shortfall = NULL WHERE id = $1", bid_id, hold, now)
+    except ApiError:
+        await conn.execute("UPDATE bids SET unfilled_reason = 'requeue_insufficient_funds' WHERE id = $1", bid_id)
+        return False
+    return True
+
+
+async def bid_cost(ctx: AppContext, account_id: int, bid_id: int) -> BidCost:
+    """What a bid cost across every lease it went through (preemptions and re-placements)."""
+    from exchange.leases.service import hours
+
+    if await ctx.pool.fetchval("SELECT account_id FROM bids WHERE id = $1", bid_id) != account_id:
+        raise NotFound(f"bid {bid_id}")
+    row = await ctx.pool.fetchrow(
+        "SELECT count(*) AS leases, count(*) FILTER (WHERE end_reason IN ('reclaimed', 'outbid', 'host_failed'))"
+        " AS preempted, coalesce(sum(billed_gpu_s), 0)::bigint AS gpu_s,"
+        " coalesce(sum(billed_amount), 0)::bigint AS charged FROM leases WHERE bid_id = $1", bid_id)
+    return BidCost(bid_id=bid_id, leases=row["leases"], preemptions=row["preempted"],
+                   billed_gpu_hours=hours(row["gpu_s"]), charged=format_money(row["charged"]))

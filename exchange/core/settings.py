@@ -24,6 +24,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # An agent silent this long marks its host silent; this long, its leases end as failed.
     host_grace_s: float = 30.0
     host_fail_s: float = 300.0
+    # How a reclaim picks the spot leases it ends (exchange/reclaims/victims.py).
+    reclaim_strategy: str = "cheapest_first"
     # Requests per second per API key (per remote address without one), per server process.
     rate_limit_per_s: int = 200
     run_scheduler: bool = True
@@ -45,6 +47,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "settle_close_after_s": float(env.get("GPUX_SETTLE_CLOSE_AFTER_S", "30")),
             "host_grace_s": float(env.get("GPUX_HOST_GRACE_S", "30")),
             "host_fail_s": float(env.get("GPUX_HOST_FAIL_S", "300")),
+            "reclaim_strategy": env.get("GPUX_RECLAIM_STRATEGY", "cheapest_first"),
             "rate_limit_per_s": int(env.get("GPUX_RATE_LIMIT_PER_S", "200")),
             "run_scheduler": env.get("GPUX_SCHEDULER", "1") not in ("0", "false", "no"),
             "log_level": env.get("GPUX_LOG_LEVEL", "INFO"),
@@ -61,6 +64,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("GPUX_FEE_BPS must be between 0 and 10000")
         if not 0 < self.host_grace_s <= self.host_fail_s:
             raise ValueError("GPUX_HOST_GRACE_S must be positive and at most GPUX_HOST_FAIL_S")
+        from exchange.reclaims.victims import VICTIM_STRATEGIES
+
+        if self.reclaim_strategy not in VICTIM_STRATEGIES:
+            raise ValueError(f"GPUX_RECLAIM_STRATEGY must be one of {', '.join(sorted(VICTIM_STRATEGIES))}")
         if self.rate_limit_per_s < 1:
             raise ValueError("GPUX_RATE_LIMIT_PER_S must be at least 1")
         if self.max_gang_gpus < 1:

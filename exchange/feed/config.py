@@ -11,6 +11,8 @@ class FeedSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     backend: str = "postgres"
     # Messages a subscriber may have queued, unsent, before it is disconnected as too slow.
     max_backlog: int = 1024
+    # Bytes a subscriber's socket may hold unsent before it is disconnected as too slow.
+    max_buffer_bytes: int = 4 * 1024 * 1024
     # A subscriber that received nothing for this long gets a heartbeat.
     heartbeat_s: float = 5.0
     # How long a slow subscriber's error message and close frame may take before we give up on it.
@@ -23,6 +25,7 @@ class FeedSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         env = os.environ if environ is None else environ
         settings = cls(backend=env.get("GPUX_FEED_BACKEND", "postgres"),
                        max_backlog=int(env.get("GPUX_FEED_MAX_BACKLOG", "1024")),
+                       max_buffer_bytes=int(env.get("GPUX_FEED_MAX_BUFFER_BYTES", str(4 * 1024 * 1024))),
                        heartbeat_s=float(env.get("GPUX_FEED_HEARTBEAT_S", "5")),
                        close_timeout_s=float(env.get("GPUX_FEED_CLOSE_TIMEOUT_S", "2")),
                        max_subscriptions=int(env.get("GPUX_FEED_MAX_SUBSCRIPTIONS", "256")))

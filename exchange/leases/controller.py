@@ -17,13 +17,13 @@ class LeaseController(Controller):
     guards = [requires("tenant", "owner", "admin")]
 
     @get("/")
-    async def list(self, ctx: AppContext, request: Request, status: LeaseStatus | None = None,
+    async def list_leases(self, ctx: AppContext, request: Request, status: LeaseStatus | None = None,
                    cursor: str | None = None, limit: Annotated[int, Parameter(ge=1, le=500)] = 100) -> LeaseList:
         items, next_cursor = await service.list_leases(ctx, request.user, status, cursor, limit)
         return LeaseList(items=items, next=next_cursor)
 
     @get("/{lease_id:int}")
-    async def get(self, ctx: AppContext, request: Request, lease_id: int) -> Lease:
+    async def get_lease(self, ctx: AppContext, request: Request, lease_id: int) -> Lease:
         return await service.get_lease(ctx, request.user, lease_id)
 
 
@@ -34,7 +34,7 @@ class AgentLeaseController(Controller):
     guards = [requires("agent")]
 
     @get("/")
-    async def list(self, ctx: AppContext, request: Request, status: LeaseStatus | None = None,
+    async def list_leases(self, ctx: AppContext, request: Request, status: LeaseStatus | None = None,
                    cursor: str | None = None, limit: Annotated[int, Parameter(ge=1, le=500)] = 500) -> LeaseList:
         items, next_cursor = await service.list_leases(ctx, request.user, status, cursor, limit)
         return LeaseList(items=items, next=next_cursor)

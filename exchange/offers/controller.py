@@ -21,12 +21,12 @@ class OfferController(Controller):
         return await service.create_offer(ctx, request.user, data)
 
     @get("/", guards=[requires(*OFFER_ROLES)])
-    async def list(self, ctx: AppContext, request: Request,
+    async def list_offers(self, ctx: AppContext, request: Request,
                    status: Literal["live", "withdrawn"] | None = None) -> OfferList:
         return OfferList(items=await service.list_offers(ctx, request.user, status))
 
     @get("/{offer_id:int}", guards=[requires(*OFFER_ROLES)])
-    async def get(self, ctx: AppContext, request: Request, offer_id: int) -> Offer:
+    async def get_offer(self, ctx: AppContext, request: Request, offer_id: int) -> Offer:
         return await service.get_offer(ctx, request.user, offer_id)
 
     @delete("/{offer_id:int}", guards=[requires("owner", "agent")], status_code=200)

@@ -50,6 +50,33 @@ SELECT id, floor(sum(covered_s))::bigint AS covered_s, sum(energy_mj)::bigint AS
 """
 
 
+PREEMPTIONS = ("reclaimed", "outbid", "host_failed")
+
+
+def _refund(lease, fees_book: int) -> ledger.TransferSpec:
+    """Give back what a lease that turned out free was billed: to its hold, which closing releases."""
+    billed, fees = lease["billed_amount"], lease["fees_amount"]
+    return ledger.TransferSpec(kind="refund", account_id=lease["account_id"], ref_type="lease", ref_id=lease["id"],
+                               memo="reclaimed within the free window",
+                               postings=[(lease["owner_book"], -(billed - fees)), (fees_book, -fees),
+                                         (lease["tenant_held"], billed)])
+
+
+async def requeue_preempted(conn: asyncpg.Connection, lease_id: int, now: datetime) -> bool:
+    """Put a preempted lease's bid back in the book with its original priority (its id is its time
+    priority), once every lease of its gang is closed, holding its full cost again. A tenant that
+    can no longer cover it is told why; the bid stays filled."""
+    from exchange.bids.service import requeue_bid
+
+    bid_id = await conn.fetchval(
+        "UPDATE leases SET requeued_at = $2 WHERE id = $1 RETURNING bid_id", lease_id, now)
+    still_running = await conn.fetchval(
+        "SELECT count(*) FROM leases WHERE bid_id = $1 AND NOT closed AND id <> $2", bid_id, lease_id)
+    if still_running:
+        return False
+    return await requeue_bid(conn, bid_id, now)
+
+
 @dataclass(frozen=True, slots=True)
 class SettleSummary:
     leases: int
@@ -110,6 +137,7 @@ async def _settle_batch(conn, ids, now, prices, fees_book, fee_bps, max_gap_s, c
         metered = {r["id"]: r for r in await conn.fetch(METERED_SQL, now, ids, float(max_gap_s))}
         updates = []
         transfers: list[ledger.TransferSpec] = []
+        requeue: list[int] = []
         for lease in rows:
             stop = _stop(lease, now)
             wall_clock = max(0, int((stop - lease["start_at"]).total_seconds())) * lease["gpus"]
@@ -119,6 +147,13 @@ async def _settle_batch(conn, ids, now, prices, fees_book, fee_bps, max_gap_s, c
             price = lease["price"]
             if lease["tier"] == "spot":
                 price = min(max(prices.get(lease["market"], price), lease["floor_price"]), lease["limit_price"])
+            if lease["free_of_charge"]:
+                # Reclaimed within the owner's free window: the reclaim costs the owner, not the tenant.
+                price = 0
+                if lease["billed_amount"] > 0:
+                    transfers.append(_refund(lease, fees_book))
+                    lease = {**dict(lease), "hold_amount": lease["hold_amount"] + lease["billed_amount"],
+                             "billed_amount": 0, "fees_amount": 0, "billed_value": 0}
             value = int(lease["billed_value"]) + price * delta
             charge = min(value // 3600 - lease["billed_amount"], lease["hold_amount"])
             fee = charge * fee_bps // 10_000
@@ -136,10 +171,14 @@ async def _settle_batch(conn, ids, now, prices, fees_book, fee_bps, max_gap_s, c
                     kind="release", account_id=lease["account_id"], ref_type="lease", ref_id=lease["id"],
                     postings=[(lease["tenant_held"], -hold_left), (lease["tenant_available"], hold_left)]))
             closed += over
+            if over and lease["end_reason"] in PREEMPTIONS and lease["requeued_at"] is None:
+                requeue.append(lease["id"])
             updates.append((lease["id"], metered_s, lease["billed_gpu_s"] + delta, value,
                             lease["billed_amount"] + charge, lease["fees_amount"] + fee,
                             0 if over else hold_left, m["energy_mj"] if m else lease["energy_mj"], now, over))
         await ledger.post_transfers(conn, transfers, now)
+        for lease_id in requeue:
+            await requeue_preempted(conn, lease_id, now)
         await conn.executemany(
             "UPDATE leases SET metered_gpu_s = $2, billed_gpu_s = $3, billed_value = $4, billed_amount = $5,"
             " fees_amount = $6, hold_amount = $7, energy_mj = greatest(energy_mj, $8), settled_at = $9, closed = $10"

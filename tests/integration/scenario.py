@@ -51,21 +51,31 @@ class Scenario:
     async def market(self, *, gpus: int = 8, floor: str = "1.00", firm_hours: float | None = None,
                      tenant_funds: str = "1000.00", model: str = "H100-80GB") -> None:
         owner = await create_account(self.ctx, AccountCreate(name="owner", role="owner"))
-        tenant = await create_account(self.ctx, AccountCreate(name="tenant", role="tenant"))
-        await deposit(self.ctx, tenant.id, DepositCreate(amount=tenant_funds, idempotency_key="fund"))
-        host = await create_host(self.ctx, owner.id, HostCreate(name="h1", fabric="pod-a"))
-        self.agent = Principal(role="agent", account_id=owner.id, host_id=host.id)
-        self.uuids = [f"GPU-{i:04d}-0000-0000-0000" for i in range(gpus)]
-        await put_inventory(self.ctx, self.agent, Inventory(gpus=[
-            InventoryGpu(uuid=u, model=model, memory_mb=81559) for u in self.uuids]))
-        await create_offer(self.ctx, Principal(role="owner", account_id=owner.id), OfferCreate(
-            host_id=host.id, gpus=gpus, floor_price=floor, available_until=START + timedelta(days=2),
-            firm_until=START + timedelta(hours=firm_hours) if firm_hours else None))
-        self.owner_id, self.tenant_id = owner.id, tenant.id
+        self.owner_id = owner.id
+        self.tenant_id = await self.new_tenant("tenant", tenant_funds)
+        self.agent, self.uuids = await self.add_host("h1", gpus=gpus, floor=floor, firm_hours=firm_hours, model=model)
 
-    async def bid(self, *, market: str, gpus: int, duration_s: int, limit: str, coid: str = "b1"):
-        bid, _ = await place_bid(self.ctx, self.tenant_id, BidCreate(
-            market=market, gpus=gpus, duration_s=duration_s, limit_price=limit, client_order_id=coid))
+    async def new_tenant(self, name: str, funds: str = "1000.00") -> int:
+        tenant = await create_account(self.ctx, AccountCreate(name=name, role="tenant"))
+        await deposit(self.ctx, tenant.id, DepositCreate(amount=funds, idempotency_key="fund"))
+        return tenant.id
+
+    async def add_host(self, name: str, *, gpus: int = 8, floor: str = "1.00", firm_hours: float | None = None,
+                       model: str = "H100-80GB", fabric: str = "pod-a", **offer: object) -> tuple[Principal, list[str]]:
+        host = await create_host(self.ctx, self.owner_id, HostCreate(name=name, fabric=fabric))
+        agent = Principal(role="agent", account_id=self.owner_id, host_id=host.id)
+        uuids = [f"GPU-{host.id:04d}-{i:04d}-0000-0000" for i in range(gpus)]
+        await put_inventory(self.ctx, agent, Inventory(gpus=[
+            InventoryGpu(uuid=u, model=model, memory_mb=81559) for u in uuids]))
+        await create_offer(self.ctx, Principal(role="owner", account_id=self.owner_id), OfferCreate(
+            host_id=host.id, gpus=gpus, floor_price=floor, available_until=START + timedelta(days=2),
+            firm_until=START + timedelta(hours=firm_hours) if firm_hours else None, **offer))
+        return agent, uuids
+
+    async def bid(self, *, market: str, gpus: int, duration_s: int, limit: str, coid: str = "b1",
+                  tenant: int | None = None, **extra: object):
+        bid, _ = await place_bid(self.ctx, tenant or self.tenant_id, BidCreate(
+            market=market, gpus=gpus, duration_s=duration_s, limit_price=limit, client_order_id=coid, **extra))
         return bid
 
     async def tick(self):
@@ -73,12 +83,12 @@ class Scenario:
             return await run_tick(conn, self.sync, self.clock())
 
     async def report(self, seq: int, uuids: list[str], start: datetime, seconds: int, *, every: float = 1.0,
-                     healthy: bool = True):
+                     healthy: bool = True, agent: Principal | None = None):
         samples = [MeterSample(uuid=u, ts=start + timedelta(seconds=i * every), util=95, mem_used_mb=70_000,
                                power_mw=650_000, energy_mj=1_000_000 + int(i * every * 650_000), temp_c=70,
                                healthy=healthy)
                    for i in range(int(seconds / every)) for u in uuids]
-        return await ingest_report(self.ctx, self.agent, MeterReport(seq=seq, samples=samples))
+        return await ingest_report(self.ctx, agent or self.agent, MeterReport(seq=seq, samples=samples))
 
     async def balances(self, account_id: int) -> dict[str, int]:
         rows = await self.ctx.pool.fetch("SELECT kind, balance FROM ledger_accounts WHERE account_id = $1", account_id)

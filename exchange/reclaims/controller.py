@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from litestar import Controller, Request, delete, get, post
+
+from exchange.core.auth import requires
+from exchange.core.context import AppContext
+from exchange.reclaims import service
+from exchange.reclaims.schemas import Reclaim, ReclaimCreate, ReclaimList
+
+
+class ReclaimController(Controller):
+    path = "/v1/reclaims"
+    tags = ["reclaims"]
+    guards = [requires("owner")]
+
+    @post("/", status_code=201)
+    async def create(self, ctx: AppContext, request: Request, data: ReclaimCreate) -> Reclaim:
+        return await service.create_reclaim(ctx, request.user, data)
+
+    @get("/")
+    async def list_reclaims(self, ctx: AppContext, request: Request) -> ReclaimList:
+        return ReclaimList(items=await service.list_reclaims(ctx, request.user))
+
+    @get("/{reclaim_id:int}")
+    async def get_reclaim(self, ctx: AppContext, request: Request, reclaim_id: int) -> Reclaim:
+        return await service.get_reclaim(ctx, request.user, reclaim_id)
+
+    @delete("/{reclaim_id:int}", status_code=200)
+    async def release(self, ctx: AppContext, request: Request, reclaim_id: int) -> Reclaim:
+        return await service.release_reclaim(ctx, request.user, reclaim_id)

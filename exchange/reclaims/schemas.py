@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+
+from exchange.core.structs import Struct
+from exchange.hosts.schemas import GpuModel
+
+
+class ReclaimCreate(Struct, frozen=True, kw_only=True):
+    model: GpuModel
+    gpus: Annotated[int, msgspec.Meta(gt=0, le=100_000)]
+    host_id: int | None = None
+    at: datetime | None = None
+    until: datetime | None = None
+    strategy: str | None = None
+
+
+class ReclaimedLease(Struct, frozen=True, kw_only=True):
+    id: int
+    host_id: int
+    gpus: int
+    end_at: datetime
+    free_of_charge: bool
+
+
+class Reclaim(Struct, frozen=True, kw_only=True):
+    id: int
+    model: str
+    gpus: int
+    host_id: int | None
+    at: datetime
+    until: datetime | None
+    status: str
+    strategy: str
+    taken_free: int
+    shortfall: int
+    leases: list[ReclaimedLease]
+    created_at: datetime
+
+
+class ReclaimList(Struct, frozen=True, kw_only=True):
+    items: list[Reclaim]

@@ -1,0 +1,163 @@
+"""Owner reclaims. Executed now: free GPUs are taken first (no tenant is disturbed), then spot
+leases chosen by the victim strategy end after their offer's reclaim notice; firm leases are never
+reclaimed (a shortfall is reported instead). Scheduled ahead: an internal reservation, which the
+matching engine plans around (no spot lease is placed across it), executed when its time comes."""
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+
+from exchange.core.auth import Principal
+from exchange.core.context import AppContext
+from exchange.core.errors import InvalidField, NotFound
+from exchange.hosts.service import host_for
+from exchange.reclaims.schemas import Reclaim, ReclaimCreate, ReclaimedLease
+from exchange.reclaims.victims import VICTIM_STRATEGIES, Gang
+
+DEFAULT_STRATEGY = "cheapest_first"
+
+
+async def _scope_hosts(conn: asyncpg.Connection, owner_id: int, model: str, host_id: int | None) -> list[int]:
+    rows = await conn.fetch(
+        "SELECT DISTINCT h.id FROM hosts h JOIN gpus g ON g.host_id = h.id AND g.present AND g.model = $2"
+        " WHERE h.owner_id = $1 AND ($3::bigint IS NULL OR h.id = $3) ORDER BY h.id", owner_id, model, host_id)
+    return [r["id"] for r in rows]
+
+
+async def _reclaimed_on(conn: asyncpg.Connection, hosts: list[int]) -> dict[int, int]:
+    rows = await conn.fetch(
+        "SELECT rg.host_id, sum(rg.gpus)::int AS gpus FROM reclaim_gpus rg JOIN reclaims r ON r.id = rg.reclaim_id"
+        " WHERE r.status = 'active' AND rg.host_id = ANY($1::bigint[]) GROUP BY rg.host_id", hosts)
+    return {r["host_id"]: r["gpus"] for r in rows}
+
+
+async def create_reclaim(ctx: AppContext, principal: Principal, data: ReclaimCreate) -> Reclaim:
+    now = ctx.clock()
+    for name in ("at", "until"):
+        value = getattr(data, name)
+        if value is not None and value.tzinfo is None:
+            raise InvalidField(name, "must be an RFC 3339 time with a zone")
+    at = data.at if data.at is not None and data.at > now else now
+    if data.until is not None and data.until <= at:
+        raise InvalidField("until", "must be later than at (and than now)")
+    strategy = data.strategy or ctx.settings.reclaim_strategy
+    if strategy not in VICTIM_STRATEGIES:
+        raise InvalidField("strategy", f"one of {', '.join(sorted(VICTIM_STRATEGIES))}")
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        if data.host_id is not None:
+            await host_for(conn, principal, data.host_id)
+        hosts = await _scope_hosts(conn, principal.account_id, data.model, data.host_id)
+        if not hosts:
+            raise InvalidField("model", f"you have no host with {data.model} GPUs" +
+                               (" under that host_id" if data.host_id else ""))
+        # One reclaim at a time per owner: capacity checks see each other's takings.
+        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", 0x7263, principal.account_id)
+        total = await conn.fetchval("SELECT count(*) FROM gpus WHERE host_id = ANY($1::bigint[]) AND present"
+                                    " AND model = $2", hosts, data.model)
+        taken = sum((await _reclaimed_on(conn, hosts)).values())
+        if data.gpus > total - taken:
+            raise InvalidField("gpus", f"only {total - taken} {data.model} GPUs are not reclaimed already")
+        reclaim_id = await conn.fetchval(
+            "INSERT INTO reclaims (owner_id, model, gpus, host_id, at, until, status, strategy, created_at)"
+            " VALUES ($1,$2,$3,$4,$5,$6,'scheduled',$7,$8) RETURNING id",
+            principal.account_id, data.model, data.gpus, data.host_id, at, data.until, strategy, now)
+        if at <= now:
+            await execute_reclaim(conn, reclaim_id, now)
+    return await get_reclaim(ctx, principal, reclaim_id)
+
+
+async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: datetime) -> None:
+    reclaim = await conn.fetchrow("SELECT * FROM reclaims WHERE id = $1 FOR UPDATE", reclaim_id)
+    if reclaim["status"] != "scheduled":
+        return
+    hosts = await _scope_hosts(conn, reclaim["owner_id"], reclaim["model"], reclaim["host_id"])
+    reclaimed = await _reclaimed_on(conn, hosts)
+    idle = {r["host_id"]: r["n"] for r in await conn.fetch(
+        "SELECT g.host_id, count(*)::int AS n FROM gpus g WHERE g.host_id = ANY($1::bigint[]) AND g.present"
+        " AND g.model = $2 AND NOT EXISTS (SELECT 1 FROM lease_gpus lg WHERE lg.uuid = g.uuid AND lg.live)"
+        " GROUP BY g.host_id", hosts, reclaim["model"])}
+    need = reclaim["gpus"]
+    taking: dict[int, int] = {}
+    for host in hosts:  # idle GPUs first: taking them disturbs no tenant
+        free = max(0, idle.get(host, 0) - reclaimed.get(host, 0))
+        take = min(free, need)
+        if take:
+            taking[host] = take
+            need -= take
+    idle_taken = reclaim["gpus"] - need
+    if need > 0:
+        rows = await conn.fetch(
+            "SELECT l.id, l.bid_id, l.host_id, l.gpus, l.price, l.start_at, o.reclaim_notice_s,"
+            " o.free_reclaim_window_s FROM leases l JOIN offers o ON o.id = l.offer_id"
+            " WHERE l.bid_id IN (SELECT bid_id FROM leases WHERE host_id = ANY($1::bigint[]) AND tier = 'spot'"
+            "   AND status = 'active' AND market = $2)"
+            " AND l.status = 'active' ORDER BY l.id", hosts, reclaim["model"] + "/spot")
+        by_bid: dict[int, list[asyncpg.Record]] = {}
+        for row in rows:
+            by_bid.setdefault(row["bid_id"], []).append(row)
+        gangs = [Gang(bid_id=bid, lease_ids=tuple(r["id"] for r in leases),
+                      gpus=sum(r["gpus"] for r in leases if r["host_id"] in hosts), price=leases[0]["price"])
+                 for bid, leases in by_bid.items()]
+        victims = VICTIM_STRATEGIES[reclaim["strategy"]].choose(gangs, need)
+        ending = {lease_id for gang in victims for lease_id in gang.lease_ids}
+        for row in rows:
+            if row["id"] not in ending:
+                continue
+            free_of_charge = (now - row["start_at"]).total_seconds() < row["free_reclaim_window_s"]
+            await conn.execute(
+                "UPDATE leases SET status = 'ending', end_reason = 'reclaimed', reclaim_id = $2,"
+                " end_at = least($3::timestamptz + make_interval(secs => $4), planned_end_at), free_of_charge = $5"
+                " WHERE id = $1", row["id"], reclaim_id, now, row["reclaim_notice_s"], free_of_charge)
+            if row["host_id"] in hosts and need > 0:
+                take = min(row["gpus"], need)
+                taking[row["host_id"]] = taking.get(row["host_id"], 0) + take
+                need -= take
+    await conn.executemany("INSERT INTO reclaim_gpus (reclaim_id, host_id, gpus) VALUES ($1, $2, $3)",
+                           [(reclaim_id, host, gpus) for host, gpus in sorted(taking.items())])
+    await conn.execute("UPDATE reclaims SET status = 'active', executed_at = $2, shortfall = $3, idle_gpus = $4"
+                       " WHERE id = $1", reclaim_id, now, max(0, need), idle_taken)
+
+
+async def run_due_reclaims(conn: asyncpg.Connection, now: datetime) -> int:
+    """Execute reservations whose time has come; give back GPUs of reclaims past their `until`."""
+    async with conn.transaction():
+        due = [r["id"] for r in await conn.fetch(
+            "SELECT id FROM reclaims WHERE status = 'scheduled' AND at <= $1 ORDER BY at, id", now)]
+        for reclaim_id in due:
+            await execute_reclaim(conn, reclaim_id, now)
+        await conn.execute("UPDATE reclaims SET status = 'released' WHERE status = 'active' AND until <= $1", now)
+    return len(due)
+
+
+async def _visible(conn, principal: Principal, reclaim_id: int) -> asyncpg.Record:
+    row = await conn.fetchrow("SELECT * FROM reclaims WHERE id = $1", reclaim_id)
+    if row is None or (principal.role != "admin" and row["owner_id"] != principal.account_id):
+        raise NotFound(f"reclaim {reclaim_id}")
+    return row
+
+
+async def get_reclaim(ctx: AppContext, principal: Principal, reclaim_id: int) -> Reclaim:
+    row = await _visible(ctx.pool, principal, reclaim_id)
+    leases = await ctx.pool.fetch("SELECT id, host_id, gpus, end_at, free_of_charge FROM leases WHERE reclaim_id = $1"
+                                  " ORDER BY id", reclaim_id)
+    return Reclaim(id=row["id"], model=row["model"], gpus=row["gpus"], host_id=row["host_id"], at=row["at"],
+                   until=row["until"], status=row["status"], strategy=row["strategy"],
+                   taken_free=row["idle_gpus"], shortfall=row["shortfall"],
+                   leases=[ReclaimedLease(id=le["id"], host_id=le["host_id"], gpus=le["gpus"], end_at=le["end_at"],
+                                          free_of_charge=le["free_of_charge"]) for le in leases],
+                   created_at=row["created_at"])
+
+
+async def list_reclaims(ctx: AppContext, principal: Principal) -> list[Reclaim]:
+    ids = [r["id"] for r in await ctx.pool.fetch(
+        "SELECT id FROM reclaims WHERE owner_id = $1 ORDER BY id DESC LIMIT 200", principal.account_id)]
+    return [await get_reclaim(ctx, principal, i) for i in ids]
+
+
+async def release_reclaim(ctx: AppContext, principal: Principal, reclaim_id: int) -> Reclaim:
+    """The owner gives the GPUs back to the market (or cancels a reservation)."""
+    await _visible(ctx.pool, principal, reclaim_id)
+    await ctx.pool.execute("UPDATE reclaims SET status = 'released', until = coalesce(until, $2)"
+                           " WHERE id = $1 AND status <> 'released'", reclaim_id, ctx.clock())
+    return await get_reclaim(ctx, principal, reclaim_id)
