@@ -78,6 +78,19 @@ def agent(exchange_url: str, token: str, simulate: str | None, policy_path: str 
 
 
 @main.command()
+@click.option("--seconds", default=60.0, show_default=True, type=float, help="how long the market runs")
+@click.option("--port", default=None, type=int, help="the exchange's port (default: a free one)")
+@click.option("--home", default=None, help="data folder (default: a new temporary one)")
+@click.option("--seed", default=1, show_default=True, type=int)
+def demo(seconds: float, port: int | None, home: str | None, seed: int) -> None:
+    """The whole market on the embedded database: server, simulated hosts with reclaims, bidding
+    tenants, a live ticker, the web page's URL, and a ledger audit at the end."""
+    from exchange.demo import main as run_demo
+
+    sys.exit(run_demo(seconds, port, home, seed))
+
+
+@main.command()
 def audit() -> None:
     """Check the ledger's invariants against the database; exit 1 on any breach."""
     import asyncpg
