@@ -123,6 +123,12 @@ async def run_demo(seconds: float, port: int | None, home: Path, seed: int, out=
             await admin.call("POST", f"/v1/accounts/{acc['id']}/deposits",
                              json={"amount": "5000.00", "idempotency_key": f"demo-{i}"})
             tenants.append(Client(base, acc["api_key"]))
+        # The markets exist once the agents have reported their GPUs; bid only when offers are live.
+        deadline = time.monotonic() + 60
+        while len((await owner.call("GET", "/v1/offers", params={"status": "live"}))["items"]) < len(HOSTS):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the simulated hosts did not publish their offers")
+            await asyncio.sleep(0.3)
         out(f"4 simulated hosts (32 × H100-80GB), 3 tenants. Web page: {base}/   API docs: {base}/schema")
         out(f"{'time':>5}  {'market':<16}{'last':>8}{'indic.':>8}{'leases':>8}{'preempted':>10}")
         started = time.monotonic()
@@ -152,7 +158,9 @@ async def run_demo(seconds: float, port: int | None, home: Path, seed: int, out=
                                                json={"model": "H100-80GB", "gpus": 4, "host_id": host["id"]})
                     reclaims.append((elapsed + 15, reclaim["id"]))
                     out(f"  owner reclaims 4 GPUs of {host['name']}: {len(reclaim['leases'])} spot lease(s) get "
-                        f"notice, {reclaim['taken_free']} idle GPU(s) taken")
+                        f"notice, {reclaim['taken_free']} idle GPU(s) taken"
+                        + (f", {reclaim['shortfall']} short (firm leases are never reclaimed)"
+                           if reclaim["shortfall"] else ""))
                 except RuntimeError as refusal:
                     out(f"  reclaim refused: {refusal}")
                 next_reclaim = elapsed + rng.uniform(12, 20)
