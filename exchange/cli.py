@@ -178,5 +178,20 @@ def watch(market: str, url: str, once: bool, seconds: float | None, no_color: bo
     sys.exit(code)
 
 
+@bench.command("api")
+@click.option("--users", default=32, show_default=True, type=int, help="locust users (one tenant each)")
+@click.option("--seconds", default=20.0, show_default=True, type=float)
+@click.option("--workers", default=1, show_default=True, type=int, help="server processes")
+@click.option("--json", "as_json", is_flag=True, help="print the figures as one JSON object")
+def bench_api(users: int, seconds: float, workers: int, as_json: bool) -> None:
+    """Durable bids/s and p50/p99 latency under locust, against the raw durable insert rate."""
+    import json
+
+    from loadtests.bench_api import format_table, run
+
+    figures = run(users=users, seconds=seconds, workers=workers)
+    click.echo(json.dumps(figures) if as_json else format_table(figures))
+
+
 if __name__ == "__main__":
     main()

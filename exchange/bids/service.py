@@ -73,15 +73,16 @@ async def _place_bid(ctx: AppContext, account_id: int, data: BidCreate) -> tuple
     fingerprint = request_hash(_bid_encoder.encode(data))
     async with ctx.pool.acquire() as conn:
         async with conn.transaction():
-            if not await conn.fetchval("SELECT 1 FROM markets WHERE id = $1", data.market):
-                raise InvalidField("market", f"unknown market {data.market!r} (see GET /v1/markets)")
-            row = await conn.fetchrow(
-                f"INSERT INTO bids (account_id, market, gpus, duration_s, limit_price, min_survival, min_notice_s,"
-                f" time_in_force, expire_at, client_order_id, request_hash, requeue_on_preempt, status, hold_amount,"
-                f" created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,'open',$13,$14,$14)"
-                f" ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING {BID_COLUMNS}",
-                account_id, data.market, data.gpus, data.duration_s, limit, data.min_survival, data.min_notice_s,
-                tif, data.expire_at, data.client_order_id, fingerprint, data.requeue_on_preempt, hold, now)
+            try:
+                row = await conn.fetchrow(
+                    f"INSERT INTO bids (account_id, market, gpus, duration_s, limit_price, min_survival, min_notice_s,"
+                    f" time_in_force, expire_at, client_order_id, request_hash, requeue_on_preempt, status, hold_amount,"
+                    f" created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,'open',$13,$14,$14)"
+                    f" ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING {BID_COLUMNS}",
+                    account_id, data.market, data.gpus, data.duration_s, limit, data.min_survival, data.min_notice_s,
+                    tif, data.expire_at, data.client_order_id, fingerprint, data.requeue_on_preempt, hold, now)
+            except asyncpg.ForeignKeyViolationError:  # the market does not exist: no bid, no hold
+                raise InvalidField("market", f"unknown market {data.market!r} (see GET /v1/markets)") from None
             if row is not None:
                 await ledger.place_hold(conn, account_id=account_id, amount=hold, now=now, ref_type="bid",
                                         ref_id=row["id"])

@@ -54,8 +54,42 @@ def bearer_token(connection: ASGIConnection) -> str | None:
     return token.strip()
 
 
-async def resolve_token(pool: asyncpg.Pool, token: str) -> Principal | None:
+class PrincipalCache:
+    """Recently resolved keys, so a busy client does not cost a database lookup per request. Short
+    lived: a key's role or host never changes, and an unknown key is never cached."""
+
+    def __init__(self, ttl_s: float = 30.0, max_entries: int = 100_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[bytes, tuple[float, Principal]] = {}
+
+    def get(self, digest: bytes, now: float) -> Principal | None:
+        entry = self._entries.get(digest)
+        if entry is None or entry[0] < now:
+            return None
+        return entry[1]
+
+    def put(self, digest: bytes, principal: Principal, now: float) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[digest] = (now + self.ttl_s, principal)
+
+
+async def resolve_token(pool: asyncpg.Pool, token: str, cache: PrincipalCache | None = None) -> Principal | None:
+    import time
+
     digest = hash_secret(token)
+    now = time.monotonic()
+    cached = cache.get(digest, now) if cache is not None else None
+    if cached is not None:
+        return cached
+    principal = await _lookup(pool, token, digest)
+    if principal is not None and cache is not None:
+        cache.put(digest, principal, now)
+    return principal
+
+
+async def _lookup(pool: asyncpg.Pool, token: str, digest: bytes) -> Principal | None:
     if token.startswith(AGENT_TOKEN_PREFIX):
         row = await pool.fetchrow("SELECT id, owner_id FROM hosts WHERE agent_token_hash = $1", digest)
         return Principal(role="agent", account_id=row["owner_id"], host_id=row["id"]) if row else None
@@ -70,7 +104,8 @@ class ApiKeyAuthentication(AbstractAuthenticationMiddleware):
         token = bearer_token(connection)
         if token is None:
             return AuthenticationResult(user=ANONYMOUS, auth=None)
-        principal = await resolve_token(connection.app.state.ctx.pool, token)
+        ctx = connection.app.state.ctx
+        principal = await resolve_token(ctx.pool, token, ctx.extras.setdefault("principals", PrincipalCache()))
         if principal is None:
             raise NotAuthorizedException("unknown API key")
         return AuthenticationResult(user=principal, auth=token)

@@ -46,14 +46,15 @@ async def post_transfer(conn: asyncpg.Connection, *, kind: str, account_id: int 
     legs = [(book, amount) for book, amount in postings if amount != 0]
     if sum(amount for _, amount in legs) != 0:
         raise ValueError(f"transfer {kind} does not sum to zero: {legs}")
+    # One statement: the transfer and its postings (the hot path of every bid).
     transfer_id = await conn.fetchval(
-        "INSERT INTO transfers (kind, account_id, ref_type, ref_id, idempotency_key, request_hash, memo, created_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
-        kind, account_id, ref_type, ref_id, idempotency_key, request_hash, memo, now)
-    if legs:
-        await conn.executemany(
-            "INSERT INTO postings (transfer_id, ledger_account_id, amount) VALUES ($1, $2, $3)",
-            [(transfer_id, book, amount) for book, amount in legs])
+        "WITH t AS (INSERT INTO transfers (kind, account_id, ref_type, ref_id, idempotency_key, request_hash, memo,"
+        " created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id),"
+        " p AS (INSERT INTO postings (transfer_id, ledger_account_id, amount)"
+        " SELECT t.id, leg.book, leg.amount FROM t, unnest($9::bigint[], $10::bigint[]) AS leg(book, amount))"
+        " SELECT id FROM t",
+        kind, account_id, ref_type, ref_id, idempotency_key, request_hash, memo, now,
+        [book for book, _ in legs], [amount for _, amount in legs])
     return transfer_id
 
 
@@ -95,12 +96,15 @@ async def place_hold(conn: asyncpg.Connection, *, account_id: int, amount: int, 
                      ref_type: str, ref_id: int) -> None:
     """Move `amount` from available to held. Locks the available book first, so concurrent holds of
     one account queue up and each sees the balance the previous one left."""
-    books = await books_of(conn, account_id)
-    available = await conn.fetchval("SELECT balance FROM ledger_accounts WHERE id = $1 FOR UPDATE", books.available)
+    # One query locks the account's books and reads them, so concurrent holds queue here.
+    rows = await conn.fetch("SELECT id, kind, balance FROM ledger_accounts WHERE account_id = $1 ORDER BY id"
+                            " FOR UPDATE", account_id)
+    by_kind = {r["kind"]: r for r in rows}
+    available = by_kind["available"]["balance"]
     if available < amount:
         raise InsufficientFunds(needed=format_money(amount), available=format_money(available))
     await post_transfer(conn, kind="hold", account_id=account_id, now=now, ref_type=ref_type, ref_id=ref_id,
-                        postings=[(books.available, -amount), (books.held, amount)])
+                        postings=[(by_kind["available"]["id"], -amount), (by_kind["held"]["id"], amount)])
 
 
 async def release_hold(conn: asyncpg.Connection, *, account_id: int, amount: int, now: datetime,
