@@ -193,6 +193,6 @@ async def _end_outbid(conn: asyncpg.Connection, lease_ids, now: datetime) -> int
         return 0
     await conn.execute(
         "UPDATE leases l SET status = 'ending', end_reason = 'outbid',"
-        " end_at = $2 + make_interval(secs => o.reclaim_notice_s)"
+        " end_at = $2::timestamptz + make_interval(secs => o.reclaim_notice_s)"
         " FROM offers o WHERE o.id = l.offer_id AND l.id = ANY($1::bigint[]) AND l.status = 'active'", ids, now)
     return len(ids)

@@ -174,3 +174,25 @@ async def test_a_reservation_ahead_keeps_spot_leases_from_crossing_it(s: Scenari
     s.clock.advance(3600)
     await s.tick()
     assert await s.ctx.pool.fetchval("SELECT status FROM reclaims") == "active"
+
+
+async def test_an_outbid_spot_lease_ends_after_its_notice(s: Scenario) -> None:
+    # A spot lease at limit 2.00 holds all 8 GPUs; a new 8-GPU bid at 3.00 loses for lack of GPUs
+    # and so sets the price at 3.00, above the incumbent's limit: the incumbent is outbid.
+    await s.market(floor="1.00", gpus=8)
+    rival = await s.new_tenant("rival")
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=3600, limit="2.00", coid="incumbent")
+    await s.tick()
+    s.clock.advance(5)
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=3600, limit="3.00", coid="rival", tenant=rival)
+
+    summary = await s.tick()
+    lease = (await leases(s))[0]
+    s.clock.advance(121)
+    await s.tick()  # the notice ran out: the incumbent ends, the rival takes the GPUs
+    after = await leases(s)
+
+    assert summary.outbid == 1
+    assert lease["status"] == "ending" and lease["end_reason"] == "outbid"
+    assert lease["end_at"] == START + timedelta(seconds=5 + 120)
+    assert after[0]["status"] == "ended" and len(after) == 2 and after[1]["status"] == "active"
