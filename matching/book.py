@@ -32,6 +32,7 @@ from matching.arrays import (
 _BIT = K.bit_table()
 _GE, _LE = K.mask_tables()
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
+_HEAP_ENTRIES = 1 << 23  # fabric-heap entries per tier and tick (x 32 bytes)
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,10 @@ class BlockIndex:
         self.fab_end = np.cumsum(counts).astype(np.int64)
         self.fab_start = (self.fab_end - counts).astype(np.int64)
         self.fsize = 1 << max(0, (nfab - 1).bit_length()) if nfab > 0 else 1
+        self.ftree = np.empty((2 * self.fsize, K.NT), dtype=np.int64)
+        K.build_fabric_tree(lf, self.fab_start, self.fab_end, self.fab_leaf, self.fsize, self.ftree,
+                            False)
+        self.fdyn = np.empty_like(self.ftree)
 
         # For reason NOTICE_TOO_LONG: the widest spot window among blocks with notice >= x.
         nv, first = np.unique(lf[:, K.L_NOTICE], return_index=True)
@@ -175,6 +180,9 @@ class BlockIndex:
         self.fab_first, self.lbtree, self.static_lb, self.sorder = K.prepare_multi(
             self.lf, self.fab_start, self.fab_end, self.fab_leaf, self.mg, self.fsize
         )
+        # Over the whole hosts still entirely free (kept up to date by the allocation).
+        K.build_fabric_tree(self.lf, self.fab_start, self.fab_end, self.fab_leaf, self.fsize,
+                            self.fdyn, True)
 
     def lowest_free_floor(self) -> int:
         """Lowest floor among blocks with free > 0, or -1."""
@@ -251,6 +259,36 @@ class TierBook:
         self.cls_st = np.full((64, K.NC), -1, np.int64)
         self.hkeys = np.zeros((128, K.NK), np.int64)
         self.hvals = np.full(128, -1, np.int64)
+        self._ecls_for = -1  # n_cls for which ecls/dom were computed
+        self.ecls = np.empty(0, np.int32)
+        self.n_ecls = 0
+        self.dom_ptr = np.zeros(1, np.int64)
+        self.dom_idx = np.empty(0, np.int64)
+
+    def eligibility_classes(self):
+        """Eligibility classes (duration, min_notice, hazard budget: the bid class without gpus)
+        and, for each, the classes whose eligible blocks are a subset of its own at any `now`
+        (longer duration, longer notice, smaller budget), itself included, as CSR lists."""
+        if self._ecls_for != self.n_cls:
+            keys = self.cls_key[: self.n_cls, :3]  # K_DUR, K_MN, K_BUDGET
+            ukeys, inv = np.unique(keys, axis=0, return_inverse=True)
+            ne = len(ukeys)
+            if ne <= 2048:
+                dur, mn, bud = ukeys[:, K.K_DUR], ukeys[:, K.K_MN], ukeys[:, K.K_BUDGET]
+                sub = ((dur[None, :] >= dur[:, None]) & (mn[None, :] >= mn[:, None])
+                       & (bud[None, :] <= bud[:, None]))
+            else:  # too many to compare pairwise every time classes appear: only themselves
+                sub = None
+            if sub is None:
+                self.dom_ptr = np.arange(ne + 1, dtype=np.int64)
+                self.dom_idx = np.arange(ne, dtype=np.int64)
+            else:
+                self.dom_ptr = np.concatenate([[0], np.cumsum(sub.sum(axis=1))]).astype(np.int64)
+                self.dom_idx = np.ascontiguousarray(np.nonzero(sub)[1].astype(np.int64))
+            self.ecls = np.ascontiguousarray(inv.reshape(-1).astype(np.int32))
+            self.n_ecls = ne
+            self._ecls_for = self.n_cls
+        return self.ecls, self.n_ecls, self.dom_ptr, self.dom_idx
 
     def _classes(self, keys: np.ndarray) -> np.ndarray:
         out = np.empty(len(keys), np.int32)
@@ -398,6 +436,21 @@ class ModelBook:
         tb = self._tiers[tier]
         m, p = tb.main, tb.pend
         cap = int(idx.lf[:, K.L_FREE].sum()) + 1  # every fill takes at least one GPU
+        ecls, n_ecls, dom_ptr, dom_idx = tb.eligibility_classes()
+        fail_single = np.full(n_ecls, INT64_MAX, np.int64)
+        fail_multi = np.full(n_ecls, INT64_MAX, np.int64)
+        # One lazy fabric heap per multi-host class (kernels.find_multi_heap); np.empty leaves
+        # the pages of classes never searched untouched.  Beyond a memory cap, the classes
+        # without a slot use the plain search.
+        nfab = len(idx.fab_start)
+        multi = np.flatnonzero(tb.cls_key[: tb.n_cls, K.K_GPUS] > idx.max_host)
+        nslots = min(len(multi), _HEAP_ENTRIES // max(nfab, 1))
+        mslot = np.zeros((max(tb.n_cls, 1), 2), np.int64)  # (heap slot or -1, queries)
+        mslot[:, 0] = -1
+        mslot[multi[:nslots], 0] = np.arange(nslots)
+        heap = np.empty((nslots, nfab, 4), np.int64)
+        hsize = np.full(nslots, -1, np.int64)
+        fver = np.zeros(nfab, np.int64)
         fill_bid = np.empty(cap, np.int64)
         fill_block = np.empty(cap, np.int64)
         fill_gpus = np.empty(cap, np.int32)
@@ -408,8 +461,9 @@ class ModelBook:
             tb.cls_key, tb.cls_st,
             idx.lf, idx.n, idx.size, idx.dyn, idx.stat, _BIT, _GE, _LE,
             idx.fab_start, idx.fab_end, idx.fab_leaf, idx.nv, idx.nbest,
-            idx.mg, idx.fab_first, idx.lbtree, idx.fsize, idx.static_lb, idx.sorder,
-            idx.prof_notice, idx.prof_rate,
+            idx.mg, idx.fab_first, idx.lbtree, idx.fsize, idx.ftree, idx.fdyn, idx.static_lb,
+            idx.sorder, idx.prof_notice, idx.prof_rate,
+            ecls, dom_ptr, dom_idx, fail_single, fail_multi, mslot, heap, hsize, fver,
             fill_bid, fill_block, fill_gpus,
         )
         if n_win:
@@ -431,7 +485,7 @@ class ModelBook:
             tb.cls_key, tb.cls_st,
             idx.lf, idx.size, idx.stat, idx.nv, idx.nbest,
             idx.fab_start, idx.fab_end, idx.fab_leaf, idx.mg, idx.static_lb, idx.sorder,
-            idx.prof_notice, idx.prof_rate, l_bid, l_code, l_short,
+            idx.fsize, idx.ftree, idx.prof_notice, idx.prof_rate, l_bid, l_code, l_short,
         )
         if tier == Tier.SPOT:
             outbid = np.ascontiguousarray(self._inc_ids[self._inc_lim < reference])

@@ -70,7 +70,7 @@ NK = 4
 C_STAMP = 0  # tick number in which CODE/NEED were computed
 C_CODE = 1  # 0 = structurally eligible, else reason 1-6
 C_NEED = 2  # lowest floor at which it would fit (when CODE == 0)
-C_DEAD = 3  # tick number in which an allocation query failed: nothing fits for the rest of it
+C_DEAD = 3  # unused (was: per-class "nothing fits"; now per eligibility class, see clear_tier)
 C_NSTAMP = 4  # tick number in which NEED was computed
 C_PSTAMP = 5  # tick number in which POK/PCOND were computed
 C_POK = 6  # reclaim profiles that pass notice and survival whatever the firm window
@@ -233,6 +233,53 @@ def build_trees(lf, n, size, dyn, stat, bit):
     for node in range(size - 1, 0, -1):
         _combine(dyn, node, True)
         _combine(stat, node, False)
+
+
+@njit(cache=True)
+def _fabric_leaf(lf, fab_start, fab_end, fab_leaf, fsize, ftree, f, only_free):
+    """Eligibility aggregates (as in `stat`, T_GPUS = their GPU total) over fabric f's whole-host
+    blocks, or over those still entirely free when `only_free`."""
+    node = fsize + f
+    _set_identity(ftree, node)
+    ftree[node, T_GPUS] = 0
+    if f < len(fab_start):
+        for j in range(fab_start[f], fab_end[f]):
+            i = fab_leaf[j]
+            if only_free and not _whole_free(lf, i):
+                continue
+            ftree[node, T_GPUS] += lf[i, L_GPUS]
+            ftree[node, T_EFIRM] = max(ftree[node, T_EFIRM], lf[i, L_EFIRM])
+            ftree[node, T_ESPOT] = max(ftree[node, T_ESPOT], lf[i, L_ESPOT])
+            ftree[node, T_NOTICE] = max(ftree[node, T_NOTICE], lf[i, L_NOTICE])
+            ftree[node, T_FIRM] = max(ftree[node, T_FIRM], lf[i, L_FIRM])
+            ftree[node, T_RATE] = min(ftree[node, T_RATE], lf[i, L_RATE])
+            ftree[node, T_AVAIL] = max(ftree[node, T_AVAIL], lf[i, L_AVAIL])
+            ftree[node, T_PMASK] |= lf[i, L_PBIT]
+
+
+@njit(cache=True)
+def build_fabric_tree(lf, fab_start, fab_end, fab_leaf, fsize, ftree, only_free):
+    """A max/min tree over fabrics of `_fabric_leaf`, so a multi-host search skips fabrics none of
+    whose (free) whole hosts can be eligible, or that hold too few GPUs."""
+    for f in range(fsize):
+        _fabric_leaf(lf, fab_start, fab_end, fab_leaf, fsize, ftree, f, only_free)
+    for node in range(fsize - 1, 0, -1):
+        _combine(ftree, node, False)
+
+
+@njit(cache=True)
+def _fabric_update(lf, fab_start, fab_end, fab_leaf, fsize, ftree, f):
+    _fabric_leaf(lf, fab_start, fab_end, fab_leaf, fsize, ftree, f, True)
+    node = (fsize + f) >> 1
+    while node >= 1:
+        _combine(ftree, node, False)
+        node >>= 1
+
+
+@njit(cache=True)
+def _fabric_may_fit(tier, ftree, node, now, end, mn, budget, pmask, g):
+    return ftree[node, T_AVAIL] >= end and ftree[node, T_GPUS] >= g and node_may_fit(tier, ftree, node, now, end, mn, budget,
+                                                         pmask)
 
 
 @njit(cache=True)
@@ -472,10 +519,12 @@ def prepare_multi(lf, fab_start, fab_end, fab_leaf, mg, fsize):
 
 
 @njit(cache=True)
-def find_multi(tier, now, end, mn, budget, g, gi, limit,
-               lf, fab_end, fab_leaf, fab_first, lbtree, fsize, stack):
+def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit,
+               lf, fab_end, fab_leaf, fab_first, lbtree, fsize, fdyn, stack):
     """Fabric whose cheapest whole free eligible hosts hold g GPUs with the lowest highest floor,
-    then fewest hosts, then lowest fabric_id (dense index order); -1 if none."""
+    then fewest hosts, then lowest fabric_id (dense index order); -1 if none.  Also returns the
+    number of hosts it looked at."""
+    work = 0
     best_f = -1
     best_hf = I64_MAX
     best_cnt = 0
@@ -486,6 +535,8 @@ def find_multi(tier, now, end, mn, budget, g, gi, limit,
         node = stack[sp, 0]
         v = lbtree[gi, node]
         if v > limit or v > best_hf:
+            continue
+        if not _fabric_may_fit(tier, fdyn, node, now, end, mn, budget, pmask, g):
             continue
         if node < fsize:
             a = 2 * node
@@ -503,6 +554,7 @@ def find_multi(tier, now, end, mn, budget, g, gi, limit,
         total = 0
         cnt = 0
         for j in range(fab_first[f], fab_end[f]):
+            work += 1
             i = fab_leaf[j]
             fl = lf[i, L_FLOOR]
             if fl > limit or fl > best_hf:
@@ -520,12 +572,12 @@ def find_multi(tier, now, end, mn, budget, g, gi, limit,
                     best_hf = fl
                     best_cnt = cnt
                 break
-    return best_f
+    return best_f, work
 
 
 @njit(cache=True)
-def need_multi_static(tier, now, end, mn, budget, g, gi, lf, fab_start, fab_end, fab_leaf,
-                      static_lb, sorder):
+def need_multi_static(tier, now, end, mn, budget, pmask, g, gi, lf, fab_start, fab_end,
+                      fab_leaf, static_lb, sorder, fsize, ftree):
     """Lowest floor at which one fabric's whole hosts (eligible, ignoring free) hold g GPUs."""
     best = -1
     for r in range(sorder.shape[1]):
@@ -533,6 +585,8 @@ def need_multi_static(tier, now, end, mn, budget, g, gi, lf, fab_start, fab_end,
         lb = static_lb[gi, f]
         if lb == I64_MAX or (best >= 0 and lb >= best):
             break
+        if not _fabric_may_fit(tier, ftree, fsize + f, now, end, mn, budget, pmask, g):
+            continue
         total = 0
         for j in range(fab_start[f], fab_end[f]):
             i = fab_leaf[j]
@@ -569,13 +623,15 @@ def _notice_window(nv, nbest, mn):
 
 
 @njit(cache=True)
-def multi_exists(tier, now, end, mn, budget, g, gi, lf, fab_start, fab_end, fab_leaf,
-                 static_lb, sorder):
+def multi_exists(tier, now, end, mn, budget, pmask, g, gi, lf, fab_start, fab_end, fab_leaf,
+                 static_lb, sorder, fsize, ftree):
     """Whether some fabric's eligible whole hosts (ignoring free and floor) hold g GPUs."""
     for r in range(sorder.shape[1]):
         f = sorder[gi, r]
         if static_lb[gi, f] == I64_MAX:
             return False  # this fabric, and every later one, is too small even when all eligible
+        if not _fabric_may_fit(tier, ftree, fsize + f, now, end, mn, budget, pmask, g):
+            continue
         total = 0
         for j in range(fab_start[f], fab_end[f]):
             i = fab_leaf[j]
@@ -590,7 +646,7 @@ def multi_exists(tier, now, end, mn, budget, g, gi, lf, fab_start, fab_end, fab_
 def class_reason(
     tier, now, tick, c, cls_key, cls_st, max_host,
     lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, mg, static_lb, sorder,
-    prof_notice, prof_rate, stack,
+    fsize, ftree, prof_notice, prof_rate, stack,
 ):
     """Fill cls_st[c, CODE] for this tick: reason 1-6 of the rule, or 0 when structurally
     eligible.  For single-host classes NEED comes for free and is filled too."""
@@ -613,8 +669,8 @@ def class_reason(
     elif tier == SPOT and find_static(tier, now, end, mn, budget, pmask, 0, lf, size, stat, stack) < 0:
         code = R_SURVIVAL_TOO_HIGH
     elif g > max_host:
-        if not multi_exists(tier, now, end, mn, budget, g, gang_index(mg, g), lf, fab_start,
-                            fab_end, fab_leaf, static_lb, sorder):
+        if not multi_exists(tier, now, end, mn, budget, pmask, g, gang_index(mg, g), lf,
+                            fab_start, fab_end, fab_leaf, static_lb, sorder, fsize, ftree):
             code = R_TOO_LARGE
     else:
         leaf = find_static(tier, now, end, mn, budget, pmask, g, lf, size, stat, stack)
@@ -629,16 +685,17 @@ def class_reason(
 
 @njit(cache=True)
 def class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end, fab_leaf, mg,
-               static_lb, sorder):
+               static_lb, sorder, fsize, ftree, prof_notice, prof_rate):
     """The lowest floor at which a structurally eligible class could fit (for BELOW_FLOOR).
     Multi-host classes compute it only here, on demand: it is rarely needed and costs a search
     over fabrics."""
     if cls_st[c, C_NSTAMP] == tick:
         return cls_st[c, C_NEED]
     g = cls_key[c, K_GPUS]
+    pmask = profile_masks(tier, now, tick, c, cls_key, cls_st, prof_notice, prof_rate)
     need = need_multi_static(
-        tier, now, now + cls_key[c, K_DUR], cls_key[c, K_MN], cls_key[c, K_BUDGET], g,
-        gang_index(mg, g), lf, fab_start, fab_end, fab_leaf, static_lb, sorder,
+        tier, now, now + cls_key[c, K_DUR], cls_key[c, K_MN], cls_key[c, K_BUDGET], pmask, g,
+        gang_index(mg, g), lf, fab_start, fab_end, fab_leaf, static_lb, sorder, fsize, ftree,
     )
     cls_st[c, C_NEED] = need
     cls_st[c, C_NSTAMP] = tick
@@ -650,12 +707,15 @@ def class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end, fab_
 
 
 @njit(cache=True)
-def _take(lf, i, give, size, dyn, bit, fab_end, fab_leaf, fab_first, mg, lbtree, fsize):
+def _take(lf, i, give, size, dyn, bit, fab_start, fab_end, fab_leaf, fab_first, mg, lbtree,
+          fsize, fdyn, fver):
     was_whole_free = lf[i, L_FREE] == lf[i, L_GPUS] and lf[i, L_GPUS] == lf[i, L_HOSTG]
     lf[i, L_FREE] -= give
     _update_dyn(dyn, size, lf, i, bit)
     if was_whole_free and len(mg) > 0:
         fab_refresh(lf[i, L_FAB], lf, fab_end, fab_leaf, fab_first, mg, lbtree, fsize)
+        _fabric_update(lf, fab_start, fab_end, fab_leaf, fsize, fdyn, lf[i, L_FAB])
+        fver[lf[i, L_FAB]] += 1
 
 
 @njit(cache=True)
@@ -666,7 +726,8 @@ def clear_tier(
     cls_key, cls_st,
     lf, n, size, dyn, stat, bit, ge, le,
     fab_start, fab_end, fab_leaf, nv, nbest,
-    mg, fab_first, lbtree, fsize, static_lb, sorder, prof_notice, prof_rate,
+    mg, fab_first, lbtree, fsize, ftree, fdyn, static_lb, sorder, prof_notice, prof_rate,
+    ecls, dom_ptr, dom_idx, fail_single, fail_multi, mslot, heap, hsize, fver,
     fill_bid, fill_block, fill_gpus,
 ):
     """Walk the tier's live bids in price-time priority (merging the main run and the pending
@@ -704,20 +765,22 @@ def clear_tier(
             c = p_cls[k]
             bid_id = p_bid[k]
         won = False
-        if lim >= max_floor and cls_st[c, C_DEAD] != tick:
+        g = cls_key[c, K_GPUS]
+        e = ecls[c]
+        if lim >= max_floor and g < (fail_single[e] if g <= max_host else fail_multi[e]):
             end = now + cls_key[c, K_DUR]
             mn = cls_key[c, K_MN]
             budget = cls_key[c, K_BUDGET]
-            g = cls_key[c, K_GPUS]
+            pmask = profile_masks(tier, now, tick, c, cls_key, cls_st, prof_notice, prof_rate)
             if g <= max_host:
-                pmask = profile_masks(tier, now, tick, c, cls_key, cls_st, prof_notice, prof_rate)
                 start = cls_st[c, C_CURSOR] if cls_st[c, C_CSTAMP] == tick else 0
                 leaf, first = find_single(tier, now, end, mn, budget, pmask, g, lim, start,
                                           lf, n, size, dyn, ge, le, stack)
                 cls_st[c, C_CURSOR] = first
                 cls_st[c, C_CSTAMP] = tick
                 if leaf >= 0:
-                    _take(lf, leaf, g, size, dyn, bit, fab_end, fab_leaf, fab_first, mg, lbtree, fsize)
+                    _take(lf, leaf, g, size, dyn, bit, fab_start, fab_end, fab_leaf, fab_first, mg,
+                          lbtree, fsize, fdyn, fver)
                     fill_bid[nf] = bid_id
                     fill_block[nf] = lf[leaf, L_BLOCK]
                     fill_gpus[nf] = g
@@ -725,8 +788,17 @@ def clear_tier(
                     max_floor = max(max_floor, lf[leaf, L_FLOOR])
                     won = True
             else:
-                f = find_multi(tier, now, end, mn, budget, g, gang_index(mg, g), lim,
-                               lf, fab_end, fab_leaf, fab_first, lbtree, fsize, stack)
+                # A class's heap costs up to a pass over every whole host to set up: switch to
+                # it once the plain searches of the class have looked at that many hosts.
+                if mslot[c, 0] >= 0 and mslot[c, 1] > len(fab_leaf) // 16:
+                    f = find_multi_heap(tier, now, end, mn, budget, pmask, g, lim, mslot[c, 0],
+                                        heap, hsize, fver, lf, fab_end, fab_leaf, fab_first,
+                                        fsize, fdyn)
+                else:
+                    f, work = find_multi(tier, now, end, mn, budget, pmask, g, gang_index(mg, g),
+                                         lim, lf, fab_end, fab_leaf, fab_first, lbtree, fsize,
+                                         fdyn, stack)
+                    mslot[c, 1] += work
                 if f >= 0:
                     remaining = g
                     for jj in range(fab_first[f], fab_end[f]):
@@ -736,7 +808,8 @@ def clear_tier(
                         if not leaf_eligible(tier, lf, leaf, now, end, mn, budget):
                             continue
                         give = min(remaining, lf[leaf, L_GPUS])
-                        _take(lf, leaf, give, size, dyn, bit, fab_end, fab_leaf, fab_first, mg, lbtree, fsize)
+                        _take(lf, leaf, give, size, dyn, bit, fab_start, fab_end, fab_leaf, fab_first,
+                              mg, lbtree, fsize, fdyn, fver)
                         fill_bid[nf] = bid_id
                         fill_block[nf] = lf[leaf, L_BLOCK]
                         fill_gpus[nf] = give
@@ -747,8 +820,14 @@ def clear_tier(
                             break
                     won = True
             if not won:
-                # Free GPUs only shrink and later bids of the class have no higher limit.
-                cls_st[c, C_DEAD] = tick
+                # Free GPUs only shrink and later bids have no higher limit, so no later bid
+                # of this eligibility class, or of one whose eligible blocks are a subset of
+                # its (dom_idx), fits with this many GPUs or more.
+                fail = fail_single if g <= max_host else fail_multi
+                for q in range(dom_ptr[e], dom_ptr[e + 1]):
+                    d = dom_idx[q]
+                    if g < fail[d]:
+                        fail[d] = g
         if won:
             if from_main:
                 m_state[k] = STATE_WON
@@ -761,7 +840,7 @@ def clear_tier(
             class_reason(
                 tier, now, tick, c, cls_key, cls_st, max_host,
                 lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, mg, static_lb, sorder,
-                prof_notice, prof_rate, stack,
+                fsize, ftree, prof_notice, prof_rate, stack,
             )
             if cls_st[c, C_CODE] == 0:
                 highest_lose = lim
@@ -775,7 +854,7 @@ def emit_losers(
     p_ids, p_pos, p_lim, p_cls, p_state,
     cls_key, cls_st,
     lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, mg, static_lb, sorder,
-    prof_notice, prof_rate, out_bid, out_code, out_short,
+    fsize, ftree, prof_notice, prof_rate, out_bid, out_code, out_short,
 ):
     """Reasons of the losing bids in bid_id order; retires this tick's winners (WON -> DEAD).
     `price` is the clearing price, or the indicative price when nothing traded."""
@@ -810,7 +889,7 @@ def emit_losers(
             class_reason(
                 tier, now, tick, c, cls_key, cls_st, max_host,
                 lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, mg, static_lb, sorder,
-                prof_notice, prof_rate, stack,
+                fsize, ftree, prof_notice, prof_rate, stack,
             )
         code = cls_st[c, C_CODE]
         short = 0
@@ -819,7 +898,8 @@ def emit_losers(
                 code = R_LIMIT_BELOW_PRICE
                 short = price - lim
             elif lim < class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end,
-                                  fab_leaf, mg, static_lb, sorder):
+                                  fab_leaf, mg, static_lb, sorder, fsize, ftree, prof_notice,
+                                  prof_rate):
                 code = R_BELOW_FLOOR
             else:
                 code = R_NO_CAPACITY
@@ -975,3 +1055,158 @@ def rehash_classes(cls_key, n_cls, hkeys, hvals):
         for q in range(NK):
             hkeys[h, q] = cls_key[c, q]
         hvals[h] = c
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-host gangs, per class: a lazy heap of fabrics
+#
+# A class's first multi-host query in a tick computes every fabric's exact key (highest floor,
+# hosts used) for that class and heapifies them; later queries only recompute the fabrics whose
+# whole free hosts changed since (`fver`).  Within a tick free GPUs only shrink, so a fabric's
+# highest floor only rises: a stale entry's floor is a lower bound, and the top is exact once
+# every entry with a floor not above the top's has been refreshed.
+
+
+@njit(cache=True)
+def _fabric_key(tier, now, end, mn, budget, g, f, lf, fab_end, fab_leaf, fab_first):
+    """(highest floor, hosts) of fabric f's cheapest eligible whole free hosts holding g GPUs,
+    or (I64_MAX, 0)."""
+    total = 0
+    cnt = 0
+    for j in range(fab_first[f], fab_end[f]):
+        i = fab_leaf[j]
+        if not _whole_free(lf, i):
+            continue
+        if not leaf_eligible(tier, lf, i, now, end, mn, budget):
+            continue
+        total += lf[i, L_GPUS]
+        cnt += 1
+        if total >= g:
+            return lf[i, L_FLOOR], cnt
+    return I64_MAX, 0
+
+
+@njit(cache=True)
+def _h_less(h, s, a, b):
+    # h[s, x, 0] = floor, 1 = hosts, 2 = fabric, 3 = version
+    if h[s, a, 0] != h[s, b, 0]:
+        return h[s, a, 0] < h[s, b, 0]
+    if h[s, a, 1] != h[s, b, 1]:
+        return h[s, a, 1] < h[s, b, 1]
+    return h[s, a, 2] < h[s, b, 2]
+
+
+@njit(cache=True)
+def _h_swap(h, s, a, b):
+    for q in range(4):
+        t = h[s, a, q]
+        h[s, a, q] = h[s, b, q]
+        h[s, b, q] = t
+
+
+@njit(cache=True)
+def _h_down(h, s, n, a):
+    while True:
+        l = 2 * a + 1
+        if l >= n:
+            return
+        m = l
+        if l + 1 < n and _h_less(h, s, l + 1, l):
+            m = l + 1
+        if not _h_less(h, s, m, a):
+            return
+        _h_swap(h, s, a, m)
+        a = m
+
+
+@njit(cache=True)
+def _h_up(h, s, a):
+    while a > 0:
+        p = (a - 1) >> 1
+        if not _h_less(h, s, a, p):
+            return
+        _h_swap(h, s, a, p)
+        a = p
+
+
+@njit(cache=True)
+def _h_pop(h, s, hsize):
+    """Remove the top into the spare slot at index hsize-1 (after the call, entry [n-1] is it)."""
+    n = hsize[s]
+    _h_swap(h, s, 0, n - 1)
+    hsize[s] = n - 1
+    _h_down(h, s, n - 1, 0)
+
+
+@njit(cache=True)
+def _h_push_last(h, s, hsize):
+    """Re-insert the entry sitting just past the end of the heap."""
+    hsize[s] += 1
+    _h_up(h, s, hsize[s] - 1)
+
+
+@njit(cache=True)
+def find_multi_heap(tier, now, end, mn, budget, pmask, g, limit, s, h, hsize, fver,
+                    lf, fab_end, fab_leaf, fab_first, fsize, fdyn):
+    """The fabric `find_multi` returns, through the class's heap in slot s; -1 if none."""
+    nfab = len(fver)
+    if hsize[s] < 0:
+        n = 0
+        for f in range(nfab):
+            if not _fabric_may_fit(tier, fdyn, fsize + f, now, end, mn, budget, pmask, g):
+                continue
+            fl, cnt = _fabric_key(tier, now, end, mn, budget, g, f, lf, fab_end, fab_leaf,
+                                  fab_first)
+            if fl == I64_MAX:
+                continue
+            h[s, n, 0] = fl
+            h[s, n, 1] = cnt
+            h[s, n, 2] = f
+            h[s, n, 3] = fver[f]
+            n += 1
+        for a in range((n >> 1) - 1, -1, -1):
+            _h_down(h, s, n, a)
+        hsize[s] = n
+    # Pop until the top is fresh; then pop every entry of the same floor (refreshing stale ones)
+    # so the tie-break on (hosts, fabric) sees exact keys; park the popped fresh entries past the
+    # end and push them back.
+    parked = 0
+    top_fl = I64_MAX
+    while hsize[s] > 0:
+        if h[s, 0, 0] > limit or (parked > 0 and h[s, 0, 0] > top_fl):
+            break
+        n = hsize[s]
+        _h_pop(h, s, hsize)
+        last = n - 1
+        f = h[s, last, 2]
+        if h[s, last, 3] != fver[f]:
+            fl, cnt = _fabric_key(tier, now, end, mn, budget, g, f, lf, fab_end, fab_leaf,
+                                  fab_first)
+            if fl == I64_MAX:
+                # Gone for the rest of the tick: move the parked entries down over it.
+                for r in range(parked):
+                    for q in range(4):
+                        h[s, last + r, q] = h[s, last + 1 + r, q]
+                continue
+            h[s, last, 0] = fl
+            h[s, last, 1] = cnt
+            h[s, last, 3] = fver[f]
+            # Back in (the parked entries sit after it and are not disturbed by one push as
+            # the push only moves entries inside the heap).
+            _h_push_last(h, s, hsize)
+            continue
+        # Fresh: keep it parked (it stays at index `last`, right after the heap).
+        if parked == 0:
+            top_fl = h[s, last, 0]
+        parked += 1
+    best = -1
+    if parked > 0 and top_fl <= limit:
+        base = hsize[s]
+        b = base
+        for r in range(base + 1, base + parked):
+            if _h_less(h, s, r, b):
+                b = r
+        best = h[s, b, 2]
+    for _ in range(parked):
+        _h_push_last(h, s, hsize)
+    return best
