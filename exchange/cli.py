@@ -47,7 +47,7 @@ def serve(host: str, port: int, workers: int, home: Path | None) -> None:
     os.environ["DATABASE_URL"] = url
     try:
         uvicorn.run("exchange.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_config=None, lifespan="on")
+                    log_config=None, lifespan="on", ws=os.environ.get("GPUX_WS_IMPL", "auto"))
     finally:
         if server is not None:
             from exchange.db.embedded import stop_embedded
@@ -150,14 +150,15 @@ def bench_settlement(leases: int, samples: int, seed: int, as_json: bool) -> Non
 @click.option("--subscribers", default=1000, show_default=True, type=int)
 @click.option("--ticks", default=10, show_default=True, type=int)
 @click.option("--tick-s", default=2.0, show_default=True, type=float, help="seconds between ticks (the auction rate)")
+@click.option("--workers", default=1, show_default=True, type=int, help="server processes sharing the subscribers")
 @click.option("--json", "as_json", is_flag=True, help="print the figures as one JSON object")
-def bench_feed(subscribers: int, ticks: int, tick_s: float, as_json: bool) -> None:
+def bench_feed(subscribers: int, ticks: int, tick_s: float, workers: int, as_json: bool) -> None:
     """Websocket subscribers on a local server: tick-to-client latency against a bare websocket echo."""
     import json
 
     from loadtests.bench_feed import format_table, run
 
-    figures = run(subscribers=subscribers, ticks=ticks, tick_s=tick_s)
+    figures = run(subscribers=subscribers, ticks=ticks, tick_s=tick_s, workers=workers)
     click.echo(json.dumps(figures) if as_json else format_table(figures))
 
 

@@ -280,9 +280,11 @@ async def _run(subscribers: int, ticks: int, tick_s: float, channels: list[str],
     }
 
 
-def run(subscribers: int = 1000, ticks: int = 10, tick_s: float = 2.0, channels: list[str] | None = None) -> dict:
-    """Start PostgreSQL (DATABASE_URL, else an embedded one in a temp folder), `gpux serve` (one
-    process, no auction: the bench publishes the ticks) and the echo server; measure; stop them."""
+def run(subscribers: int = 1000, ticks: int = 10, tick_s: float = 2.0, channels: list[str] | None = None,
+        workers: int = 1) -> dict:
+    """Start PostgreSQL (DATABASE_URL, else an embedded one in a temp folder), `gpux serve` (`workers`
+    processes sharing the subscribers, no auction: the bench publishes the ticks) and the echo
+    server; measure; stop them."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 4 * subscribers + 256))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
@@ -300,7 +302,8 @@ def run(subscribers: int = 1000, ticks: int = 10, tick_s: float = 2.0, channels:
                    GPUX_ADMIN_KEY="gpx_bench_" + base64.urlsafe_b64encode(os.urandom(24)).decode())
         log = home / "server.log"
         with open(log, "wb") as out:
-            server = subprocess.Popen([sys.executable, "-m", "exchange.cli", "serve", "--port", str(port)], env=env,
+            server = subprocess.Popen([sys.executable, "-m", "exchange.cli", "serve", "--port", str(port),
+                                       "--workers", str(workers)], env=env,
                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         echo = subprocess.Popen([sys.executable, "-m", "loadtests.bench_feed", "echo", str(echo_port)],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -308,7 +311,8 @@ def run(subscribers: int = 1000, ticks: int = 10, tick_s: float = 2.0, channels:
             _wait_ready(f"http://127.0.0.1:{port}", server, log)
             assert echo.stdout.readline().strip() == "ready"
             _fast_loop()
-            return asyncio.run(_run(subscribers, ticks, tick_s, channels, port, echo_port, dsn))
+            figures = asyncio.run(_run(subscribers, ticks, tick_s, channels, port, echo_port, dsn))
+            return {**figures, "workers": workers}
         finally:
             for proc in (echo, server):
                 proc.terminate()

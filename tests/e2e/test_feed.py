@@ -8,6 +8,7 @@ import json
 import socket
 import time
 
+import httpx
 import pytest
 import websockets
 
@@ -150,6 +151,15 @@ async def test_a_stalled_subscriber_is_disconnected_and_the_others_keep_receivin
     for i in range(40):
         await tenant.ok("POST", "/v1/bids", 201, json={"market": market, "gpus": 1, "duration_s": 60,
                                                         "limit_price": f"1.{i:02d}", "client_order_id": unique("s")})
+    # Snapshots are only big once the book holds those 40 levels (the module's other server ticks
+    # them in): wait for that, or the stalled client's snapshots fit in the kernel's buffers.
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        for _ in range(100):
+            book = (await http.get(f"/v1/markets/{market}/book")).json()
+            if len(book["bids"]) >= 40:
+                break
+            await asyncio.sleep(0.2)
+        assert len(book["bids"]) >= 40, book
     async with FeedClient(server.base_url, [market], ["book", "ticker"]) as healthy:
         await read_until(healthy, lambda s: sum(m.type == "snapshot" for m in s) == 2)
         # The stalled one: a raw socket with a tiny receive buffer that asks for snapshot after
@@ -164,7 +174,9 @@ async def test_a_stalled_subscriber_is_disconnected_and_the_others_keep_receivin
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
         op = json.dumps({"op": "subscribe", "channels": ["book"], "markets": [market]}).encode()
         frame = bytes([0x81, 0x80 | len(op)]) + b"\0\0\0\0" + op  # masked with a zero key
-        for _ in range(4000):  # ~5 MB of snapshots asked for
+        # ~15 MB of snapshots asked for: far more than the kernel buffers of a loopback socket (4 MB
+        # here), so the server itself must hold, and then bound, the rest.
+        for _ in range(12000):
             writer.write(frame)
             await writer.drain()
         # Meanwhile the healthy subscriber keeps getting its updates, in sequence.
@@ -174,10 +186,12 @@ async def test_a_stalled_subscriber_is_disconnected_and_the_others_keep_receivin
         assert healthy.gaps == 0
         # The stalled one was cut off with a reason: reading now, it finds the close frame (1008).
         received = b""
-        async with asyncio.timeout(15):
-            while chunk := await reader.read(2 ** 20):
-                received += chunk
-        writer.close()
+        try:
+            async with asyncio.timeout(15):
+                while chunk := await reader.read(2 ** 20):
+                    received += chunk
+        finally:
+            writer.close()
         at = received.rfind(b"\x88")
         assert at >= 0 and received[at + 2:at + 4] == (1008).to_bytes(2, "big"), received[-200:]
         assert b"slow consumer" in received[at:]
