@@ -96,8 +96,12 @@ class BlockTable:
     """All live blocks of one GPU model, as columns sorted by `block_id`.
 
     `order_dirty` says the floor-sorted index must be re-sorted (a block appeared, vanished, or
-    changed floor, fabric or size); `values_dirty` says only other columns changed.
+    changed floor, fabric or size); `values_dirty` says other columns changed; `free_rows` lists
+    the rows (in this table) whose only change is `free`, which the index patches in place.
+    Re-sending a block unchanged marks nothing.
     """
+
+    _ORDER = ("floor", "fabric_id", "gpus", "host_gpus")
 
     def __init__(self) -> None:
         self.cols: dict[str, np.ndarray] = {
@@ -105,6 +109,11 @@ class BlockTable:
         }
         self.order_dirty = True
         self.values_dirty = True
+        self.free_rows: list[np.ndarray] = []
+
+    def clear_dirty(self) -> None:
+        self.order_dirty = self.values_dirty = False
+        self.free_rows = []
 
     def __len__(self) -> int:
         return len(self.cols["block_id"])
@@ -124,12 +133,22 @@ class BlockTable:
         found[found] = cur[pos[found]] == ids[found]
         if found.any():
             at = pos[found]
-            for name in ("floor", "fabric_id", "gpus", "host_gpus"):
-                if not np.array_equal(self.cols[name][at], new[name][found]):
-                    self.order_dirty = True
-            for name, _ in BLOCK_FIELDS:
-                self.cols[name][at] = new[name][found]
-            self.values_dirty = True
+            sel = np.flatnonzero(found)
+            diff = {name: self.cols[name][at] != new[name][sel] for name, _ in BLOCK_FIELDS}
+            if any(diff[name].any() for name in self._ORDER):
+                self.order_dirty = True
+            if any(diff[name].any() for name, _ in BLOCK_FIELDS
+                   if name not in self._ORDER and name != "free"):
+                self.values_dirty = True
+            changed = np.zeros(len(at), bool)
+            for d in diff.values():
+                changed |= d
+            if changed.any():
+                at, sel = at[changed], sel[changed]
+                for name, _ in BLOCK_FIELDS:
+                    self.cols[name][at] = new[name][sel]
+                if diff["free"].any():
+                    self.free_rows.append(at[diff["free"][changed]])
         if not found.all():
             fresh = ~found
             merged = {k: np.concatenate([self.cols[k], new[k][fresh]]) for k in self.cols}

@@ -117,28 +117,19 @@ class BlockIndex:
         c = table.cols
         n = len(table)
         if rows is None:
-            rows = np.lexsort((c["block_id"], c["floor"]))
+            # The table is sorted by block_id, so a stable sort by floor orders by (floor, id).
+            rows = np.argsort(c["floor"], kind="stable")
         self.rows = rows
         self.n = n
+        fabric_ids, fab_of_row = np.unique(c["fabric_id"], return_inverse=True)
+        pbit, self.prof_notice, self.prof_rate = reclaim_profiles(c["notice_s"], c["rate_mph"])
         lf = np.empty((n, K.NL), dtype=np.int64)
-        lf[:, K.L_FLOOR] = c["floor"][rows]
-        lf[:, K.L_FREE] = c["free"][rows]
-        lf[:, K.L_GPUS] = c["gpus"][rows]
-        lf[:, K.L_HOSTG] = c["host_gpus"][rows]
-        lf[:, K.L_AVAIL] = c["available_until"][rows]
-        lf[:, K.L_FIRM] = c["firm_until"][rows]
-        lf[:, K.L_CUT] = c["cut_at"][rows]
-        lf[:, K.L_NOTICE] = c["notice_s"][rows]
-        lf[:, K.L_RATE] = c["rate_mph"][rows]
-        lf[:, K.L_EFIRM] = np.minimum(lf[:, K.L_AVAIL], lf[:, K.L_FIRM])
-        lf[:, K.L_ESPOT] = np.minimum(lf[:, K.L_AVAIL], lf[:, K.L_CUT])
-        fabric_ids, fab = np.unique(c["fabric_id"][rows], return_inverse=True)
-        lf[:, K.L_FAB] = fab
-        lf[:, K.L_BLOCK] = c["block_id"][rows]
-        lf[:, K.L_ROW] = rows
-        lf[:, K.L_PBIT], self.prof_notice, self.prof_rate = reclaim_profiles(
-            lf[:, K.L_NOTICE], lf[:, K.L_RATE]
-        )
+        # One row-major pass (column-wise fancy indexing into lf is several times slower).
+        K.fill_leaves(lf, np.ascontiguousarray(rows, np.int64), c["floor"], c["free"], c["gpus"],
+                      c["host_gpus"], c["available_until"], c["firm_until"], c["cut_at"],
+                      c["notice_s"], c["rate_mph"], np.ascontiguousarray(fab_of_row, np.int64),
+                      c["block_id"], pbit)
+        fab = lf[:, K.L_FAB]
         self.lf = lf
 
         self.size = 1 << max(0, (n - 1).bit_length()) if n > 0 else 1
@@ -150,14 +141,16 @@ class BlockIndex:
         nfab = len(fabric_ids)
         self.whole = np.flatnonzero(lf[:, K.L_GPUS] == lf[:, K.L_HOSTG])
         whole_fab = fab[self.whole]
-        self.fab_leaf = np.ascontiguousarray(self.whole[np.argsort(whole_fab, kind="stable")])
+        fab_leaf = np.ascontiguousarray(self.whole[np.argsort(whole_fab, kind="stable")])
         counts = np.bincount(whole_fab, minlength=nfab)
         self.fab_end = np.cumsum(counts).astype(np.int64)
         self.fab_start = (self.fab_end - counts).astype(np.int64)
+        fw = np.empty((len(fab_leaf), K.NW), dtype=np.int64)
+        K.fill_whole(lf, fab_leaf, fw)
+        self.fw = fw
         self.fsize = 1 << max(0, (nfab - 1).bit_length()) if nfab > 0 else 1
         self.ftree = np.empty((2 * self.fsize, K.NT), dtype=np.int64)
-        K.build_fabric_tree(lf, self.fab_start, self.fab_end, self.fab_leaf, self.fsize, self.ftree,
-                            False)
+        K.build_fabric_tree(fw, self.fab_start, self.fab_end, self.fsize, self.ftree, False)
         self.fdyn = np.empty_like(self.ftree)
 
         # For reason NOTICE_TOO_LONG: the widest spot window among blocks with notice >= x.
@@ -173,16 +166,24 @@ class BlockIndex:
         self.nbest = np.ascontiguousarray(nbest.astype(np.int64))
         self.max_host = int(lf[:, K.L_HOSTG].max()) if n else 0
 
+    def patch_free(self, table: BlockTable, rows: np.ndarray) -> None:
+        """Take the `free` of these table rows (nothing else changed) into the index."""
+        if not hasattr(self, "leaf_of_row"):
+            self.leaf_of_row = np.empty(self.n, np.int64)
+            self.leaf_of_row[self.rows] = np.arange(self.n)
+        leaves = np.ascontiguousarray(self.leaf_of_row[rows])
+        K.patch_free(self.lf, leaves, np.ascontiguousarray(table.cols["free"][rows], np.int64),
+                     self.size, self.dyn, _BIT, self.fw)
+
     def prepare_multi(self, gang_sizes: np.ndarray) -> None:
         """Per-tick bounds for the multi-host gang sizes present in the book (see kernels)."""
         mg = np.unique(gang_sizes[gang_sizes > self.max_host]).astype(np.int64)
         self.mg = np.ascontiguousarray(mg)
         self.fab_first, self.lbtree, self.static_lb, self.sorder = K.prepare_multi(
-            self.lf, self.fab_start, self.fab_end, self.fab_leaf, self.mg, self.fsize
+            self.fw, self.fab_start, self.fab_end, self.mg, self.fsize
         )
         # Over the whole hosts still entirely free (kept up to date by the allocation).
-        K.build_fabric_tree(self.lf, self.fab_start, self.fab_end, self.fab_leaf, self.fsize,
-                            self.fdyn, True)
+        K.build_fabric_tree(self.fw, self.fab_start, self.fab_end, self.fsize, self.fdyn, True)
 
     def lowest_free_floor(self) -> int:
         """Lowest floor among blocks with free > 0, or -1."""
@@ -416,7 +417,9 @@ class ModelBook:
             self._index = BlockIndex(table)
         elif table.values_dirty:
             self._index = BlockIndex(table, rows=self._index.rows)
-        table.order_dirty = table.values_dirty = False
+        elif table.free_rows:
+            self._index.patch_free(table, np.unique(np.concatenate(table.free_rows)))
+        table.clear_dirty()
         return self._index
 
     def tick(self, now: int) -> ModelTickResult:
@@ -460,7 +463,7 @@ class ModelBook:
             p.bid, p.lim, p.seq, p.cls, p.state,
             tb.cls_key, tb.cls_st,
             idx.lf, idx.n, idx.size, idx.dyn, idx.stat, _BIT, _GE, _LE,
-            idx.fab_start, idx.fab_end, idx.fab_leaf, idx.nv, idx.nbest,
+            idx.fab_start, idx.fab_end, idx.fw, idx.nv, idx.nbest,
             idx.mg, idx.fab_first, idx.lbtree, idx.fsize, idx.ftree, idx.fdyn, idx.static_lb,
             idx.sorder, idx.prof_notice, idx.prof_rate,
             ecls, dom_ptr, dom_idx, fail_single, fail_multi, mslot, heap, hsize, fver,
@@ -484,7 +487,7 @@ class ModelBook:
             p.ids, p.pos, p.id_lim, p.id_cls, p.state,
             tb.cls_key, tb.cls_st,
             idx.lf, idx.size, idx.stat, idx.nv, idx.nbest,
-            idx.fab_start, idx.fab_end, idx.fab_leaf, idx.mg, idx.static_lb, idx.sorder,
+            idx.fab_start, idx.fab_end, idx.fw, idx.mg, idx.static_lb, idx.sorder,
             idx.fsize, idx.ftree, idx.prof_notice, idx.prof_rate, l_bid, l_code, l_short,
         )
         if tier == Tier.SPOT:

@@ -11,8 +11,9 @@ Data layout, built by `matching.book.BlockIndex`:
   firm_until, and the minimum reclaim rate; a subtree whose aggregates already fail the bid's
   eligibility is skipped.  `dyn[:, MASK]` is a bitset of the free counts present (bit
   min(free, 63)), so "free >= g" and "tighter than the best so far" prune too.
-* Fabrics: `fab_leaf[fab_start[f]:fab_end[f]]` are the leaves of fabric f (dense index, in
-  fabric_id order) whose block is a whole host (gpus == host_gpus), in (floor, block_id) order.
+* Fabrics: `fw[fab_start[f]:fab_end[f]]` are the blocks of fabric f (dense index, in fabric_id
+  order) that are whole hosts (gpus == host_gpus), in (floor, block_id) order, as a compact copy
+  of what multi-host searches read (`fw[j, W_LEAF]` is the leaf; `lf[leaf, L_FPOS]` is j).
 * Bid classes: bids with the same (duration_s, min_notice_s, hazard_budget, gpus) are eligible on
   the same blocks, so the expensive per-bid questions (structural reason, "nothing fits any
   more") are answered once per class per tick: `cls_key[c]` and `cls_st[c]`.
@@ -45,7 +46,23 @@ L_FAB = 11  # dense fabric index
 L_BLOCK = 12  # block_id
 L_ROW = 13  # row in the BlockTable
 L_PBIT = 14  # bit of the block's reclaim profile (notice, rate), see BlockIndex
-NL = 15
+L_FPOS = 15  # row in `fw` when the block is a whole host, else -1
+NL = 16
+
+# fw columns: one row per whole-host block, grouped by fabric (fab_start/fab_end) and in
+# (floor, block_id) order within a fabric, so that a multi-host search scans memory in order.
+W_FLOOR = 0
+W_GPUS = 1
+W_FREE = 2  # kept equal to lf[leaf, L_FREE]
+W_EFIRM = 3
+W_ESPOT = 4
+W_NOTICE = 5
+W_RATE = 6
+W_FIRM = 7
+W_AVAIL = 8
+W_PBIT = 9
+W_LEAF = 10
+NW = 11
 
 # tree columns (shared positions 1-5 between dyn and stat so one test serves both)
 T_MASK = 0  # dyn: bitset of free counts
@@ -124,6 +141,17 @@ def leaf_eligible(tier, lf, i, now, end, mn, budget):
         return False
     x = end - max(now, lf[i, L_FIRM])
     return x <= 0 or lf[i, L_RATE] * x <= budget
+
+
+@njit(cache=True)
+def w_eligible(tier, fw, j, now, end, mn, budget):
+    """`leaf_eligible` for row j of fw."""
+    if tier == FIRM:
+        return fw[j, W_EFIRM] >= end
+    if fw[j, W_ESPOT] < end or fw[j, W_NOTICE] < mn:
+        return False
+    x = end - max(now, fw[j, W_FIRM])
+    return x <= 0 or fw[j, W_RATE] * x <= budget
 
 
 @njit(cache=True)
@@ -236,7 +264,7 @@ def build_trees(lf, n, size, dyn, stat, bit):
 
 
 @njit(cache=True)
-def _fabric_leaf(lf, fab_start, fab_end, fab_leaf, fsize, ftree, f, only_free):
+def _fabric_leaf(fw, fab_start, fab_end, fsize, ftree, f, only_free):
     """Eligibility aggregates (as in `stat`, T_GPUS = their GPU total) over fabric f's whole-host
     blocks, or over those still entirely free when `only_free`."""
     node = fsize + f
@@ -244,32 +272,32 @@ def _fabric_leaf(lf, fab_start, fab_end, fab_leaf, fsize, ftree, f, only_free):
     ftree[node, T_GPUS] = 0
     if f < len(fab_start):
         for j in range(fab_start[f], fab_end[f]):
-            i = fab_leaf[j]
-            if only_free and not _whole_free(lf, i):
+            i = j
+            if only_free and not _whole_free(fw, i):
                 continue
-            ftree[node, T_GPUS] += lf[i, L_GPUS]
-            ftree[node, T_EFIRM] = max(ftree[node, T_EFIRM], lf[i, L_EFIRM])
-            ftree[node, T_ESPOT] = max(ftree[node, T_ESPOT], lf[i, L_ESPOT])
-            ftree[node, T_NOTICE] = max(ftree[node, T_NOTICE], lf[i, L_NOTICE])
-            ftree[node, T_FIRM] = max(ftree[node, T_FIRM], lf[i, L_FIRM])
-            ftree[node, T_RATE] = min(ftree[node, T_RATE], lf[i, L_RATE])
-            ftree[node, T_AVAIL] = max(ftree[node, T_AVAIL], lf[i, L_AVAIL])
-            ftree[node, T_PMASK] |= lf[i, L_PBIT]
+            ftree[node, T_GPUS] += fw[i, W_GPUS]
+            ftree[node, T_EFIRM] = max(ftree[node, T_EFIRM], fw[i, W_EFIRM])
+            ftree[node, T_ESPOT] = max(ftree[node, T_ESPOT], fw[i, W_ESPOT])
+            ftree[node, T_NOTICE] = max(ftree[node, T_NOTICE], fw[i, W_NOTICE])
+            ftree[node, T_FIRM] = max(ftree[node, T_FIRM], fw[i, W_FIRM])
+            ftree[node, T_RATE] = min(ftree[node, T_RATE], fw[i, W_RATE])
+            ftree[node, T_AVAIL] = max(ftree[node, T_AVAIL], fw[i, W_AVAIL])
+            ftree[node, T_PMASK] |= fw[i, W_PBIT]
 
 
 @njit(cache=True)
-def build_fabric_tree(lf, fab_start, fab_end, fab_leaf, fsize, ftree, only_free):
+def build_fabric_tree(fw, fab_start, fab_end, fsize, ftree, only_free):
     """A max/min tree over fabrics of `_fabric_leaf`, so a multi-host search skips fabrics none of
     whose (free) whole hosts can be eligible, or that hold too few GPUs."""
     for f in range(fsize):
-        _fabric_leaf(lf, fab_start, fab_end, fab_leaf, fsize, ftree, f, only_free)
+        _fabric_leaf(fw, fab_start, fab_end, fsize, ftree, f, only_free)
     for node in range(fsize - 1, 0, -1):
         _combine(ftree, node, False)
 
 
 @njit(cache=True)
-def _fabric_update(lf, fab_start, fab_end, fab_leaf, fsize, ftree, f):
-    _fabric_leaf(lf, fab_start, fab_end, fab_leaf, fsize, ftree, f, True)
+def _fabric_update(fw, fab_start, fab_end, fsize, ftree, f):
+    _fabric_leaf(fw, fab_start, fab_end, fsize, ftree, f, True)
     node = (fsize + f) >> 1
     while node >= 1:
         _combine(ftree, node, False)
@@ -301,6 +329,62 @@ def _update_dyn(dyn, size, lf, i, bit):
     while node >= 1:
         _combine(dyn, node, True)
         node >>= 1
+
+
+@njit(cache=True)
+def fill_leaves(lf, rows, floor, free, gpus, host_gpus, avail, firm, cut, notice, rate, fab,
+                block_id, pbit):
+    """lf from the block table's columns, leaf i being table row rows[i] (L_FPOS left -1)."""
+    for i in range(len(rows)):
+        r = rows[i]
+        lf[i, L_FLOOR] = floor[r]
+        lf[i, L_FREE] = free[r]
+        lf[i, L_GPUS] = gpus[r]
+        lf[i, L_HOSTG] = host_gpus[r]
+        lf[i, L_AVAIL] = avail[r]
+        lf[i, L_FIRM] = firm[r]
+        lf[i, L_CUT] = cut[r]
+        lf[i, L_NOTICE] = notice[r]
+        lf[i, L_RATE] = rate[r]
+        lf[i, L_EFIRM] = min(avail[r], firm[r])
+        lf[i, L_ESPOT] = min(avail[r], cut[r])
+        lf[i, L_FAB] = fab[r]
+        lf[i, L_BLOCK] = block_id[r]
+        lf[i, L_ROW] = r
+        lf[i, L_PBIT] = pbit[r]
+        lf[i, L_FPOS] = -1
+
+
+@njit(cache=True)
+def fill_whole(lf, fab_leaf, fw):
+    """fw rows from the leaves fab_leaf (and L_FPOS of those leaves)."""
+    for j in range(len(fab_leaf)):
+        i = fab_leaf[j]
+        fw[j, W_FLOOR] = lf[i, L_FLOOR]
+        fw[j, W_GPUS] = lf[i, L_GPUS]
+        fw[j, W_FREE] = lf[i, L_FREE]
+        fw[j, W_EFIRM] = lf[i, L_EFIRM]
+        fw[j, W_ESPOT] = lf[i, L_ESPOT]
+        fw[j, W_NOTICE] = lf[i, L_NOTICE]
+        fw[j, W_RATE] = lf[i, L_RATE]
+        fw[j, W_FIRM] = lf[i, L_FIRM]
+        fw[j, W_AVAIL] = lf[i, L_AVAIL]
+        fw[j, W_PBIT] = lf[i, L_PBIT]
+        fw[j, W_LEAF] = i
+        lf[i, L_FPOS] = j
+
+
+@njit(cache=True)
+def patch_free(lf, leaves, frees, size, dyn, bit, fw):
+    """Set the free count of some leaves between ticks (the fabric structures are rebuilt from
+    `fw` by prepare_multi at each tick)."""
+    for r in range(len(leaves)):
+        i = leaves[r]
+        lf[i, L_FREE] = frees[r]
+        jw = lf[i, L_FPOS]
+        if jw >= 0:
+            fw[jw, W_FREE] = frees[r]
+        _update_dyn(dyn, size, lf, i, bit)
 
 
 @njit(cache=True)
@@ -435,8 +519,8 @@ def gang_index(mg, g):
 
 
 @njit(cache=True)
-def _whole_free(lf, i):
-    return lf[i, L_FREE] == lf[i, L_GPUS]  # fab_leaf only lists whole-host blocks
+def _whole_free(fw, j):
+    return fw[j, W_FREE] == fw[j, W_GPUS]  # fw only lists whole-host blocks
 
 
 @njit(cache=True)
@@ -452,21 +536,21 @@ def _lb_set(lbtree, fsize, gi, f, v):
 
 
 @njit(cache=True)
-def fab_refresh(f, lf, fab_end, fab_leaf, fab_first, mg, lbtree, fsize):
+def fab_refresh(f, fw, fab_end, fab_first, mg, lbtree, fsize):
     """Recompute fabric f's bounds after one of its whole hosts stopped being entirely free."""
     j = fab_first[f]
     stop = fab_end[f]
-    while j < stop and not _whole_free(lf, fab_leaf[j]):
+    while j < stop and not _whole_free(fw, j):
         j += 1
     fab_first[f] = j
     total = 0
     gi = 0
     while j < stop and gi < len(mg):
-        i = fab_leaf[j]
-        if _whole_free(lf, i):
-            total += lf[i, L_GPUS]
+        i = j
+        if _whole_free(fw, i):
+            total += fw[i, W_GPUS]
             while gi < len(mg) and total >= mg[gi]:
-                _lb_set(lbtree, fsize, gi, f, lf[i, L_FLOOR])
+                _lb_set(lbtree, fsize, gi, f, fw[i, W_FLOOR])
                 gi += 1
         j += 1
     while gi < len(mg):
@@ -475,7 +559,7 @@ def fab_refresh(f, lf, fab_end, fab_leaf, fab_first, mg, lbtree, fsize):
 
 
 @njit(cache=True)
-def prepare_multi(lf, fab_start, fab_end, fab_leaf, mg, fsize):
+def prepare_multi(fw, fab_start, fab_end, mg, fsize):
     """Per-tick multi-host bounds: (fab_first, lbtree, static_lb, sorder)."""
     nfab = len(fab_start)
     ng = len(mg)
@@ -488,10 +572,10 @@ def prepare_multi(lf, fab_start, fab_end, fab_leaf, mg, fsize):
         for j in range(fab_start[f], fab_end[f]):
             if gi == ng:
                 break
-            i = fab_leaf[j]
-            total += lf[i, L_GPUS]
+            i = j
+            total += fw[i, W_GPUS]
             while gi < ng and total >= mg[gi]:
-                static_lb[gi, f] = lf[i, L_FLOOR]
+                static_lb[gi, f] = fw[i, W_FLOOR]
                 gi += 1
         total = 0
         gi = 0
@@ -499,14 +583,14 @@ def prepare_multi(lf, fab_start, fab_end, fab_leaf, mg, fsize):
         for j in range(fab_start[f], fab_end[f]):
             if gi == ng:
                 break
-            i = fab_leaf[j]
-            if not _whole_free(lf, i):
+            i = j
+            if not _whole_free(fw, i):
                 continue
             if first == fab_end[f]:
                 first = j
-            total += lf[i, L_GPUS]
+            total += fw[i, W_GPUS]
             while gi < ng and total >= mg[gi]:
-                lbtree[gi, fsize + f] = lf[i, L_FLOOR]
+                lbtree[gi, fsize + f] = fw[i, W_FLOOR]
                 gi += 1
         fab_first[f] = first
     for gi in range(ng):
@@ -520,7 +604,7 @@ def prepare_multi(lf, fab_start, fab_end, fab_leaf, mg, fsize):
 
 @njit(cache=True)
 def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit,
-               lf, fab_end, fab_leaf, fab_first, lbtree, fsize, fdyn, stack):
+               fw, fab_end, fab_first, lbtree, fsize, fdyn, stack):
     """Fabric whose cheapest whole free eligible hosts hold g GPUs with the lowest highest floor,
     then fewest hosts, then lowest fabric_id (dense index order); -1 if none.  Also returns the
     number of hosts it looked at."""
@@ -555,15 +639,15 @@ def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit,
         cnt = 0
         for j in range(fab_first[f], fab_end[f]):
             work += 1
-            i = fab_leaf[j]
-            fl = lf[i, L_FLOOR]
+            i = j
+            fl = fw[i, W_FLOOR]
             if fl > limit or fl > best_hf:
                 break
-            if not _whole_free(lf, i):
+            if not _whole_free(fw, i):
                 continue
-            if not leaf_eligible(tier, lf, i, now, end, mn, budget):
+            if not w_eligible(tier, fw, i, now, end, mn, budget):
                 continue
-            total += lf[i, L_GPUS]
+            total += fw[i, W_GPUS]
             cnt += 1
             if total >= g:
                 if (fl < best_hf or (fl == best_hf and cnt < best_cnt)
@@ -576,8 +660,8 @@ def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit,
 
 
 @njit(cache=True)
-def need_multi_static(tier, now, end, mn, budget, pmask, g, gi, lf, fab_start, fab_end,
-                      fab_leaf, static_lb, sorder, fsize, ftree):
+def need_multi_static(tier, now, end, mn, budget, pmask, g, gi, fw, fab_start, fab_end,
+                      static_lb, sorder, fsize, ftree):
     """Lowest floor at which one fabric's whole hosts (eligible, ignoring free) hold g GPUs."""
     best = -1
     for r in range(sorder.shape[1]):
@@ -589,13 +673,13 @@ def need_multi_static(tier, now, end, mn, budget, pmask, g, gi, lf, fab_start, f
             continue
         total = 0
         for j in range(fab_start[f], fab_end[f]):
-            i = fab_leaf[j]
-            fl = lf[i, L_FLOOR]
+            i = j
+            fl = fw[i, W_FLOOR]
             if best >= 0 and fl >= best:
                 break
-            if not leaf_eligible(tier, lf, i, now, end, mn, budget):
+            if not w_eligible(tier, fw, i, now, end, mn, budget):
                 continue
-            total += lf[i, L_GPUS]
+            total += fw[i, W_GPUS]
             if total >= g:
                 best = fl
                 break
@@ -623,7 +707,7 @@ def _notice_window(nv, nbest, mn):
 
 
 @njit(cache=True)
-def multi_exists(tier, now, end, mn, budget, pmask, g, gi, lf, fab_start, fab_end, fab_leaf,
+def multi_exists(tier, now, end, mn, budget, pmask, g, gi, fw, fab_start, fab_end,
                  static_lb, sorder, fsize, ftree):
     """Whether some fabric's eligible whole hosts (ignoring free and floor) hold g GPUs."""
     for r in range(sorder.shape[1]):
@@ -634,9 +718,9 @@ def multi_exists(tier, now, end, mn, budget, pmask, g, gi, lf, fab_start, fab_en
             continue
         total = 0
         for j in range(fab_start[f], fab_end[f]):
-            i = fab_leaf[j]
-            if leaf_eligible(tier, lf, i, now, end, mn, budget):
-                total += lf[i, L_GPUS]
+            i = j
+            if w_eligible(tier, fw, i, now, end, mn, budget):
+                total += fw[i, W_GPUS]
                 if total >= g:
                     return True
     return False
@@ -645,7 +729,7 @@ def multi_exists(tier, now, end, mn, budget, pmask, g, gi, lf, fab_start, fab_en
 @njit(cache=True)
 def class_reason(
     tier, now, tick, c, cls_key, cls_st, max_host,
-    lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, mg, static_lb, sorder,
+    lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
     fsize, ftree, prof_notice, prof_rate, stack,
 ):
     """Fill cls_st[c, CODE] for this tick: reason 1-6 of the rule, or 0 when structurally
@@ -669,8 +753,8 @@ def class_reason(
     elif tier == SPOT and find_static(tier, now, end, mn, budget, pmask, 0, lf, size, stat, stack) < 0:
         code = R_SURVIVAL_TOO_HIGH
     elif g > max_host:
-        if not multi_exists(tier, now, end, mn, budget, pmask, g, gang_index(mg, g), lf,
-                            fab_start, fab_end, fab_leaf, static_lb, sorder, fsize, ftree):
+        if not multi_exists(tier, now, end, mn, budget, pmask, g, gang_index(mg, g), fw,
+                            fab_start, fab_end, static_lb, sorder, fsize, ftree):
             code = R_TOO_LARGE
     else:
         leaf = find_static(tier, now, end, mn, budget, pmask, g, lf, size, stat, stack)
@@ -684,7 +768,7 @@ def class_reason(
 
 
 @njit(cache=True)
-def class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end, fab_leaf, mg,
+def class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end, fw, mg,
                static_lb, sorder, fsize, ftree, prof_notice, prof_rate):
     """The lowest floor at which a structurally eligible class could fit (for BELOW_FLOOR).
     Multi-host classes compute it only here, on demand: it is rarely needed and costs a search
@@ -695,7 +779,7 @@ def class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end, fab_
     pmask = profile_masks(tier, now, tick, c, cls_key, cls_st, prof_notice, prof_rate)
     need = need_multi_static(
         tier, now, now + cls_key[c, K_DUR], cls_key[c, K_MN], cls_key[c, K_BUDGET], pmask, g,
-        gang_index(mg, g), lf, fab_start, fab_end, fab_leaf, static_lb, sorder, fsize, ftree,
+        gang_index(mg, g), fw, fab_start, fab_end, static_lb, sorder, fsize, ftree,
     )
     cls_st[c, C_NEED] = need
     cls_st[c, C_NSTAMP] = tick
@@ -707,14 +791,17 @@ def class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end, fab_
 
 
 @njit(cache=True)
-def _take(lf, i, give, size, dyn, bit, fab_start, fab_end, fab_leaf, fab_first, mg, lbtree,
+def _take(lf, i, give, size, dyn, bit, fab_start, fab_end, fw, fab_first, mg, lbtree,
           fsize, fdyn, fver):
     was_whole_free = lf[i, L_FREE] == lf[i, L_GPUS] and lf[i, L_GPUS] == lf[i, L_HOSTG]
     lf[i, L_FREE] -= give
+    jw = lf[i, L_FPOS]
+    if jw >= 0:
+        fw[jw, W_FREE] = lf[i, L_FREE]
     _update_dyn(dyn, size, lf, i, bit)
     if was_whole_free and len(mg) > 0:
-        fab_refresh(lf[i, L_FAB], lf, fab_end, fab_leaf, fab_first, mg, lbtree, fsize)
-        _fabric_update(lf, fab_start, fab_end, fab_leaf, fsize, fdyn, lf[i, L_FAB])
+        fab_refresh(lf[i, L_FAB], fw, fab_end, fab_first, mg, lbtree, fsize)
+        _fabric_update(fw, fab_start, fab_end, fsize, fdyn, lf[i, L_FAB])
         fver[lf[i, L_FAB]] += 1
 
 
@@ -725,7 +812,7 @@ def clear_tier(
     p_bid, p_limit, p_seq, p_cls, p_state,
     cls_key, cls_st,
     lf, n, size, dyn, stat, bit, ge, le,
-    fab_start, fab_end, fab_leaf, nv, nbest,
+    fab_start, fab_end, fw, nv, nbest,
     mg, fab_first, lbtree, fsize, ftree, fdyn, static_lb, sorder, prof_notice, prof_rate,
     ecls, dom_ptr, dom_idx, fail_single, fail_multi, mslot, heap, hsize, fver,
     fill_bid, fill_block, fill_gpus,
@@ -779,7 +866,7 @@ def clear_tier(
                 cls_st[c, C_CURSOR] = first
                 cls_st[c, C_CSTAMP] = tick
                 if leaf >= 0:
-                    _take(lf, leaf, g, size, dyn, bit, fab_start, fab_end, fab_leaf, fab_first, mg,
+                    _take(lf, leaf, g, size, dyn, bit, fab_start, fab_end, fw, fab_first, mg,
                           lbtree, fsize, fdyn, fver)
                     fill_bid[nf] = bid_id
                     fill_block[nf] = lf[leaf, L_BLOCK]
@@ -790,25 +877,25 @@ def clear_tier(
             else:
                 # A class's heap costs up to a pass over every whole host to set up: switch to
                 # it once the plain searches of the class have looked at that many hosts.
-                if mslot[c, 0] >= 0 and mslot[c, 1] > len(fab_leaf) // 16:
+                if mslot[c, 0] >= 0 and mslot[c, 1] > fw.shape[0] // 16:
                     f = find_multi_heap(tier, now, end, mn, budget, pmask, g, lim, mslot[c, 0],
-                                        heap, hsize, fver, lf, fab_end, fab_leaf, fab_first,
+                                        heap, hsize, fver, fw, fab_end, fab_first,
                                         fsize, fdyn)
                 else:
                     f, work = find_multi(tier, now, end, mn, budget, pmask, g, gang_index(mg, g),
-                                         lim, lf, fab_end, fab_leaf, fab_first, lbtree, fsize,
+                                         lim, fw, fab_end, fab_first, lbtree, fsize,
                                          fdyn, stack)
                     mslot[c, 1] += work
                 if f >= 0:
                     remaining = g
                     for jj in range(fab_first[f], fab_end[f]):
-                        leaf = fab_leaf[jj]
-                        if lf[leaf, L_FREE] != lf[leaf, L_GPUS]:
+                        if not _whole_free(fw, jj):
                             continue
-                        if not leaf_eligible(tier, lf, leaf, now, end, mn, budget):
+                        if not w_eligible(tier, fw, jj, now, end, mn, budget):
                             continue
+                        leaf = fw[jj, W_LEAF]
                         give = min(remaining, lf[leaf, L_GPUS])
-                        _take(lf, leaf, give, size, dyn, bit, fab_start, fab_end, fab_leaf, fab_first,
+                        _take(lf, leaf, give, size, dyn, bit, fab_start, fab_end, fw, fab_first,
                               mg, lbtree, fsize, fdyn, fver)
                         fill_bid[nf] = bid_id
                         fill_block[nf] = lf[leaf, L_BLOCK]
@@ -839,7 +926,7 @@ def clear_tier(
             # Bids come in descending limit: the first structurally eligible loser sets it.
             class_reason(
                 tier, now, tick, c, cls_key, cls_st, max_host,
-                lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, mg, static_lb, sorder,
+                lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
                 fsize, ftree, prof_notice, prof_rate, stack,
             )
             if cls_st[c, C_CODE] == 0:
@@ -853,7 +940,7 @@ def emit_losers(
     m_ids, m_pos, m_lim, m_cls, m_state,
     p_ids, p_pos, p_lim, p_cls, p_state,
     cls_key, cls_st,
-    lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, mg, static_lb, sorder,
+    lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
     fsize, ftree, prof_notice, prof_rate, out_bid, out_code, out_short,
 ):
     """Reasons of the losing bids in bid_id order; retires this tick's winners (WON -> DEAD).
@@ -888,7 +975,7 @@ def emit_losers(
         if cls_st[c, C_STAMP] != tick:
             class_reason(
                 tier, now, tick, c, cls_key, cls_st, max_host,
-                lf, size, stat, nv, nbest, fab_start, fab_end, fab_leaf, mg, static_lb, sorder,
+                lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
                 fsize, ftree, prof_notice, prof_rate, stack,
             )
         code = cls_st[c, C_CODE]
@@ -898,7 +985,7 @@ def emit_losers(
                 code = R_LIMIT_BELOW_PRICE
                 short = price - lim
             elif lim < class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end,
-                                  fab_leaf, mg, static_lb, sorder, fsize, ftree, prof_notice,
+                                  fw, mg, static_lb, sorder, fsize, ftree, prof_notice,
                                   prof_rate):
                 code = R_BELOW_FLOOR
             else:
@@ -1068,21 +1155,21 @@ def rehash_classes(cls_key, n_cls, hkeys, hvals):
 
 
 @njit(cache=True)
-def _fabric_key(tier, now, end, mn, budget, g, f, lf, fab_end, fab_leaf, fab_first):
+def _fabric_key(tier, now, end, mn, budget, g, f, fw, fab_end, fab_first):
     """(highest floor, hosts) of fabric f's cheapest eligible whole free hosts holding g GPUs,
     or (I64_MAX, 0)."""
     total = 0
     cnt = 0
     for j in range(fab_first[f], fab_end[f]):
-        i = fab_leaf[j]
-        if not _whole_free(lf, i):
+        i = j
+        if not _whole_free(fw, i):
             continue
-        if not leaf_eligible(tier, lf, i, now, end, mn, budget):
+        if not w_eligible(tier, fw, i, now, end, mn, budget):
             continue
-        total += lf[i, L_GPUS]
+        total += fw[i, W_GPUS]
         cnt += 1
         if total >= g:
-            return lf[i, L_FLOOR], cnt
+            return fw[i, W_FLOOR], cnt
     return I64_MAX, 0
 
 
@@ -1147,7 +1234,7 @@ def _h_push_last(h, s, hsize):
 
 @njit(cache=True)
 def find_multi_heap(tier, now, end, mn, budget, pmask, g, limit, s, h, hsize, fver,
-                    lf, fab_end, fab_leaf, fab_first, fsize, fdyn):
+                    fw, fab_end, fab_first, fsize, fdyn):
     """The fabric `find_multi` returns, through the class's heap in slot s; -1 if none."""
     nfab = len(fver)
     if hsize[s] < 0:
@@ -1155,7 +1242,7 @@ def find_multi_heap(tier, now, end, mn, budget, pmask, g, limit, s, h, hsize, fv
         for f in range(nfab):
             if not _fabric_may_fit(tier, fdyn, fsize + f, now, end, mn, budget, pmask, g):
                 continue
-            fl, cnt = _fabric_key(tier, now, end, mn, budget, g, f, lf, fab_end, fab_leaf,
+            fl, cnt = _fabric_key(tier, now, end, mn, budget, g, f, fw, fab_end,
                                   fab_first)
             if fl == I64_MAX:
                 continue
@@ -1180,7 +1267,7 @@ def find_multi_heap(tier, now, end, mn, budget, pmask, g, limit, s, h, hsize, fv
         last = n - 1
         f = h[s, last, 2]
         if h[s, last, 3] != fver[f]:
-            fl, cnt = _fabric_key(tier, now, end, mn, budget, g, f, lf, fab_end, fab_leaf,
+            fl, cnt = _fabric_key(tier, now, end, mn, budget, g, f, fw, fab_end,
                                   fab_first)
             if fl == I64_MAX:
                 # Gone for the rest of the tick: move the parked entries down over it.

@@ -46,3 +46,10 @@ def warm_up() -> None:
     book.compact()
     book.remove_blocks(np.array([3]))
     book.tick(now + 4)
+    # A change of `free` alone is patched into the index in place.
+    book.upsert_blocks(
+        np.array([4]), np.array([4]), np.array([2]), np.array([8]), np.array([8]), np.array([3]),
+        np.array([1_300_000]), np.array([now + 48 * hour]), np.array([0]), np.array([120]),
+        np.array([50]), np.array([INT64_MAX]),
+    )
+    book.tick(now + 6)

@@ -497,3 +497,62 @@ def test_bad_input_is_rejected():
         add_records(book, Tier.SPOT, [bid(1, limit=0)])
     with pytest.raises(ValueError):
         upsert_records(book, [block(1, gpus=8, host_gpus=4)])
+
+
+# ---------------------------------------------------------------------------------------------
+# re-sending blocks between ticks (the service upserts every live block each tick)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(market_st(max_blocks=14, max_bids=24), st.data())
+def test_block_resend_then_tick_equals_fresh_book(market, data):
+    """Upserting blocks unchanged, with only `free` changed (patched in place), or with other
+    columns changed, then ticking, gives what a fresh book with those blocks gives."""
+    blocks, firm, spot, incumbents = market
+    book = book_from_records(blocks, firm, spot, incumbents)
+    first = book.tick(NOW)
+    won = {Tier.FIRM: set(first.firm.fill_bid_id.tolist()),
+           Tier.SPOT: set(first.spot.fill_bid_id.tolist())}
+    current = [dict(b, free=free_after(book)[b["block_id"]]) for b in blocks]
+    for _ in range(data.draw(st.integers(1, 3))):
+        kind = data.draw(st.sampled_from(["same", "free", "value", "floor"]))
+        if not current:
+            break
+        picked = data.draw(st.lists(st.sampled_from(range(len(current))), max_size=5))
+        for k in picked:
+            b = current[k]
+            if kind == "free":
+                b["free"] = data.draw(st.integers(0, b["gpus"]))
+            elif kind == "value":
+                b["cut_at"] = data.draw(st.sampled_from([INT64_MAX, NOW + 5 * H, NOW + H]))
+                b["free"] = data.draw(st.integers(0, b["gpus"]))
+            elif kind == "floor":
+                b["floor"] = data.draw(st.sampled_from([0, 100, 200, 300, 500]))
+        # The service re-sends every block, changed or not.
+        upsert_records(book, current)
+    result = book.tick(NOW + 2)
+    fresh = book_from_records(
+        current, [b for b in firm if b["bid_id"] not in won[Tier.FIRM]],
+        [b for b in spot if b["bid_id"] not in won[Tier.SPOT]], incumbents)
+    expected = fresh.tick(NOW + 2)
+
+    assert result.firm.as_dict() == expected.firm.as_dict()
+    assert result.spot.as_dict() == expected.spot.as_dict()
+    assert free_after(book) == free_after(fresh)
+
+
+def test_resending_unchanged_blocks_keeps_the_index():
+    book = book_from_records([block(1, floor=100), block(2, floor=200, free=3)], [], [])
+    book.tick(NOW)
+    index = book._index
+    upsert_records(book, [block(1, floor=100), block(2, floor=200, free=3)])
+    book.tick(NOW + 2)
+    assert book._index is index  # nothing changed: no rebuild
+
+    upsert_records(book, [block(1, floor=100, free=5), block(2, floor=200, free=3)])
+    add_records(book, Tier.SPOT, [bid(1, limit=150, gpus=6), bid(2, limit=150, gpus=5)])
+    result = book.tick(NOW + 4)
+    assert book._index is index  # only `free` changed: patched in place
+    assert result.spot.fill_bid_id.tolist() == [2]
+    assert result.spot.fill_block_id.tolist() == [1]
+    assert free_after(book) == {1: 0, 2: 3}
