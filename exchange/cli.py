@@ -111,6 +111,16 @@ def audit() -> None:
     sys.exit(1 if breaches else 0)
 
 
+def _run_bench(module: str, as_json: bool, **options: object) -> None:
+    """Run loadtests/<module>.py's `run(**options)`; print its table, or its figures as one JSON object."""
+    import importlib
+    import json
+
+    driver = importlib.import_module(f"loadtests.{module}")
+    figures = driver.run(**options)
+    click.echo(json.dumps(figures) if as_json else driver.format_table(figures))
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks: figures and ratios against a baseline run side by side (README, Benchmarks)."""
@@ -123,12 +133,7 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the figures as one JSON object")
 def bench_matching(orders: int, hosts: int, seed: int, as_json: bool) -> None:
     """A tick over a seeded book against the plain-Python reference and an exact MILP optimum."""
-    import json
-
-    from loadtests.bench_matching import format_table, run
-
-    figures = run(orders=orders, hosts=hosts, seed=seed)
-    click.echo(json.dumps(figures) if as_json else format_table(figures))
+    _run_bench("bench_matching", as_json, orders=orders, hosts=hosts, seed=seed)
 
 
 @bench.command("settlement")
@@ -138,12 +143,7 @@ def bench_matching(orders: int, hosts: int, seed: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the figures as one JSON object")
 def bench_settlement(leases: int, samples: int, seed: int, as_json: bool) -> None:
     """Leases settled/s and samples ingested/s, against the raw COPY rate of the same PostgreSQL."""
-    import json
-
-    from loadtests.bench_settlement import format_table, run
-
-    figures = run(leases=leases, samples=samples, seed=seed)
-    click.echo(json.dumps(figures) if as_json else format_table(figures))
+    _run_bench("bench_settlement", as_json, leases=leases, samples=samples, seed=seed)
 
 
 @bench.command("feed")
@@ -154,12 +154,7 @@ def bench_settlement(leases: int, samples: int, seed: int, as_json: bool) -> Non
 @click.option("--json", "as_json", is_flag=True, help="print the figures as one JSON object")
 def bench_feed(subscribers: int, ticks: int, tick_s: float, workers: int, as_json: bool) -> None:
     """Websocket subscribers on a local server: tick-to-client latency against a bare websocket echo."""
-    import json
-
-    from loadtests.bench_feed import format_table, run
-
-    figures = run(subscribers=subscribers, ticks=ticks, tick_s=tick_s, workers=workers)
-    click.echo(json.dumps(figures) if as_json else format_table(figures))
+    _run_bench("bench_feed", as_json, subscribers=subscribers, ticks=ticks, tick_s=tick_s, workers=workers)
 
 
 @main.command()
@@ -186,12 +181,7 @@ def watch(market: str, url: str, once: bool, seconds: float | None, no_color: bo
 @click.option("--json", "as_json", is_flag=True, help="print the figures as one JSON object")
 def bench_api(users: int, seconds: float, workers: int, as_json: bool) -> None:
     """Durable bids/s and p50/p99 latency under locust, against the raw durable insert rate."""
-    import json
-
-    from loadtests.bench_api import format_table, run
-
-    figures = run(users=users, seconds=seconds, workers=workers)
-    click.echo(json.dumps(figures) if as_json else format_table(figures))
+    _run_bench("bench_api", as_json, users=users, seconds=seconds, workers=workers)
 
 
 if __name__ == "__main__":

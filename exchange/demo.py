@@ -17,10 +17,11 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from exchange.core.net import free_port
 
 HOSTS = [("h100-a1", "pod-a", "2.00", 0), ("h100-a2", "pod-a", "2.20", 3600), ("h100-b1", "pod-b", "1.80", 0),
          ("h100-b2", "pod-b", "2.40", 7200)]
@@ -45,14 +46,6 @@ class Procs:
 
 def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Client:
@@ -83,7 +76,7 @@ async def _wait_ready(base: str, server: subprocess.Popen, timeout: float = 120)
 
 async def run_demo(seconds: float, port: int | None, home: Path, seed: int, out=print) -> int:
     rng = random.Random(seed)
-    port = port or _free_port()
+    port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     admin_key = "gpx_demo_" + secrets.token_urlsafe(24)
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}

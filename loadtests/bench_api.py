@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import os
-import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,16 +24,7 @@ import asyncpg
 import httpx
 
 from exchange.core.settings import Settings
-
-
-def _with_database(url: str, name: str) -> str:
-    return re.sub(r"^(postgres(?:ql)?://[^/]*/)([^?]*)", lambda m: m.group(1) + name, url, count=1)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from exchange.core.net import free_port, with_database
 
 
 async def _raw_insert_rate(url: str, concurrency: int, seconds: float) -> float:
@@ -113,8 +102,8 @@ def run(users: int = 32, seconds: float = 20, workers: int = 1, database_url: st
 
     try:
         asyncio.run(database("create"))
-        bench_url = _with_database(url, name)
-        port = _free_port()
+        bench_url = with_database(url, name)
+        port = free_port()
         base = f"http://127.0.0.1:{port}"
         with open(tmp / "server.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "exchange.cli", "serve", "--port", str(port), "--workers",

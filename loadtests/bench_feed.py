@@ -16,7 +16,6 @@ import json
 import os
 import random
 import resource
-import socket
 import statistics
 import struct
 import subprocess
@@ -25,6 +24,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from exchange.core.net import free_port
 
 MARKET = "BENCH-80GB/spot"
 CHANNELS = ["ticker", "book", "trades", "candles"]
@@ -156,12 +156,6 @@ def _fast_loop() -> None:
 
 
 # --- the run ---------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     import httpx
@@ -297,7 +291,7 @@ def run(subscribers: int = 1000, ticks: int = 10, tick_s: float = 2.0, channels:
             from exchange.db.embedded import start_embedded
 
             pg_server, dsn = start_embedded(home)
-        port, echo_port = _free_port(), _free_port()
+        port, echo_port = free_port(), free_port()
         env = dict(os.environ, DATABASE_URL=dsn, GPUX_HOME=str(home), GPUX_SCHEDULER="0", GPUX_LOG_LEVEL="WARNING",
                    GPUX_ADMIN_KEY="gpx_bench_" + base64.urlsafe_b64encode(os.urandom(24)).decode())
         log = home / "server.log"

@@ -26,15 +26,10 @@ from exchange.db.pool import create_pool
 from exchange.metering.schemas import MeterReport, MeterSample
 from exchange.metering.service import ingest_report
 from exchange.settlement.service import settle
+from exchange.core.net import with_database
 
 GPUS_PER_HOST = 8
 START = datetime(2026, 6, 1, tzinfo=timezone.utc)
-
-
-def _with_database(url: str, name: str) -> str:
-    import re
-
-    return re.sub(r"^(postgres(?:ql)?://[^/]*/)([^?]*)", lambda m: m.group(1) + name, url, count=1)
 
 
 async def _seed(conn: asyncpg.Connection, leases: int, price: int) -> list[tuple[int, list[str]]]:
@@ -104,7 +99,7 @@ async def _run(url: str, leases: int, samples: int, seed: int) -> dict:
     name = f"gpux_bench_{os.getpid()}"
     await admin.execute(f"DROP DATABASE IF EXISTS {name}")
     await admin.execute(f"CREATE DATABASE {name}")
-    bench_url = _with_database(url, name)
+    bench_url = with_database(url, name)
     conn = await asyncpg.connect(bench_url)
     await apply_migrations(conn)
     await conn.close()

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,18 +11,20 @@ from pathlib import Path
 
 import httpx
 
+from exchange.core.net import free_port, with_database  # noqa: F401 (re-exported for tests)
+
 ADMIN_KEY = "gpx_test_admin_key_0123456789abcdefghijklmnop"
 
 
-def with_database(url: str, name: str) -> str:
-    """The same server URL pointing at another database (works for socket and TCP URLs)."""
-    return re.sub(r"^(postgres(?:ql)?://[^/]*/)([^?]*)", lambda m: m.group(1) + name, url, count=1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+    """Signal a process and wait for it; kill it if it does not go in time."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 @dataclass
@@ -39,13 +39,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, sig, timeout)
 
 
 def start_server(tmp: Path, *, database_url: str | None, home: Path | None = None, workers: int = 1,
@@ -98,13 +92,7 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, sig, timeout)
 
 
 def start_agent(tmp: Path, base_url: str, token: str, *, host: str, simulate: str = "8xH100-80GB",

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-import asyncpg
 
 from exchange.db.pool import create_pool
 

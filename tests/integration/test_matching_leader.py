@@ -2,7 +2,6 @@
 and another takes over when it goes."""
 from __future__ import annotations
 
-import asyncpg
 
 from exchange.db.pool import create_pool
 
