@@ -34,12 +34,15 @@ from exchange.leases.controller import AgentLeaseController, LeaseController
 from exchange.markets.controller import MarketController
 from exchange.metering.controller import MeterController
 from exchange.reclaims.controller import ReclaimController
+from exchange.stream.controller import stream_socket
+from exchange.stream.hub import StreamHub
 from exchange.offers.controller import OfferController
 from exchange.scheduler import start_jobs
 
 log = logging.getLogger("exchange")
 
-PUBLIC_PATHS = ["/healthz", "/metrics", "/schema"]
+# No key needed, or (/v1/stream) the websocket checks its key itself, also from its first message.
+PUBLIC_PATHS = ["/healthz", "/metrics", "/schema", "/v1/stream"]
 
 
 class MetricsController(PrometheusController):
@@ -112,6 +115,9 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
         try:
             ctx = AppContext(settings=settings, pool=pool, clock=clock)
             ctx.extras["database_url"] = url  # the feed's channels backend listens on it
+            stream_hub = StreamHub(pool, url)
+            await stream_hub.start()
+            app.state.stream_hub = stream_hub
             app.state.ctx = ctx
             if settings.run_scheduler:
                 # Compile the matching kernels now (cached on disk), not in the first tick.
@@ -125,6 +131,8 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
                 await leader.close()
+            if "stream_hub" in app.state:
+                await app.state.stream_hub.stop()
             await pool.close()
             if server is not None:
                 stop_embedded(server)
@@ -138,7 +146,7 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
     return Litestar(
         route_handlers=[healthz, MetricsController, AccountController, HostController, AgentController,
                         OfferController, BidController, MarketController, LeaseController, AgentLeaseController,
-                        MeterController, ReclaimController],
+                        MeterController, ReclaimController, stream_socket],
         lifespan=[lifespan],
         plugins=[FeedPlugin()],  # market data: /v1/feed, the channels plugin, the page at /
         dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},

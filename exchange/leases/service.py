@@ -62,3 +62,8 @@ async def get_lease(ctx: AppContext, principal: Principal, lease_id: int) -> Lea
     if row is None:
         raise NotFound(f"lease {lease_id}")
     return to_lease(row)
+
+
+async def lease_by_id(pool: asyncpg.Pool, lease_id: int) -> Lease:
+    """A lease as its tenant sees it (for private events: the stream has checked whose it is)."""
+    return to_lease(await pool.fetchrow(f"SELECT {_COLUMNS} FROM leases l WHERE l.id = $1", lease_id))

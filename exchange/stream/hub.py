@@ -1,0 +1,90 @@
+"""Delivers each account's private events to its open /v1/stream sockets in this process.
+
+Events are rows of `account_events` (written by a trigger with the lease change itself, numbered per
+account), so nothing is lost between a change and its delivery: on NOTIFY gpux_stream (payload: the
+account id) the hub reads that account's events after the last seq each socket has seen, in order.
+One LISTEN connection per process; several processes each serve their own sockets."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from datetime import datetime, timezone
+from typing import Awaitable, Callable
+
+import asyncpg
+
+from exchange.leases.service import lease_by_id
+from exchange.stream.schemas import StreamEnvelope, encoder
+
+log = logging.getLogger(__name__)
+STREAM_CHANNEL = "gpux_stream"
+Send = Callable[[bytes], Awaitable[None]]
+
+
+class StreamClient:
+    def __init__(self, account_id: int, send: Send, last_seq: int) -> None:
+        self.account_id = account_id
+        self.send = send
+        self.last_seq = last_seq
+        self.lock = asyncio.Lock()  # one delivery at a time per socket keeps events in order
+
+
+class StreamHub:
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        self.pool = pool
+        self.dsn = dsn
+        self.clients: dict[int, set[StreamClient]] = defaultdict(set)
+        self.listener: asyncpg.Connection | None = None
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self.listener = await asyncpg.connect(self.dsn)
+        await self.listener.add_listener(STREAM_CHANNEL, self._notified)
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.listener is not None:
+            await self.listener.close()
+
+    def _notified(self, _conn, _pid, _channel, payload: str) -> None:
+        account_id = int(payload)
+        for client in list(self.clients.get(account_id, ())):
+            task = asyncio.get_running_loop().create_task(self.deliver(client))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def current_seq(self, account_id: int) -> int:
+        return await self.pool.fetchval("SELECT event_seq FROM accounts WHERE id = $1", account_id)
+
+    def attach(self, client: StreamClient) -> None:
+        self.clients[client.account_id].add(client)
+
+    def detach(self, client: StreamClient) -> None:
+        self.clients[client.account_id].discard(client)
+
+    async def deliver(self, client: StreamClient) -> None:
+        """Send the account's events after the client's last seq, in order."""
+        async with client.lock:
+            rows = await self.pool.fetch(
+                "SELECT seq, kind, market, lease_id, at FROM account_events WHERE account_id = $1 AND seq > $2"
+                " ORDER BY seq LIMIT 1000", client.account_id, client.last_seq)
+            for row in rows:
+                lease = await lease_by_id(self.pool, row["lease_id"])
+                await client.send(encoder.encode(StreamEnvelope(
+                    channel="stream", type=row["kind"], market=row["market"], seq=row["seq"], ts=row["at"],
+                    data=lease)))
+                client.last_seq = row["seq"]
+            if len(rows) == 1000:  # more behind: go on
+                await self.deliver_unlocked_later(client)
+
+    async def deliver_unlocked_later(self, client: StreamClient) -> None:
+        task = asyncio.get_running_loop().create_task(self.deliver(client))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    @staticmethod
+    def control(kind: str, data: dict, seq: int | None = None) -> bytes:
+        return encoder.encode(StreamEnvelope(channel="stream", type=kind, market=None, seq=seq,
+                                             ts=datetime.now(timezone.utc), data=data))
