@@ -14,6 +14,7 @@ from exchange.auction.book_sync import BookSync, ModelState
 from exchange.bids.service import close_bid, expire_bids
 from exchange.core import metrics
 from exchange.core.money import cost_micros
+from exchange.leases.service import lock_lease_changes
 from exchange.ledger import service as ledger
 from exchange.markets.service import market_id
 from exchange.reclaims.service import run_due_reclaims
@@ -52,6 +53,7 @@ async def run_tick(conn: asyncpg.Connection, sync: BookSync, now: datetime) -> T
     started = time.perf_counter()
     await run_due_reclaims(conn, now)
     async with conn.transaction():
+        await lock_lease_changes(conn)
         ended = await end_due_leases(conn, now)
         await expire_bids(conn, now)
     await sync.load_bid_changes(conn)
@@ -64,6 +66,7 @@ async def run_tick(conn: asyncpg.Connection, sync: BookSync, now: datetime) -> T
         state = sync.models[model]
         result = state.book.tick(int(now.timestamp()))
         async with conn.transaction():
+            await lock_lease_changes(conn)
             for tier in (Tier.FIRM, Tier.SPOT):
                 tier_result = result.firm if tier == Tier.FIRM else result.spot
                 tick_id, made, n_outbid = await _persist_tier(conn, state, tier, tier_result, now)

@@ -21,6 +21,16 @@ def kwh(millijoules: int) -> str:
     return f"{millijoules / 3.6e9:.6f}"
 
 
+LEASE_CHANGES_LOCK_KEY = 0x6770_7578_0006
+
+
+async def lock_lease_changes(conn: asyncpg.Connection) -> None:
+    """Serialise the transactions that start or change leases (ticks, silent hosts, reclaims): each
+    change makes the `leases_events` trigger lock its tenant's and owner's account rows, and two such
+    transactions locking them in opposite orders would deadlock. Call first in the transaction."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", LEASE_CHANGES_LOCK_KEY)
+
+
 def to_lease(row: asyncpg.Record) -> Lease:
     return Lease(id=row["id"], bid_id=row["bid_id"], market=row["market"], tier=row["tier"], host_id=row["host_id"],
                  offer_id=row["offer_id"], gpus=row["gpus"], gpu_uuids=list(row["gpu_uuids"]),

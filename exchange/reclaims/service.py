@@ -12,6 +12,7 @@ from exchange.core.auth import Principal
 from exchange.core.context import AppContext
 from exchange.core.errors import InvalidField, NotFound
 from exchange.hosts.service import host_for
+from exchange.leases.service import lock_lease_changes
 from exchange.reclaims.schemas import Reclaim, ReclaimCreate, ReclaimedLease
 from exchange.reclaims.victims import VICTIM_STRATEGIES, Gang
 
@@ -45,6 +46,7 @@ async def create_reclaim(ctx: AppContext, principal: Principal, data: ReclaimCre
     if strategy not in VICTIM_STRATEGIES:
         raise InvalidField("strategy", f"one of {', '.join(sorted(VICTIM_STRATEGIES))}")
     async with ctx.pool.acquire() as conn, conn.transaction():
+        await lock_lease_changes(conn)
         if data.host_id is not None:
             await host_for(conn, principal, data.host_id)
         hosts = await _scope_hosts(conn, principal.account_id, data.model, data.host_id)
@@ -122,6 +124,7 @@ async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: dateti
 async def run_due_reclaims(conn: asyncpg.Connection, now: datetime) -> int:
     """Execute reservations whose time has come; give back GPUs of reclaims past their `until`."""
     async with conn.transaction():
+        await lock_lease_changes(conn)
         due = [r["id"] for r in await conn.fetch(
             "SELECT id FROM reclaims WHERE status = 'scheduled' AND at <= $1 ORDER BY at, id", now)]
         for reclaim_id in due:

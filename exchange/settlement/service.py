@@ -190,7 +190,10 @@ async def fail_silent_hosts(conn: asyncpg.Connection, now: datetime, *, grace_s:
     """A host whose agent is silent past `grace_s` is marked silent (billing already stops at its
     last sample); past `fail_s` its live leases end as failed at its last sample, with no charge for
     the unmetered time."""
+    from exchange.leases.service import lock_lease_changes
+
     async with conn.transaction():
+        await lock_lease_changes(conn)
         await conn.execute(
             "UPDATE hosts SET health = 'silent' WHERE health = 'ok' AND last_sample_at < $1",
             now - timedelta(seconds=grace_s))
