@@ -32,7 +32,10 @@ from matching.arrays import (
 _BIT = K.bit_table()
 _GE, _LE = K.mask_tables()
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
-_HEAP_ENTRIES = 1 << 23  # fabric-heap entries per tier and tick (x 32 bytes)
+_ELB_ENTRIES = 1 << 23  # per-eligibility-class fabric bounds, entries per tier (x 8 bytes)
+# An eligibility class switches from the plain multi-host search to its own bounds once its plain
+# searches have looked at (whole hosts) / _ELB_AFTER hosts; 0 = from its first search.
+_ELB_AFTER = 16
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,7 @@ class TierBook:
         self.n_ecls = 0
         self.dom_ptr = np.zeros(1, np.int64)
         self.dom_idx = np.empty(0, np.int64)
+        self._elb = np.empty(0, np.int64)  # kept between ticks (kernels.find_multi_e)
 
     def eligibility_classes(self):
         """Eligibility classes (duration, min_notice, hazard budget: the bid class without gpus)
@@ -442,18 +446,25 @@ class ModelBook:
         ecls, n_ecls, dom_ptr, dom_idx = tb.eligibility_classes()
         fail_single = np.full(n_ecls, INT64_MAX, np.int64)
         fail_multi = np.full(n_ecls, INT64_MAX, np.int64)
-        # One lazy fabric heap per multi-host class (kernels.find_multi_heap); np.empty leaves
-        # the pages of classes never searched untouched.  Beyond a memory cap, the classes
-        # without a slot use the plain search.
+        # Per eligibility class with multi-host bids, lazily exact fabric bounds for every gang
+        # size (kernels.find_multi_e).  Beyond a memory cap, the classes without a slot use the
+        # plain search.  The buffer is kept between ticks (its pages stay mapped).
         nfab = len(idx.fab_start)
+        ng = len(idx.mg)
         multi = np.flatnonzero(tb.cls_key[: tb.n_cls, K.K_GPUS] > idx.max_host)
-        nslots = min(len(multi), _HEAP_ENTRIES // max(nfab, 1))
-        mslot = np.zeros((max(tb.n_cls, 1), 2), np.int64)  # (heap slot or -1, queries)
-        mslot[:, 0] = -1
-        mslot[multi[:nslots], 0] = np.arange(nslots)
-        heap = np.empty((nslots, nfab, 4), np.int64)
-        hsize = np.full(nslots, -1, np.int64)
+        multi_e = np.unique(ecls[multi]) if len(multi) else _EMPTY_I64
+        per_slot = max(ng * 2 * idx.fsize + nfab, 1)
+        nslots = min(len(multi_e), _ELB_ENTRIES // per_slot)
+        eslot = np.zeros((max(n_ecls, 1), 2), np.int64)  # (slot or -1, hosts searched)
+        eslot[:, 0] = -1
+        eslot[multi_e[:nslots], 0] = np.arange(nslots)
+        if len(tb._elb) < nslots * per_slot:
+            tb._elb = np.empty(nslots * per_slot, np.int64)
+        elb = tb._elb[: nslots * ng * 2 * idx.fsize].reshape(nslots, ng, 2 * idx.fsize)
+        ever = tb._elb[nslots * ng * 2 * idx.fsize: nslots * per_slot].reshape(nslots, nfab)
+        einit = np.zeros(max(nslots, 1), np.int64)
         fver = np.zeros(nfab, np.int64)
+        dirty = np.zeros(2 * nfab + 1, np.int64)
         fill_bid = np.empty(cap, np.int64)
         fill_block = np.empty(cap, np.int64)
         fill_gpus = np.empty(cap, np.int32)
@@ -466,7 +477,8 @@ class ModelBook:
             idx.fab_start, idx.fab_end, idx.fw, idx.nv, idx.nbest,
             idx.mg, idx.fab_first, idx.lbtree, idx.fsize, idx.ftree, idx.fdyn, idx.static_lb,
             idx.sorder, idx.prof_notice, idx.prof_rate,
-            ecls, dom_ptr, dom_idx, fail_single, fail_multi, mslot, heap, hsize, fver,
+            ecls, dom_ptr, dom_idx, fail_single, fail_multi, eslot, elb, ever, einit,
+            len(idx.fw) // _ELB_AFTER if _ELB_AFTER else -1, fver, dirty,
             fill_bid, fill_block, fill_gpus,
         )
         if n_win:

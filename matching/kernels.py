@@ -791,18 +791,38 @@ def class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end, fw, 
 
 
 @njit(cache=True)
-def _take(lf, i, give, size, dyn, bit, fab_start, fab_end, fw, fab_first, mg, lbtree,
-          fsize, fdyn, fver):
+def _take(lf, i, give, size, dyn, bit, fw, fver, dirty):
+    """Take `give` GPUs of leaf i.  When a whole host stops being entirely free, its fabric's
+    multi-host structures (lbtree, fdyn, fab_first) are only marked stale (`dirty`, see
+    flush_dirty): stale, they are still valid bounds, since free GPUs only shrink in a tick."""
     was_whole_free = lf[i, L_FREE] == lf[i, L_GPUS] and lf[i, L_GPUS] == lf[i, L_HOSTG]
     lf[i, L_FREE] -= give
     jw = lf[i, L_FPOS]
     if jw >= 0:
         fw[jw, W_FREE] = lf[i, L_FREE]
     _update_dyn(dyn, size, lf, i, bit)
-    if was_whole_free and len(mg) > 0:
-        fab_refresh(lf[i, L_FAB], fw, fab_end, fab_first, mg, lbtree, fsize)
-        _fabric_update(fw, fab_start, fab_end, fsize, fdyn, lf[i, L_FAB])
-        fver[lf[i, L_FAB]] += 1
+    if was_whole_free:
+        f = lf[i, L_FAB]
+        fver[f] += 1
+        # dirty[f] = 1 when listed; dirty[nfab + 1 + r] = r-th listed fabric, dirty[nfab] = count
+        nfab = len(fver)
+        if dirty[f] == 0:
+            dirty[f] = 1
+            dirty[nfab + 1 + dirty[nfab]] = f
+            dirty[nfab] += 1
+
+
+@njit(cache=True)
+def flush_dirty(fw, fab_start, fab_end, fab_first, mg, lbtree, fsize, fdyn, dirty):
+    """Refresh the multi-host bounds of the fabrics `_take` marked, each once."""
+    nfab = len(fab_start)
+    for r in range(dirty[nfab]):
+        f = dirty[nfab + 1 + r]
+        dirty[f] = 0
+        if len(mg) > 0:
+            fab_refresh(f, fw, fab_end, fab_first, mg, lbtree, fsize)
+            _fabric_update(fw, fab_start, fab_end, fsize, fdyn, f)
+    dirty[nfab] = 0
 
 
 @njit(cache=True)
@@ -814,8 +834,8 @@ def clear_tier(
     lf, n, size, dyn, stat, bit, ge, le,
     fab_start, fab_end, fw, nv, nbest,
     mg, fab_first, lbtree, fsize, ftree, fdyn, static_lb, sorder, prof_notice, prof_rate,
-    ecls, dom_ptr, dom_idx, fail_single, fail_multi, mslot, heap, hsize, fver,
-    fill_bid, fill_block, fill_gpus,
+    ecls, dom_ptr, dom_idx, fail_single, fail_multi, eslot, elb, ever, einit, elb_after, fver,
+    dirty, fill_bid, fill_block, fill_gpus,
 ):
     """Walk the tier's live bids in price-time priority (merging the main run and the pending
     run on the fly) and allocate.  Winners get state WON.  Returns
@@ -866,8 +886,7 @@ def clear_tier(
                 cls_st[c, C_CURSOR] = first
                 cls_st[c, C_CSTAMP] = tick
                 if leaf >= 0:
-                    _take(lf, leaf, g, size, dyn, bit, fab_start, fab_end, fw, fab_first, mg,
-                          lbtree, fsize, fdyn, fver)
+                    _take(lf, leaf, g, size, dyn, bit, fw, fver, dirty)
                     fill_bid[nf] = bid_id
                     fill_block[nf] = lf[leaf, L_BLOCK]
                     fill_gpus[nf] = g
@@ -875,17 +894,25 @@ def clear_tier(
                     max_floor = max(max_floor, lf[leaf, L_FLOOR])
                     won = True
             else:
-                # A class's heap costs up to a pass over every whole host to set up: switch to
-                # it once the plain searches of the class have looked at that many hosts.
-                if mslot[c, 0] >= 0 and mslot[c, 1] > fw.shape[0] // 16:
-                    f = find_multi_heap(tier, now, end, mn, budget, pmask, g, lim, mslot[c, 0],
-                                        heap, hsize, fver, fw, fab_end, fab_first,
-                                        fsize, fdyn)
+                flush_dirty(fw, fab_start, fab_end, fab_first, mg, lbtree, fsize, fdyn, dirty)
+                gi = gang_index(mg, g)
+                s = eslot[e, 0]
+                # A class's bounds cost up to a pass over every whole host to make exact: use
+                # them once the plain searches of the class have looked at that many hosts.
+                if s >= 0 and eslot[e, 1] > elb_after:
+                    if einit[s] == 0:
+                        # The eligibility-blind bounds are valid bounds for the class to start.
+                        elb[s, :, :] = lbtree
+                        ever[s, :] = -1
+                        einit[s] = 1
+                    f = find_multi_e(tier, now, end, mn, budget, pmask, g, gi, lim, s, elb,
+                                     ever, fver, fw, fab_end, fab_first, mg, lbtree, fsize,
+                                     fdyn, stack)
                 else:
-                    f, work = find_multi(tier, now, end, mn, budget, pmask, g, gang_index(mg, g),
+                    f, work = find_multi(tier, now, end, mn, budget, pmask, g, gi,
                                          lim, fw, fab_end, fab_first, lbtree, fsize,
                                          fdyn, stack)
-                    mslot[c, 1] += work
+                    eslot[e, 1] += work
                 if f >= 0:
                     remaining = g
                     for jj in range(fab_first[f], fab_end[f]):
@@ -895,8 +922,7 @@ def clear_tier(
                             continue
                         leaf = fw[jj, W_LEAF]
                         give = min(remaining, lf[leaf, L_GPUS])
-                        _take(lf, leaf, give, size, dyn, bit, fab_start, fab_end, fw, fab_first,
-                              mg, lbtree, fsize, fdyn, fver)
+                        _take(lf, leaf, give, size, dyn, bit, fw, fver, dirty)
                         fill_bid[nf] = bid_id
                         fill_block[nf] = lf[leaf, L_BLOCK]
                         fill_gpus[nf] = give
@@ -931,6 +957,7 @@ def clear_tier(
             )
             if cls_st[c, C_CODE] == 0:
                 highest_lose = lim
+    flush_dirty(fw, fab_start, fab_end, fab_first, mg, lbtree, fsize, fdyn, dirty)
     return nf, n_win, max_floor, lowest_win, highest_lose
 
 
@@ -1145,13 +1172,17 @@ def rehash_classes(cls_key, n_cls, hkeys, hvals):
 
 
 # ---------------------------------------------------------------------------------------------
-# multi-host gangs, per class: a lazy heap of fabrics
+# multi-host gangs, per eligibility class: exact fabric bounds, computed lazily
 #
-# A class's first multi-host query in a tick computes every fabric's exact key (highest floor,
-# hosts used) for that class and heapifies them; later queries only recompute the fabrics whose
-# whole free hosts changed since (`fver`).  Within a tick free GPUs only shrink, so a fabric's
-# highest floor only rises: a stale entry's floor is a lower bound, and the top is exact once
-# every entry with a floor not above the top's has been refreshed.
+# Bids with the same (duration, notice, survival budget) see the same eligible whole hosts,
+# whatever their gang size.  Each such class with multi-host bids gets a copy `elb[s]` of the
+# bound trees `lbtree` (one per gang size), initialised from them (valid bounds, as they ignore
+# eligibility) when the class first searches in a tick.  A search that reaches a fabric whose
+# bounds are not exact for the class (`ever[s, f] != fver[f]`) computes, in one pass over the
+# fabric's whole hosts, its exact highest floor for every gang size and raises the leaves.  Free
+# GPUs only shrink in a tick, so a fabric's highest floor only rises: a bound computed before
+# some of its hosts were taken stays a bound.  Later searches of the class, for any gang size,
+# so visit only the fabrics that can still win, plus those that changed.
 
 
 @njit(cache=True)
@@ -1174,126 +1205,92 @@ def _fabric_key(tier, now, end, mn, budget, g, f, fw, fab_end, fab_first):
 
 
 @njit(cache=True)
-def _h_less(h, s, a, b):
-    # h[s, x, 0] = floor, 1 = hosts, 2 = fabric, 3 = version
-    if h[s, a, 0] != h[s, b, 0]:
-        return h[s, a, 0] < h[s, b, 0]
-    if h[s, a, 1] != h[s, b, 1]:
-        return h[s, a, 1] < h[s, b, 1]
-    return h[s, a, 2] < h[s, b, 2]
+def _elb_set(elb, s, fsize, gi, f, v):
+    node = fsize + f
+    if elb[s, gi, node] == v:
+        return
+    _elb_node_set(elb, s, gi, node, v)
 
 
 @njit(cache=True)
-def _h_swap(h, s, a, b):
-    for q in range(4):
-        t = h[s, a, q]
-        h[s, a, q] = h[s, b, q]
-        h[s, b, q] = t
-
-
-@njit(cache=True)
-def _h_down(h, s, n, a):
-    while True:
-        l = 2 * a + 1
-        if l >= n:
+def _elb_node_set(elb, s, gi, node, v):
+    elb[s, gi, node] = v
+    node >>= 1
+    while node >= 1:
+        m = min(elb[s, gi, 2 * node], elb[s, gi, 2 * node + 1])
+        if elb[s, gi, node] == m:
             return
-        m = l
-        if l + 1 < n and _h_less(h, s, l + 1, l):
-            m = l + 1
-        if not _h_less(h, s, m, a):
-            return
-        _h_swap(h, s, a, m)
-        a = m
+        elb[s, gi, node] = m
+        node >>= 1
 
 
 @njit(cache=True)
-def _h_up(h, s, a):
-    while a > 0:
-        p = (a - 1) >> 1
-        if not _h_less(h, s, a, p):
-            return
-        _h_swap(h, s, a, p)
-        a = p
-
-
-@njit(cache=True)
-def _h_pop(h, s, hsize):
-    """Remove the top into the spare slot at index hsize-1 (after the call, entry [n-1] is it)."""
-    n = hsize[s]
-    _h_swap(h, s, 0, n - 1)
-    hsize[s] = n - 1
-    _h_down(h, s, n - 1, 0)
-
-
-@njit(cache=True)
-def _h_push_last(h, s, hsize):
-    """Re-insert the entry sitting just past the end of the heap."""
-    hsize[s] += 1
-    _h_up(h, s, hsize[s] - 1)
-
-
-@njit(cache=True)
-def find_multi_heap(tier, now, end, mn, budget, pmask, g, limit, s, h, hsize, fver,
-                    fw, fab_end, fab_first, fsize, fdyn):
-    """The fabric `find_multi` returns, through the class's heap in slot s; -1 if none."""
-    nfab = len(fver)
-    if hsize[s] < 0:
-        n = 0
-        for f in range(nfab):
-            if not _fabric_may_fit(tier, fdyn, fsize + f, now, end, mn, budget, pmask, g):
-                continue
-            fl, cnt = _fabric_key(tier, now, end, mn, budget, g, f, fw, fab_end,
-                                  fab_first)
-            if fl == I64_MAX:
-                continue
-            h[s, n, 0] = fl
-            h[s, n, 1] = cnt
-            h[s, n, 2] = f
-            h[s, n, 3] = fver[f]
-            n += 1
-        for a in range((n >> 1) - 1, -1, -1):
-            _h_down(h, s, n, a)
-        hsize[s] = n
-    # Pop until the top is fresh; then pop every entry of the same floor (refreshing stale ones)
-    # so the tie-break on (hosts, fabric) sees exact keys; park the popped fresh entries past the
-    # end and push them back.
-    parked = 0
-    top_fl = I64_MAX
-    while hsize[s] > 0:
-        if h[s, 0, 0] > limit or (parked > 0 and h[s, 0, 0] > top_fl):
+def _elb_refresh(tier, now, end, mn, budget, s, f, elb, ever, fver, fw, fab_end, fab_first, mg,
+                 fsize):
+    """Exact bounds of fabric f for eligibility slot s, for every gang size."""
+    total = 0
+    gi = 0
+    ng = len(mg)
+    for j in range(fab_first[f], fab_end[f]):
+        if gi == ng:
             break
-        n = hsize[s]
-        _h_pop(h, s, hsize)
-        last = n - 1
-        f = h[s, last, 2]
-        if h[s, last, 3] != fver[f]:
-            fl, cnt = _fabric_key(tier, now, end, mn, budget, g, f, fw, fab_end,
-                                  fab_first)
-            if fl == I64_MAX:
-                # Gone for the rest of the tick: move the parked entries down over it.
-                for r in range(parked):
-                    for q in range(4):
-                        h[s, last + r, q] = h[s, last + 1 + r, q]
-                continue
-            h[s, last, 0] = fl
-            h[s, last, 1] = cnt
-            h[s, last, 3] = fver[f]
-            # Back in (the parked entries sit after it and are not disturbed by one push as
-            # the push only moves entries inside the heap).
-            _h_push_last(h, s, hsize)
+        if not _whole_free(fw, j):
             continue
-        # Fresh: keep it parked (it stays at index `last`, right after the heap).
-        if parked == 0:
-            top_fl = h[s, last, 0]
-        parked += 1
-    best = -1
-    if parked > 0 and top_fl <= limit:
-        base = hsize[s]
-        b = base
-        for r in range(base + 1, base + parked):
-            if _h_less(h, s, r, b):
-                b = r
-        best = h[s, b, 2]
-    for _ in range(parked):
-        _h_push_last(h, s, hsize)
-    return best
+        if not w_eligible(tier, fw, j, now, end, mn, budget):
+            continue
+        total += fw[j, W_GPUS]
+        while gi < ng and total >= mg[gi]:
+            _elb_set(elb, s, fsize, gi, f, fw[j, W_FLOOR])
+            gi += 1
+    while gi < ng:
+        _elb_set(elb, s, fsize, gi, f, I64_MAX)
+        gi += 1
+    ever[s, f] = fver[f]
+
+
+@njit(cache=True)
+def find_multi_e(tier, now, end, mn, budget, pmask, g, gi, limit, s, elb, ever, fver,
+                 fw, fab_end, fab_first, mg, lbtree, fsize, fdyn, stack):
+    """`find_multi` through the eligibility class's bounds `elb[s]` (exact once refreshed)."""
+    best_f = -1
+    best_hf = I64_MAX
+    best_cnt = 0
+    stack[0, 0] = 1
+    sp = 1
+    while sp > 0:
+        sp -= 1
+        node = stack[sp, 0]
+        v = elb[s, gi, node]
+        if v > limit or v > best_hf:
+            continue
+        if not _fabric_may_fit(tier, fdyn, node, now, end, mn, budget, pmask, g):
+            # For the rest of the tick (fdyn only shrinks): no fabric under node holds g GPUs.
+            _elb_node_set(elb, s, gi, node, I64_MAX)
+            continue
+        if node < fsize:
+            a = 2 * node
+            b = a + 1
+            if elb[s, gi, a] <= elb[s, gi, b]:
+                stack[sp, 0] = b
+                stack[sp + 1, 0] = a
+            else:
+                stack[sp, 0] = a
+                stack[sp + 1, 0] = b
+            sp += 2
+            continue
+        f = node - fsize
+        if ever[s, f] != fver[f] or lbtree[gi, node] > v:
+            _elb_refresh(tier, now, end, mn, budget, s, f, elb, ever, fver, fw, fab_end,
+                         fab_first, mg, fsize)
+            v = elb[s, gi, node]
+            if v > limit or v > best_hf:
+                continue
+        fl, cnt = _fabric_key(tier, now, end, mn, budget, g, f, fw, fab_end, fab_first)
+        if fl > limit:
+            continue
+        if (fl < best_hf or (fl == best_hf and cnt < best_cnt)
+                or (fl == best_hf and cnt == best_cnt and f < best_f)):
+            best_f = f
+            best_hf = fl
+            best_cnt = cnt
+    return best_f

@@ -556,3 +556,53 @@ def test_resending_unchanged_blocks_keeps_the_index():
     assert result.spot.fill_bid_id.tolist() == [2]
     assert result.spot.fill_block_id.tolist() == [1]
     assert free_after(book) == {1: 0, 2: 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-host search paths: plain search, per-eligibility-class bounds (kernels.find_multi_e)
+
+
+@pytest.mark.parametrize("elb_entries, elb_after", [(0, 16), (1 << 23, 0)])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(market=market_st(max_blocks=24, max_bids=30))
+def test_multi_host_search_paths_equal_reference(monkeypatch, elb_entries, elb_after, market):
+    # (0, _): no class gets bounds, every search is plain; (_, 0): every class uses its bounds
+    # from its first search.
+    import matching.book as book_module
+
+    monkeypatch.setattr(book_module, "_ELB_ENTRIES", elb_entries)
+    monkeypatch.setattr(book_module, "_ELB_AFTER", elb_after)
+    blocks, firm, spot, incumbents = market
+
+    book, result = engine_tick(blocks, firm, spot, incumbents)
+    expected = reference_tick(blocks, firm, spot, incumbents, NOW)
+
+    assert result.firm.as_dict() == expected.firm
+    assert result.spot.as_dict() == expected.spot
+    assert free_after(book) == expected.free_after
+
+
+def test_class_bounds_are_reset_between_ticks(monkeypatch):
+    # Two ticks on one book with the bounds from the first search: the second tick must not
+    # reuse the first tick's (now wrong: hosts were freed again) bounds.
+    import matching.book as book_module
+
+    monkeypatch.setattr(book_module, "_ELB_AFTER", 0)
+    blocks = [
+        {"block_id": 10 + k, "host_id": 100 + k, "fabric_id": 1 + k // 4, "host_gpus": 8,
+         "gpus": 8, "free": 8, "floor": 100 + 10 * k, "available_until": NOW + 48 * H,
+         "firm_until": NOW + 30 * H, "notice_s": 300, "rate_mph": 0, "cut_at": INT64_MAX}
+        for k in range(12)
+    ]
+    bids = [{"bid_id": 1 + j, "seq": 1 + j, "gpus": 16, "duration_s": H, "limit": 1000 - j,
+             "hazard_budget": INT64_MAX, "min_notice_s": 0} for j in range(4)]
+    book = book_from_records(blocks, bids, [], [])
+    first = book.tick(NOW)
+    assert first.firm.as_dict() == reference_tick(blocks, bids, [], [], NOW).firm
+    # Free every host again and bid again: the same allocation as a fresh book.
+    upsert_records(book, blocks)
+    again = [dict(b, bid_id=b["bid_id"] + 100, seq=b["seq"] + 100) for b in bids]
+    add_records(book, Tier.FIRM, again)
+    second = book.tick(NOW + 2)
+    assert second.firm.as_dict() == reference_tick(blocks, again, [], [], NOW + 2).firm
