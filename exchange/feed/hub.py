@@ -34,8 +34,23 @@ SLOW_CONSUMER = 1008  # policy violation: the client did not read fast enough
 Event = dict[str, Any]  # an ASGI websocket.send event, shared by every subscriber it goes to
 
 
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, final websocket text frame (RFC 6455 §5.2) around `payload`. Uncompressed frames
+    are valid also where permessage-deflate was negotiated (RFC 7692 §6: RSV1 unset)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return header + payload
+
+
 def _event(payload: bytes) -> Event:
-    return {"type": "websocket.send", "bytes": None, "text": payload.decode("utf-8")}
+    # "frame": the whole websocket frame, built once per message and written as is into every
+    # subscriber's socket (see Subscriber.push); the ASGI fields serve the fallback path.
+    return {"type": "websocket.send", "bytes": None, "text": payload.decode("utf-8"), "frame": text_frame(payload)}
 
 
 def _now() -> datetime:
@@ -77,8 +92,18 @@ class Subscriber:
             self.queue.append(event)
             return
         transport = self.transport
-        if transport is not None and transport.get_write_buffer_size() > self.hub.settings.max_buffer_bytes:
-            self.kill(f"slow consumer: more than {self.hub.settings.max_buffer_bytes} bytes waiting to be sent")
+        if transport is not None:
+            if transport.get_write_buffer_size() > self.hub.settings.max_buffer_bytes:
+                self.kill(f"slow consumer: more than {self.hub.settings.max_buffer_bytes} bytes waiting to be sent")
+                return
+            if transport.is_closing():
+                self.finish()
+                return
+            # The fan-out's hot path: the same prebuilt frame for every subscriber, one write each,
+            # instead of a pass through the ASGI and websocket layers per subscriber. Its buffer is
+            # bounded just above.
+            transport.write(event["frame"])
+            self.sent += 1
             return
         coro = self.send(event)
         try:
