@@ -23,9 +23,12 @@ class FeedOp(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
-    """Every server message: `seq` rises by one per market and channel (None on heartbeats/errors)."""
+    """Every server message of /v1/feed and /v1/stream (SPEC §9: the same envelope). On the feed `seq`
+    rises by one per market and channel; on the stream, by one per account. None on heartbeats and
+    errors."""
     channel: str
-    type: Literal["snapshot", "update", "heartbeat", "error"]
+    type: Literal["snapshot", "update", "heartbeat", "error",
+                  "ready", "fill", "lease_started", "notice", "lease_ended"]
     market: str | None
     seq: int | None
     ts: datetime

@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 import asyncpg
 
 from exchange.leases.service import lease_by_id
-from exchange.stream.schemas import StreamEnvelope, encoder
+from exchange.feed.schemas import Envelope, encoder
 
 log = logging.getLogger(__name__)
 STREAM_CHANNEL = "gpux_stream"
@@ -72,7 +72,7 @@ class StreamHub:
                 " ORDER BY seq LIMIT 1000", client.account_id, client.last_seq)
             for row in rows:
                 lease = await lease_by_id(self.pool, row["lease_id"])
-                await client.send(encoder.encode(StreamEnvelope(
+                await client.send(encoder.encode(Envelope(
                     channel="stream", type=row["kind"], market=row["market"], seq=row["seq"], ts=row["at"],
                     data=lease)))
                 client.last_seq = row["seq"]
@@ -86,5 +86,5 @@ class StreamHub:
 
     @staticmethod
     def control(kind: str, data: dict, seq: int | None = None) -> bytes:
-        return encoder.encode(StreamEnvelope(channel="stream", type=kind, market=None, seq=seq,
+        return encoder.encode(Envelope(channel="stream", type=kind, market=None, seq=seq,
                                              ts=datetime.now(timezone.utc), data=data))

@@ -1,14 +1,12 @@
-"""/v1/stream's wire shapes: the feed's envelope (SPEC §9), with private event types."""
+"""/v1/stream's wire shapes: the client's first message; the server sends the feed's Envelope
+(exchange/feed/schemas.py: SPEC §9 gives both the same envelope)."""
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
 from exchange.core.structs import Struct
-
-EventType = Literal["fill", "lease_started", "notice", "lease_ended", "heartbeat", "error", "ready"]
 
 
 class StreamOp(Struct, frozen=True, kw_only=True):
@@ -19,14 +17,4 @@ class StreamOp(Struct, frozen=True, kw_only=True):
     since: int | None = None
 
 
-class StreamEnvelope(msgspec.Struct, frozen=True, kw_only=True):
-    channel: str
-    type: EventType
-    market: str | None
-    seq: int | None
-    ts: datetime
-    data: Any
-
-
-encoder = msgspec.json.Encoder()
 op_decoder = msgspec.json.Decoder(StreamOp)
