@@ -155,6 +155,10 @@ class BlockIndex:
         self.ftree = np.empty((2 * self.fsize, K.NT), dtype=np.int64)
         K.build_fabric_tree(fw, self.fab_start, self.fab_end, self.fsize, self.ftree, False)
         self.fdyn = np.empty_like(self.ftree)
+        # prepare_multi's structures are kept between ticks for these gang sizes (None: not
+        # built); `_stale_fabs` lists fabrics whose free counts patch_free changed since.
+        self._multi_key: bytes | None = None
+        self._stale_fabs: list[np.ndarray] = []
 
         # For reason NOTICE_TOO_LONG: the widest spot window among blocks with notice >= x.
         nv, first = np.unique(lf[:, K.L_NOTICE], return_index=True)
@@ -171,37 +175,65 @@ class BlockIndex:
 
     def patch_free(self, table: BlockTable, rows: np.ndarray) -> None:
         """Take the `free` of these table rows (nothing else changed) into the index."""
-        if not hasattr(self, "leaf_of_row"):
-            self.leaf_of_row = np.empty(self.n, np.int64)
-            self.leaf_of_row[self.rows] = np.arange(self.n)
-        leaves = np.ascontiguousarray(self.leaf_of_row[rows])
+        leaves = np.ascontiguousarray(self.leaf_of_row()[rows])
         K.patch_free(self.lf, leaves, np.ascontiguousarray(table.cols["free"][rows], np.int64),
                      self.size, self.dyn, _BIT, self.fw)
+        whole = leaves[self.lf[leaves, K.L_FPOS] >= 0]
+        self._stale_fabs.append(self.lf[whole, K.L_FAB])
 
     def prepare_multi(self, gang_sizes: np.ndarray) -> None:
         """Per-tick bounds for the multi-host gang sizes present in the book (see kernels)."""
         mg = np.unique(gang_sizes[gang_sizes > self.max_host]).astype(np.int64)
         self.mg = np.ascontiguousarray(mg)
-        self.fab_first, self.lbtree, self.static_lb, self.sorder = K.prepare_multi(
-            self.fw, self.fab_start, self.fab_end, self.mg, self.fsize
-        )
-        # Over the whole hosts still entirely free (kept up to date by the allocation).
-        K.build_fabric_tree(self.fw, self.fab_start, self.fab_end, self.fsize, self.fdyn, True)
+        key = self.mg.tobytes()
+        if self._multi_key != key:
+            # The static bounds only depend on the blocks (this index) and the gang sizes.
+            self.static_lb, self.sorder = K.prepare_multi_static(
+                self.fw, self.fab_start, self.fab_end, self.mg
+            )
+            self.fab_first, self.lbtree = K.prepare_multi_free(
+                self.fw, self.fab_start, self.fab_end, self.mg, self.fsize
+            )
+            # Over the whole hosts still entirely free (kept up to date by the allocation).
+            K.build_fabric_tree(self.fw, self.fab_start, self.fab_end, self.fsize, self.fdyn,
+                                True)
+            self._multi_key = key
+        elif self._stale_fabs:
+            # The allocation kept fab_first/lbtree/fdyn exact (kernels.flush_dirty); only the
+            # fabrics whose free counts were patched since need recomputing.
+            fabs = np.unique(np.concatenate(self._stale_fabs)).astype(np.int64)
+            K.refresh_fabrics(fabs, self.fw, self.fab_start, self.fab_end, self.fab_first,
+                              self.mg, self.lbtree, self.fsize, self.fdyn)
+        self._stale_fabs = []
 
     def lowest_free_floor(self) -> int:
         """Lowest floor among blocks with free > 0, or -1."""
-        nz = np.flatnonzero(self.lf[:, K.L_FREE] > 0)
-        return int(self.lf[nz[0], K.L_FLOOR]) if len(nz) else -1
+        f = int(K.lowest_free_floor(self.lf, self.size, self.dyn))
+        return -1 if f == INT64_MAX else f
+
+    def leaf_of_row(self) -> np.ndarray:
+        """Leaf of each BlockTable row (the inverse of `rows`)."""
+        if not hasattr(self, "_leaf_of_row"):
+            self._leaf_of_row = np.empty(self.n, np.int64)
+            self._leaf_of_row[self.rows] = np.arange(self.n)
+        return self._leaf_of_row
 
 
 class BidRun:
-    """Bids of one tier in two orders: priority (limit desc, seq asc) and bid_id."""
+    """Bids of one tier in two orders: priority (limit desc, seq asc) and bid_id.
 
-    __slots__ = ("bid", "lim", "seq", "cls", "state", "ids", "pos", "id_lim", "id_cls")
+    `state` (priority order) and `id_state` (bid_id order) are kept equal (`id_state[i] ==
+    state[pos[i]]`; `rank` is the inverse of `pos`), so that reporting losers in bid_id order is
+    a sequential scan."""
 
-    def __init__(self, bid, lim, seq, cls, state, ids, pos, id_lim, id_cls) -> None:
+    __slots__ = ("bid", "cls", "id_cls", "id_lim", "id_state", "ids", "lim", "pos", "rank",
+                 "seq", "state")
+
+    def __init__(self, bid, lim, seq, cls, state, ids, pos, id_lim, id_cls, id_state,
+                 rank) -> None:
         self.bid, self.lim, self.seq, self.cls, self.state = bid, lim, seq, cls, state
         self.ids, self.pos, self.id_lim, self.id_cls = ids, pos, id_lim, id_cls
+        self.id_state, self.rank = id_state, rank
 
     def __len__(self) -> int:
         return len(self.bid)
@@ -211,7 +243,7 @@ class BidRun:
         i64 = np.empty(0, np.int64)
         i32 = np.empty(0, np.int32)
         return cls(i64, i64.copy(), i64.copy(), i32, np.empty(0, np.int8), i64.copy(),
-                   i32.copy(), i64.copy(), i32.copy())
+                   i32.copy(), i64.copy(), i32.copy(), np.empty(0, np.int8), i32.copy())
 
     @classmethod
     def from_batch(cls, bid: np.ndarray, lim: np.ndarray, seq: np.ndarray, klass: np.ndarray):
@@ -220,11 +252,15 @@ class BidRun:
         inv = np.empty(len(order), np.int32)
         inv[order] = np.arange(len(order), dtype=np.int32)
         by_id = np.argsort(bid, kind="stable")
+        pos = np.ascontiguousarray(inv[by_id])
+        rank = np.empty(len(order), np.int32)
+        rank[pos] = np.arange(len(order), dtype=np.int32)
         c = np.ascontiguousarray
         return cls(
             c(bid[order]), c(lim[order]), c(seq[order]), c(klass[order].astype(np.int32)),
             np.full(len(bid), K.STATE_LIVE, np.int8),
-            c(bid[by_id]), c(inv[by_id]), c(lim[by_id]), c(klass[by_id].astype(np.int32)),
+            c(bid[by_id]), pos, c(lim[by_id]), c(klass[by_id].astype(np.int32)),
+            np.full(len(bid), K.STATE_LIVE, np.int8), rank,
         )
 
     def merged_with(self, other: BidRun) -> BidRun:
@@ -241,10 +277,10 @@ class BidRun:
         inside = at < len(self.ids)
         at = at[inside]
         hit = at[self.ids[at] == bid_ids[inside]]
-        pos = self.pos[hit]
-        live = pos[self.state[pos] == K.STATE_LIVE]
-        self.state[live] = K.STATE_DEAD
-        return len(live)
+        hit = hit[self.id_state[hit] == K.STATE_LIVE]
+        self.id_state[hit] = K.STATE_DEAD
+        self.state[self.pos[hit]] = K.STATE_DEAD
+        return len(hit)
 
     def live_count(self) -> int:
         return int(np.count_nonzero(self.state == K.STATE_LIVE))
@@ -432,17 +468,23 @@ class ModelBook:
         self._tick += 1
         idx = self._index_for_tick()
         idx.prepare_multi(np.concatenate([t.cls_key[: t.n_cls, K.K_GPUS] for t in self._tiers]))
-        firm = self._clear(Tier.FIRM, now, idx)
-        spot = self._clear(Tier.SPOT, now, idx)
-        self._blocks.cols["free"][idx.rows] = idx.lf[:, K.L_FREE]
+        # Every fill takes at least one GPU: the free GPUs bound the fills of both tiers.
+        cap = int(self._blocks.cols["free"].sum(dtype=np.int64)) + 1
+        firm = self._clear(Tier.FIRM, now, idx, cap)
+        spot = self._clear(Tier.SPOT, now, idx, cap)
+        # Only the filled blocks changed `free`: write them back to the table.
+        table_free = self._blocks.cols["free"]
+        for res in (firm, spot):
+            if len(res.fill_block_id):
+                rows = np.searchsorted(self._blocks.cols["block_id"], res.fill_block_id)
+                table_free[rows] = idx.lf[idx.leaf_of_row()[rows], K.L_FREE]
         for t in self._tiers:
             t.maybe_compact()
         return ModelTickResult(firm=firm, spot=spot)
 
-    def _clear(self, tier: Tier, now: int, idx: BlockIndex) -> TickResult:
+    def _clear(self, tier: Tier, now: int, idx: BlockIndex, cap: int) -> TickResult:
         tb = self._tiers[tier]
         m, p = tb.main, tb.pend
-        cap = int(idx.lf[:, K.L_FREE].sum()) + 1  # every fill takes at least one GPU
         ecls, n_ecls, dom_ptr, dom_idx = tb.eligibility_classes()
         fail_single = np.full(n_ecls, INT64_MAX, np.int64)
         fail_multi = np.full(n_ecls, INT64_MAX, np.int64)
@@ -470,8 +512,8 @@ class ModelBook:
         fill_gpus = np.empty(cap, np.int32)
         nf, n_win, max_floor, lowest_win, highest_lose = K.clear_tier(
             int(tier), now, self._tick, idx.max_host,
-            m.bid, m.lim, m.seq, m.cls, m.state,
-            p.bid, p.lim, p.seq, p.cls, p.state,
+            m.bid, m.lim, m.seq, m.cls, m.state, m.id_state, m.rank,
+            p.bid, p.lim, p.seq, p.cls, p.state, p.id_state, p.rank,
             tb.cls_key, tb.cls_st,
             idx.lf, idx.n, idx.size, idx.dyn, idx.stat, _BIT, _GE, _LE,
             idx.fab_start, idx.fab_end, idx.fw, idx.nv, idx.nbest,
@@ -493,24 +535,25 @@ class ModelBook:
         l_bid = np.empty(ncap, np.int64)
         l_code = np.empty(ncap, np.int8)
         l_short = np.empty(ncap, np.int64)
-        nl = K.emit_losers(
+        fill_bid, fill_block, fill_gpus = fill_bid[:nf], fill_block[:nf], fill_gpus[:nf]
+        h = K.hash_head(fill_bid, fill_block, fill_gpus, price, indicative)
+        nl, h = K.emit_losers(
             int(tier), now, self._tick, reference, idx.max_host,
-            m.ids, m.pos, m.id_lim, m.id_cls, m.state,
-            p.ids, p.pos, p.id_lim, p.id_cls, p.state,
+            m.ids, m.pos, m.id_lim, m.id_cls, m.state, m.id_state,
+            p.ids, p.pos, p.id_lim, p.id_cls, p.state, p.id_state,
             tb.cls_key, tb.cls_st,
             idx.lf, idx.size, idx.stat, idx.nv, idx.nbest,
             idx.fab_start, idx.fab_end, idx.fw, idx.mg, idx.static_lb, idx.sorder,
             idx.fsize, idx.ftree, idx.prof_notice, idx.prof_rate, l_bid, l_code, l_short,
+            np.uint64(h),
         )
         if tier == Tier.SPOT:
             outbid = np.ascontiguousarray(self._inc_ids[self._inc_lim < reference])
         else:
             outbid = _EMPTY_I64
         tb.n_dead += n_win
-        fill_bid, fill_block, fill_gpus = fill_bid[:nf], fill_block[:nf], fill_gpus[:nf]
         l_bid, l_code, l_short = l_bid[:nl], l_code[:nl], l_short[:nl]
-        h = K.state_hash(fill_bid, fill_block, fill_gpus, price, indicative,
-                         l_bid, l_code, l_short, outbid)
+        h = K.hash_tail(np.uint64(h), outbid)
         return TickResult(
             fill_bid_id=fill_bid, fill_block_id=fill_block, fill_gpus=fill_gpus,
             price=int(price), indicative=int(indicative),

@@ -559,12 +559,11 @@ def fab_refresh(f, fw, fab_end, fab_first, mg, lbtree, fsize):
 
 
 @njit(cache=True)
-def prepare_multi(fw, fab_start, fab_end, mg, fsize):
-    """Per-tick multi-host bounds: (fab_first, lbtree, static_lb, sorder)."""
+def prepare_multi_static(fw, fab_start, fab_end, mg):
+    """Multi-host bounds that ignore free (only change with the blocks or the gang sizes):
+    (static_lb, sorder)."""
     nfab = len(fab_start)
     ng = len(mg)
-    fab_first = fab_start.copy()
-    lbtree = np.full((ng, 2 * fsize), I64_MAX, dtype=np.int64)
     static_lb = np.full((ng, nfab), I64_MAX, dtype=np.int64)
     for f in range(nfab):
         total = 0
@@ -572,34 +571,62 @@ def prepare_multi(fw, fab_start, fab_end, mg, fsize):
         for j in range(fab_start[f], fab_end[f]):
             if gi == ng:
                 break
-            i = j
-            total += fw[i, W_GPUS]
+            total += fw[j, W_GPUS]
             while gi < ng and total >= mg[gi]:
-                static_lb[gi, f] = fw[i, W_FLOOR]
+                static_lb[gi, f] = fw[j, W_FLOOR]
                 gi += 1
+    sorder = np.empty((ng, nfab), dtype=np.int64)
+    for gi in range(ng):
+        sorder[gi, :] = np.argsort(static_lb[gi, :])
+    return static_lb, sorder
+
+
+@njit(cache=True)
+def prepare_multi_free(fw, fab_start, fab_end, mg, fsize):
+    """Per-tick multi-host bounds over the whole hosts entirely free: (fab_first, lbtree)."""
+    nfab = len(fab_start)
+    ng = len(mg)
+    fab_first = fab_start.copy()
+    lbtree = np.full((ng, 2 * fsize), I64_MAX, dtype=np.int64)
+    for f in range(nfab):
         total = 0
         gi = 0
         first = fab_end[f]
         for j in range(fab_start[f], fab_end[f]):
             if gi == ng:
                 break
-            i = j
-            if not _whole_free(fw, i):
+            if not _whole_free(fw, j):
                 continue
             if first == fab_end[f]:
                 first = j
-            total += fw[i, W_GPUS]
+            total += fw[j, W_GPUS]
             while gi < ng and total >= mg[gi]:
-                lbtree[gi, fsize + f] = fw[i, W_FLOOR]
+                lbtree[gi, fsize + f] = fw[j, W_FLOOR]
                 gi += 1
         fab_first[f] = first
     for gi in range(ng):
         for node in range(fsize - 1, 0, -1):
             lbtree[gi, node] = min(lbtree[gi, 2 * node], lbtree[gi, 2 * node + 1])
-    sorder = np.empty((ng, nfab), dtype=np.int64)
-    for gi in range(ng):
-        sorder[gi, :] = np.argsort(static_lb[gi, :])
+    return fab_first, lbtree
+
+
+@njit(cache=True)
+def prepare_multi(fw, fab_start, fab_end, mg, fsize):
+    """Per-tick multi-host bounds: (fab_first, lbtree, static_lb, sorder)."""
+    fab_first, lbtree = prepare_multi_free(fw, fab_start, fab_end, mg, fsize)
+    static_lb, sorder = prepare_multi_static(fw, fab_start, fab_end, mg)
     return fab_first, lbtree, static_lb, sorder
+
+
+@njit(cache=True)
+def refresh_fabrics(fabs, fw, fab_start, fab_end, fab_first, mg, lbtree, fsize, fdyn):
+    """Recompute the free-dependent multi-host structures of fabrics `fabs` from scratch (their
+    free counts changed between ticks, possibly upwards)."""
+    for r in range(len(fabs)):
+        f = fabs[r]
+        fab_first[f] = fab_start[f]
+        fab_refresh(f, fw, fab_end, fab_first, mg, lbtree, fsize)
+        _fabric_update(fw, fab_start, fab_end, fsize, fdyn, f)
 
 
 @njit(cache=True)
@@ -826,10 +853,21 @@ def flush_dirty(fw, fab_start, fab_end, fab_first, mg, lbtree, fsize, fdyn, dirt
 
 
 @njit(cache=True)
+def lowest_free_floor(lf, size, dyn):
+    """Floor of the leftmost leaf with free GPUs (the lowest floor among them), or I64_MAX."""
+    if dyn[1, T_MASK] == 0:
+        return I64_MAX
+    node = 1
+    while node < size:
+        node = 2 * node if dyn[2 * node, T_MASK] != 0 else 2 * node + 1
+    return lf[node - size, L_FLOOR]
+
+
+@njit(cache=True)
 def clear_tier(
     tier, now, tick, max_host,
-    m_bid, m_limit, m_seq, m_cls, m_state,
-    p_bid, p_limit, p_seq, p_cls, p_state,
+    m_bid, m_limit, m_seq, m_cls, m_state, m_idst, m_rank,
+    p_bid, p_limit, p_seq, p_cls, p_state, p_idst, p_rank,
     cls_key, cls_st,
     lf, n, size, dyn, stat, bit, ge, le,
     fab_start, fab_end, fw, nv, nbest,
@@ -840,8 +878,15 @@ def clear_tier(
     """Walk the tier's live bids in price-time priority (merging the main run and the pending
     run on the fly) and allocate.  Winners get state WON.  Returns
     (fills, winners, max_floor, lowest winning limit, highest losing structurally eligible limit
-    or -1)."""
+    or -1).
+
+    Leaves are floor-sorted, so no bid whose limit is below the lowest floor of the blocks with
+    free GPUs (`lff`, which only rises during the tick) can be placed, nor (rule 1) one below
+    `max_floor`; bids come in descending limit, so from the first such bid on every bid loses:
+    once `highest_lose` is known the walk stops there (emit_losers reports the losers)."""
     stack = np.empty((256, 3), dtype=np.int64)
+    lff = lowest_free_floor(lf, size, dyn)
+    lf_stale = False
     max_floor = 0
     lowest_win = I64_MAX
     highest_lose = -1
@@ -874,7 +919,12 @@ def clear_tier(
         won = False
         g = cls_key[c, K_GPUS]
         e = ecls[c]
-        if lim >= max_floor and g < (fail_single[e] if g <= max_host else fail_multi[e]):
+        if lim < lff or lim < max_floor:
+            # Rule 1, or nothing with free GPUs is cheap enough: this bid loses, and so does
+            # every later one (no higher limit; lff and max_floor only rise).
+            if highest_lose >= 0:
+                break  # the price no longer changes
+        elif g < (fail_single[e] if g <= max_host else fail_multi[e]):
             end = now + cls_key[c, K_DUR]
             mn = cls_key[c, K_MN]
             budget = cls_key[c, K_BUDGET]
@@ -887,6 +937,8 @@ def clear_tier(
                 cls_st[c, C_CSTAMP] = tick
                 if leaf >= 0:
                     _take(lf, leaf, g, size, dyn, bit, fw, fver, dirty)
+                    # lff only moves when a block at that floor runs out of free GPUs.
+                    lf_stale = lf[leaf, L_FREE] == 0 and lf[leaf, L_FLOOR] == lff
                     fill_bid[nf] = bid_id
                     fill_block[nf] = lf[leaf, L_BLOCK]
                     fill_gpus[nf] = g
@@ -914,6 +966,7 @@ def clear_tier(
                                          fdyn, stack)
                     eslot[e, 1] += work
                 if f >= 0:
+                    lf_stale = True
                     remaining = g
                     for jj in range(fab_first[f], fab_end[f]):
                         if not _whole_free(fw, jj):
@@ -944,8 +997,13 @@ def clear_tier(
         if won:
             if from_main:
                 m_state[k] = STATE_WON
+                m_idst[m_rank[k]] = STATE_WON
             else:
                 p_state[k] = STATE_WON
+                p_idst[p_rank[k]] = STATE_WON
+            if lf_stale:
+                lff = lowest_free_floor(lf, size, dyn)
+                lf_stale = False
             n_win += 1
             lowest_win = min(lowest_win, lim)
         elif highest_lose < 0:
@@ -964,14 +1022,16 @@ def clear_tier(
 @njit(cache=True)
 def emit_losers(
     tier, now, tick, price, max_host,
-    m_ids, m_pos, m_lim, m_cls, m_state,
-    p_ids, p_pos, p_lim, p_cls, p_state,
+    m_ids, m_pos, m_lim, m_cls, m_state, m_idst,
+    p_ids, p_pos, p_lim, p_cls, p_state, p_idst,
     cls_key, cls_st,
     lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
-    fsize, ftree, prof_notice, prof_rate, out_bid, out_code, out_short,
+    fsize, ftree, prof_notice, prof_rate, out_bid, out_code, out_short, h,
 ):
     """Reasons of the losing bids in bid_id order; retires this tick's winners (WON -> DEAD).
-    `price` is the clearing price, or the indicative price when nothing traded."""
+    `price` is the clearing price, or the indicative price when nothing traded.  Reads only
+    the bid_id-ordered arrays (one sequential pass).  Also folds the losers into the state
+    hash `h` (docs/matching.md, Determinism); returns (losers, hash)."""
     stack = np.empty((256, 3), dtype=np.int64)
     nout = 0
     i = 0
@@ -980,25 +1040,30 @@ def emit_losers(
     npend = len(p_ids)
     while i < nm or j < npend:
         if j >= npend or (i < nm and m_ids[i] < p_ids[j]):
-            pos = m_pos[i]
-            st = m_state[pos]
-            if st == STATE_WON:
-                m_state[pos] = STATE_DEAD
+            st = m_idst[i]
+            if st != STATE_LIVE:
+                if st == STATE_WON:
+                    m_idst[i] = STATE_DEAD
+                    m_state[m_pos[i]] = STATE_DEAD
+                i += 1
+                continue
             bid_id = m_ids[i]
             lim = m_lim[i]
             c = m_cls[i]
             i += 1
         else:
-            pos = p_pos[j]
-            st = p_state[pos]
-            if st == STATE_WON:
-                p_state[pos] = STATE_DEAD
+            st = p_idst[j]
+            if st != STATE_LIVE:
+                if st == STATE_WON:
+                    p_idst[j] = STATE_DEAD
+                    p_state[p_pos[j]] = STATE_DEAD
+                j += 1
+                continue
             bid_id = p_ids[j]
             lim = p_lim[j]
             c = p_cls[j]
             j += 1
-        if st != STATE_LIVE:
-            continue
+        # Inline (a call with this many array arguments per bid costs more than the rest).
         if cls_st[c, C_STAMP] != tick:
             class_reason(
                 tier, now, tick, c, cls_key, cls_st, max_host,
@@ -1011,6 +1076,8 @@ def emit_losers(
             if lim < price:
                 code = R_LIMIT_BELOW_PRICE
                 short = price - lim
+            elif cls_st[c, C_NSTAMP] == tick and lim >= cls_st[c, C_NEED]:
+                code = R_NO_CAPACITY
             elif lim < class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end,
                                   fw, mg, static_lb, sorder, fsize, ftree, prof_notice,
                                   prof_rate):
@@ -1021,7 +1088,31 @@ def emit_losers(
         out_code[nout] = code
         out_short[nout] = short
         nout += 1
-    return nout
+        h = (h ^ np.uint64(bid_id)) * FNV_PRIME
+        h = (h ^ np.uint64(code)) * FNV_PRIME
+        h = (h ^ np.uint64(short)) * FNV_PRIME
+    return nout, h
+
+
+@njit(cache=True)
+def hash_head(fill_bid, fill_block, fill_gpus, price, indicative):
+    """The state hash up to the losers: fills, price, indicative."""
+    h = FNV_OFFSET
+    for r in range(len(fill_bid)):
+        h = (h ^ np.uint64(fill_bid[r])) * FNV_PRIME
+        h = (h ^ np.uint64(fill_block[r])) * FNV_PRIME
+        h = (h ^ np.uint64(fill_gpus[r])) * FNV_PRIME
+    h = (h ^ np.uint64(price)) * FNV_PRIME
+    h = (h ^ np.uint64(indicative)) * FNV_PRIME
+    return h
+
+
+@njit(cache=True)
+def hash_tail(h, outbid):
+    """The state hash after the losers: the outbid lease ids."""
+    for r in range(len(outbid)):
+        h = (h ^ np.uint64(outbid[r])) * FNV_PRIME
+    return h
 
 
 @njit(cache=True)
@@ -1098,6 +1189,8 @@ def merge_runs(
     pos = np.empty(total, np.int32)
     id_lim = np.empty(total, np.int64)
     id_cls = np.empty(total, np.int32)
+    id_state = np.full(total, STATE_LIVE, np.int8)
+    rank = np.empty(total, np.int32)
     i = 0
     j = 0
     o = 0
@@ -1112,10 +1205,11 @@ def merge_runs(
             continue
         ids[o] = bid[p]
         pos[o] = p
+        rank[p] = o
         id_lim[o] = lim[p]
         id_cls[o] = cls[p]
         o += 1
-    return bid, lim, seq, cls, state, ids, pos, id_lim, id_cls
+    return bid, lim, seq, cls, state, ids, pos, id_lim, id_cls, id_state, rank
 
 
 @njit(cache=True)

@@ -606,3 +606,76 @@ def test_class_bounds_are_reset_between_ticks(monkeypatch):
     add_records(book, Tier.FIRM, again)
     second = book.tick(NOW + 2)
     assert second.firm.as_dict() == reference_tick(blocks, again, [], [], NOW + 2).firm
+
+
+def _check_id_state(book: ModelBook) -> None:
+    for t in book._tiers:
+        for run in (t.main, t.pend):
+            assert (run.id_state == run.state[run.pos]).all()
+            assert (run.pos[run.rank] == np.arange(len(run.rank))).all()
+
+
+def test_bids_below_the_lowest_free_floor_lose_without_a_search():
+    # Floors 300 and 400 with free GPUs: bids below 300 cannot be placed, and the walk stops at
+    # the first of them once the highest structurally eligible losing limit is known ...
+    blocks = [block(1, floor=300, gpus=4), block(2, floor=400, gpus=1)]
+    bids = [bid(1, limit=500), bid(2, limit=450, gpus=2), bid(3, limit=420, duration=99 * H),
+            bid(4, limit=290), bid(5, limit=250, gpus=4), bid(6, limit=200, duration=99 * H)]
+    res = check_spot(blocks, bids)
+    assert res.fill_bid_id.tolist() == [1, 2]
+    # ... and when it is not known yet, the walk goes on without searching until it is.
+    bids = [bid(1, limit=250, duration=99 * H), bid(2, limit=240, gpus=16), bid(3, limit=230),
+            bid(4, limit=220)]
+    res = check_spot(blocks, bids)
+    assert res.price == -1 and res.indicative == 300
+    res = check_spot([block(1, floor=300, gpus=4, free=0), block(2, floor=400, gpus=1)], bids)
+    assert res.indicative == 400
+
+
+def test_bid_id_ordered_state_follows_cancels_fills_and_merges():
+    blocks = [block(i, floor=100 * i, gpus=4) for i in range(1, 6)]
+    spot = [bid(i, limit=50 * i, gpus=1 + i % 4, seq=1000 - i) for i in range(1, 30)]
+    book = book_from_records(blocks, spot[:5], spot)
+    _check_id_state(book)
+    book.remove_bids(Tier.SPOT, np.array([3, 17, 29, 999]))
+    _check_id_state(book)
+    book.tick(NOW)
+    _check_id_state(book)
+    add_records(book, Tier.SPOT, [bid(100 + i, limit=700 - i, seq=2000 + i) for i in range(5)])
+    book.remove_bids(Tier.SPOT, np.array([101, 5]))
+    _check_id_state(book)
+    book.tick(NOW + 2)
+    _check_id_state(book)
+    book.compact()
+    _check_id_state(book)
+
+
+def test_multi_host_bounds_kept_between_ticks_follow_free_patches():
+    # Two fabrics of whole hosts; gangs of 16 take two hosts each.  Between ticks free counts go
+    # down and back up (patched in place): the multi-host structures kept from the last tick
+    # must follow, in the fabrics touched, as a fresh book would see them.
+    blocks = [block(i, floor=100 + 10 * i, fabric=1 + i // 4) for i in range(8)]
+    spot = [bid(100 + i, limit=1000 - i, gpus=16) for i in range(3)]
+    book = book_from_records(blocks, [], spot)
+    book.tick(NOW)
+    later = [bid(200 + i, limit=900 - i, gpus=16, seq=300 + i) for i in range(3)]
+    add_records(book, Tier.SPOT, later)
+    for step, frees in enumerate(([8, 8, 0, 8, 8, 8, 8, 0], [8, 0, 8, 8, 3, 8, 8, 8],
+                                  [8, 8, 8, 8, 8, 8, 8, 8])):
+        current = [dict(b, free=f) for b, f in zip(blocks, frees, strict=True)]
+        upsert_records(book, current)
+        live = [b for b in later if b["bid_id"] in book_tick_losers(book, Tier.SPOT)]
+        now = NOW + 2 * (step + 1)
+        result = book.tick(now)
+        assert result.spot.as_dict() == reference_tick(current, [], live, [], now).spot
+
+
+def test_walk_stops_at_the_first_bid_below_the_highest_accepted_floor():
+    # Bid 1 takes the 500-floor block (the cheap one is too small), so max_floor = 500: bids
+    # 3-5 lose by rule 1 although a cheaper block has room; the price still needs a loser.
+    blocks = [block(1, floor=100, gpus=1), block(2, floor=500, gpus=4)]
+    bids = [bid(1, limit=900, gpus=4), bid(2, limit=800, gpus=16), bid(3, limit=450),
+            bid(4, limit=400), bid(5, limit=120, gpus=2)]
+    res = check_spot(blocks, bids)
+    assert res.fill_bid_id.tolist() == [1]
+    assert res.price == 500
