@@ -47,10 +47,14 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-def _event(payload: bytes) -> Event:
-    # "frame": the whole websocket frame, built once per message and written as is into every
-    # subscriber's socket (see Subscriber.push); the ASGI fields serve the fallback path.
-    return {"type": "websocket.send", "bytes": None, "text": payload.decode("utf-8"), "frame": text_frame(payload)}
+def _event(payload: bytes, fan_out: bool = False) -> Event:
+    # A fan-out update (the same bytes to every subscriber) carries its whole websocket frame,
+    # built once and written as is into every subscriber's socket (Subscriber.push); messages for
+    # one subscriber (snapshots, errors, heartbeats) go through the websocket layer.
+    event: Event = {"type": "websocket.send", "bytes": None, "text": payload.decode("utf-8")}
+    if fan_out:
+        event["frame"] = text_frame(payload)
+    return event
 
 
 def _now() -> datetime:
@@ -92,17 +96,18 @@ class Subscriber:
             self.queue.append(event)
             return
         transport = self.transport
-        if transport is not None:
-            if transport.get_write_buffer_size() > self.hub.settings.max_buffer_bytes:
-                self.kill(f"slow consumer: more than {self.hub.settings.max_buffer_bytes} bytes waiting to be sent")
-                return
+        if transport is not None and transport.get_write_buffer_size() > self.hub.settings.max_buffer_bytes:
+            self.kill(f"slow consumer: more than {self.hub.settings.max_buffer_bytes} bytes waiting to be sent")
+            return
+        frame = event.get("frame")
+        if frame is not None and transport is not None:
             if transport.is_closing():
                 self.finish()
                 return
             # The fan-out's hot path: the same prebuilt frame for every subscriber, one write each,
             # instead of a pass through the ASGI and websocket layers per subscriber. Its buffer is
-            # bounded just above.
-            transport.write(event["frame"])
+            # bounded just above; nothing is queued for this subscriber (checked above), so order holds.
+            transport.write(frame)
             self.sent += 1
             return
         coro = self.send(event)
@@ -353,7 +358,7 @@ class FeedHub:
         state.seq[channel] = envelope.seq
         subscribers = self.subs.get((market, channel))
         if subscribers:
-            event = _event(payload)
+            event = _event(payload, fan_out=True)
             for client in tuple(subscribers):
                 client.push(event)
 

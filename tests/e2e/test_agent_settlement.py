@@ -193,8 +193,9 @@ async def test_silent_agent_stops_billing_and_its_lease_fails(tmp_path: Path, fr
                 items = (await tenant.ok("GET", "/v1/leases"))["items"]
                 return items[0]["status"] == "failed" and items[0]["hold"] == "0.00" and items[0]
 
-            lease = await until(failed, timeout=30)
-            final = (await tenant.ok("GET", "/v1/leases"))["items"]
+            lease = await until(failed, timeout=60)
+            final = [{k: le[k] for k in ("status", "end_reason", "end_at", "hold", "billed_gpu_hours")}
+                     for le in (await tenant.ok("GET", "/v1/leases"))["items"]]
         conn = await asyncpg.connect(fresh_db)
         try:
             last_sample = await conn.fetchval("SELECT max(ts) FROM meter_samples")
@@ -202,7 +203,7 @@ async def test_silent_agent_stops_billing_and_its_lease_fails(tmp_path: Path, fr
         finally:
             await conn.close()
         # Assert: it ended as failed at its last sample, and billing stopped there.
-        assert lease and lease["end_reason"] == "host_failed", (final, server.log()[-3000:])
+        assert lease and lease["end_reason"] == "host_failed", (final, server.log()[-1500:])
         assert abs((row["end_at"] - last_sample).total_seconds()) < 0.01
         assert row["billed_gpu_s"] <= 4 * (last_sample - row["start_at"]).total_seconds()
         assert run_audit(fresh_db).returncode == 0
