@@ -140,9 +140,12 @@ async def _settle_batch(conn, ids, now, prices, fees_book, fee_bps, max_gap_s, c
         requeue: list[int] = []
         for lease in rows:
             stop = _stop(lease, now)
-            wall_clock = max(0, int((stop - lease["start_at"]).total_seconds())) * lease["gpus"]
+            # floor(seconds × GPUs), not floor(seconds) × GPUs: a lease ending at a fractional second
+            # (a failed host's last sample) would otherwise cap below what was already billed.
+            wall_clock = max(0, int((stop - lease["start_at"]).total_seconds() * lease["gpus"]))
             m = metered.get(lease["id"])
-            metered_s = min(m["covered_s"] if m else 0, wall_clock)
+            # Metered time never goes down: what is billed stays billed.
+            metered_s = max(min(m["covered_s"] if m else 0, wall_clock), lease["billed_gpu_s"])
             delta = max(0, metered_s - lease["billed_gpu_s"])
             price = lease["price"]
             if lease["tier"] == "spot":

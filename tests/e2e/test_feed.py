@@ -184,20 +184,20 @@ async def test_a_stalled_subscriber_is_disconnected_and_the_others_keep_receivin
                                                         "limit_price": "2.50", "client_order_id": unique("s")})
         await read_until(healthy, lambda s: any(m.channel == "book" and m.type == "update" for m in s))
         assert healthy.gaps == 0
-        # The stalled one was cut off with a reason: reading now, it finds the close frame (1008).
-        received = b""
+        # The stalled one was cut off: its connection ends (the close frame with the reason is best
+        # effort: it can only follow megabytes the client never reads), and the server says why.
+        ended = False
         try:
-            # The server cuts it off at once; the connection itself ends when the websocket layer's
-            # close handshake with a client that never answers times out (seconds, more on a
-            # loaded machine).
-            async with asyncio.timeout(45):
-                while chunk := await reader.read(2 ** 20):
-                    received += chunk
+            async with asyncio.timeout(60):
+                while await reader.read(2 ** 20):
+                    pass
+                ended = True
+        except ConnectionResetError:
+            ended = True
         finally:
             writer.close()
-        at = received.rfind(b"\x88")
-        assert at >= 0 and received[at + 2:at + 4] == (1008).to_bytes(2, "big"), received[-200:]
-        assert b"slow consumer" in received[at:]
+        assert ended
+        assert "feed subscriber disconnected: slow consumer" in server.log()
         metrics = await admin.ok("GET", "/v1/markets")  # the server is fine
         assert any(m["id"] == market for m in metrics)
 

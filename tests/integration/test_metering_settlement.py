@@ -158,3 +158,27 @@ async def test_spot_lease_pays_the_spot_price_clamped_to_floor_and_limit(scenari
 
     # Alone, the spot price is the floor, 1.20/h: 360 s = 0.12.
     assert (await _lease(s))["billed_amount"] == 120_000
+
+
+async def test_a_lease_failing_at_a_fractional_second_still_closes(scenario: Scenario) -> None:
+    # 4 GPUs sampled every 0.3 s; the host dies at 12.9 s. Billed before the failure: ~4 × 12.6 s.
+    # The lease's wall clock must be floor(12.9 × 4) GPU-s, not floor(12.9) × 4 = 48 (below what
+    # was billed, which the schema refuses: settlement would fail for ever, the hold never freed).
+    s = scenario
+    await s.market(floor="3.60", firm_hours=24)
+    await s.bid(market="H100-80GB/firm", gpus=4, duration_s=3600, limit="5.00")
+    await s.tick()
+    lease = await _lease(s)
+    s.clock.advance(13)
+    await s.report(1, lease["gpu_uuids"], START, 13, every=0.3)
+    await _settle(s)
+    billed_before = (await _lease(s))["billed_gpu_s"]
+    s.clock.advance(400)
+    async with s.ctx.pool.acquire() as conn:
+        assert await fail_silent_hosts(conn, s.clock(), grace_s=30, fail_s=300) == 1
+
+    await _settle(s)
+
+    final = await _lease(s)
+    assert billed_before > 48 and final["status"] == "failed" and final["closed"] and final["hold_amount"] == 0
+    assert final["billed_gpu_s"] >= billed_before
