@@ -49,11 +49,14 @@ class StreamHub:
             await self.listener.close()
 
     def _notified(self, _conn, _pid, _channel, payload: str) -> None:
-        account_id = int(payload)
-        for client in list(self.clients.get(account_id, ())):
-            task = asyncio.get_running_loop().create_task(self.deliver(client))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+        for client in list(self.clients.get(int(payload), ())):
+            self._spawn(client)
+
+    def _spawn(self, client: StreamClient) -> None:
+        """Deliver in a task of its own (kept referenced until done)."""
+        task = asyncio.get_running_loop().create_task(self.deliver(client))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def current_seq(self, account_id: int) -> int:
         return await self.pool.fetchval("SELECT event_seq FROM accounts WHERE id = $1", account_id)
@@ -76,13 +79,8 @@ class StreamHub:
                     channel="stream", type=row["kind"], market=row["market"], seq=row["seq"], ts=row["at"],
                     data=lease)))
                 client.last_seq = row["seq"]
-            if len(rows) == 1000:  # more behind: go on
-                await self.deliver_unlocked_later(client)
-
-    async def deliver_unlocked_later(self, client: StreamClient) -> None:
-        task = asyncio.get_running_loop().create_task(self.deliver(client))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+            if len(rows) == 1000:  # more behind: go on, once this delivery has released the lock
+                self._spawn(client)
 
     @staticmethod
     def control(kind: str, data: dict, seq: int | None = None) -> bytes:
