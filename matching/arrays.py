@@ -21,7 +21,7 @@ MAX_GPUS = 1 << 20
 
 
 class Tier(IntEnum):
-    """The two markets of one GPU model; firm clears first (its leases are guaranteed)."""
+    """The two markets of one GPU model (one priority walk clears both, docs/matching.md)."""
 
     FIRM = 0
     SPOT = 1

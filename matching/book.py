@@ -5,11 +5,13 @@ The book is kept between ticks so that a tick costs what changed:
 * Blocks live in a `BlockTable` (sorted by block_id); a `BlockIndex` (floor-sorted rows, segment
   trees, fabric lists) is derived from it and only rebuilt when blocks change.  Allocation updates
   the index in place, and `free` is written back to the table after each tick.
-* Each tier keeps its bids in a main run sorted by (limit desc, seq asc), plus a small pending
-  run of recent additions with the same layout; ticks merge the two on the fly.  Cancels and fills
-  only flip a state byte; both runs are compacted into one now and then.
-* Bids with equal (duration, notice, survival budget, gpus) share a class id, and per-class
-  answers ("structurally eligible?", "nothing fits any more") are cached for one tick.
+* Both tiers' bids live in one `BidBook` (one price-time priority walk clears both): a main run
+  sorted by (limit desc, seq asc, tier), plus a small pending run of recent additions with the
+  same layout; ticks merge the two on the fly.  Cancels and fills only flip a state byte; both
+  runs are compacted into one now and then.  Inside, a bid is known by `bid_id * 2 + tier` and
+  ordered by `seq * 2 + tier`, so the two tiers may reuse ids and sequence numbers.
+* Bids of a tier with equal (duration, notice, survival budget, gpus) share a class id, and
+  per-class answers ("structurally eligible?", "nothing fits any more") are cached for one tick.
 """
 
 from __future__ import annotations
@@ -220,7 +222,7 @@ class BlockIndex:
 
 
 class BidRun:
-    """Bids of one tier in two orders: priority (limit desc, seq asc) and bid_id.
+    """Bids in two orders: priority (limit desc, seq asc) and id.
 
     `state` (priority order) and `id_state` (bid_id order) are kept equal (`id_state[i] ==
     state[pos[i]]`; `rank` is the inverse of `pos`), so that reporting losers in bid_id order is
@@ -282,15 +284,22 @@ class BidRun:
         self.state[self.pos[hit]] = K.STATE_DEAD
         return len(hit)
 
-    def live_count(self) -> int:
-        return int(np.count_nonzero(self.state == K.STATE_LIVE))
+    def live_count(self, tier: Tier) -> int:
+        return int(np.count_nonzero((self.state == K.STATE_LIVE) & (self.bid % 2 == int(tier))))
 
 
-class TierBook:
-    """Bids of one tier and their class table."""
+# Internal ids and sequence numbers carry the tier in their lowest bit (see the module docstring).
+_ID_BOUND = 1 << 62
 
-    def __init__(self, tier: Tier) -> None:
-        self.tier = tier
+
+def internal_ids(tier: Tier, ids: np.ndarray) -> np.ndarray:
+    return np.asarray(ids, np.int64) * 2 + int(tier)
+
+
+class BidBook:
+    """Bids of both tiers of a model and their class table (a class belongs to one tier)."""
+
+    def __init__(self) -> None:
         self.main = BidRun.empty()
         self.pend = BidRun.empty()
         self.n_dead = 0
@@ -307,17 +316,18 @@ class TierBook:
         self._elb = np.empty(0, np.int64)  # kept between ticks (kernels.find_multi_e)
 
     def eligibility_classes(self):
-        """Eligibility classes (duration, min_notice, hazard budget: the bid class without gpus)
-        and, for each, the classes whose eligible blocks are a subset of its own at any `now`
-        (longer duration, longer notice, smaller budget), itself included, as CSR lists."""
+        """Eligibility classes (tier, duration, min_notice, hazard budget: the bid class without
+        gpus) and, for each, the classes of its tier whose eligible blocks are a subset of its
+        own at any `now` (longer duration, longer notice, smaller budget), itself included, as
+        CSR lists."""
         if self._ecls_for != self.n_cls:
-            keys = self.cls_key[: self.n_cls, :3]  # K_DUR, K_MN, K_BUDGET
-            ukeys, inv = np.unique(keys, axis=0, return_inverse=True)
+            cols = [K.K_TIER, K.K_DUR, K.K_MN, K.K_BUDGET]
+            ukeys, inv = np.unique(self.cls_key[: self.n_cls][:, cols], axis=0, return_inverse=True)
             ne = len(ukeys)
             if ne <= 2048:
-                dur, mn, bud = ukeys[:, K.K_DUR], ukeys[:, K.K_MN], ukeys[:, K.K_BUDGET]
-                sub = ((dur[None, :] >= dur[:, None]) & (mn[None, :] >= mn[:, None])
-                       & (bud[None, :] <= bud[:, None]))
+                tier, dur, mn, bud = ukeys[:, 0], ukeys[:, 1], ukeys[:, 2], ukeys[:, 3]
+                sub = ((tier[None, :] == tier[:, None]) & (dur[None, :] >= dur[:, None])
+                       & (mn[None, :] >= mn[:, None]) & (bud[None, :] <= bud[:, None]))
             else:  # too many to compare pairwise every time classes appear: only themselves
                 sub = None
             if sub is None:
@@ -353,13 +363,17 @@ class TierBook:
                 self.cls_st = st
             K.rehash_classes(self.cls_key, self.n_cls, self.hkeys, self.hvals)
 
-    def add(self, c: dict[str, np.ndarray]) -> None:
+    def add(self, tier: Tier, c: dict[str, np.ndarray]) -> None:
         validate_bids(c)
-        self.remove(c["bid_id"])  # re-adding a bid_id replaces it
+        for name in ("bid_id", "seq"):
+            if len(c[name]) and not (-_ID_BOUND <= c[name].min() and c[name].max() < _ID_BOUND):
+                raise ValueError(f"{name} must be in [-2**62, 2**62)")
+        self.remove(tier, c["bid_id"])  # re-adding a bid_id replaces it
         keys = np.empty((len(c["bid_id"]), K.NK), np.int64)
         keys[:, K.K_DUR] = c["duration_s"]
         keys[:, K.K_GPUS] = c["gpus"]
-        if self.tier == Tier.FIRM:
+        keys[:, K.K_TIER] = int(tier)
+        if tier == Tier.FIRM:
             # Firm eligibility ignores notice and survival: do not split classes on them.
             keys[:, K.K_MN] = 0
             keys[:, K.K_BUDGET] = INT64_MAX
@@ -367,7 +381,8 @@ class TierBook:
             keys[:, K.K_MN] = c["min_notice_s"]
             keys[:, K.K_BUDGET] = c["hazard_budget"]
         klass = self._classes(keys)
-        run = BidRun.from_batch(c["bid_id"], c["limit"], c["seq"], klass)
+        run = BidRun.from_batch(internal_ids(tier, c["bid_id"]), c["limit"],
+                                internal_ids(tier, c["seq"]), klass)
         if len(self.main) == 0 and len(self.pend) == 0:
             self.main = run
         else:
@@ -375,8 +390,8 @@ class TierBook:
             if len(self.pend) > max(4096, len(self.main) // 16):
                 self.compact()
 
-    def remove(self, bid_ids: np.ndarray) -> None:
-        ids = np.unique(np.asarray(bid_ids, np.int64).reshape(-1))
+    def remove(self, tier: Tier, bid_ids: np.ndarray) -> None:
+        ids = np.unique(internal_ids(tier, np.asarray(bid_ids, np.int64).reshape(-1)))
         self.n_dead += self.main.kill(ids) + self.pend.kill(ids)
 
     def compact(self) -> None:
@@ -396,7 +411,7 @@ class ModelBook:
     def __init__(self) -> None:
         self._blocks = BlockTable()
         self._index: BlockIndex | None = None
-        self._tiers = (TierBook(Tier.FIRM), TierBook(Tier.SPOT))
+        self._bids = BidBook()
         self._inc_ids = _EMPTY_I64
         self._inc_lim = _EMPTY_I64
         self._tick = 0
@@ -423,16 +438,16 @@ class ModelBook:
     def add_bids(self, tier, bid_id, seq, gpus, duration_s, limit, hazard_budget,
                  min_notice_s) -> None:
         """Add bids to a tier (re-adding a live bid_id replaces it)."""
-        self._tiers[Tier(tier)].add(as_columns(BID_FIELDS, (
+        self._bids.add(Tier(tier), as_columns(BID_FIELDS, (
             bid_id, seq, gpus, duration_s, limit, hazard_budget, min_notice_s,
         )))
 
     def remove_bids(self, tier, bid_ids) -> None:
-        self._tiers[Tier(tier)].remove(bid_ids)
+        self._bids.remove(Tier(tier), bid_ids)
 
     def bid_count(self, tier) -> int:
-        t = self._tiers[Tier(tier)]
-        return t.main.live_count() + t.pend.live_count()
+        b = self._bids
+        return b.main.live_count(Tier(tier)) + b.pend.live_count(Tier(tier))
 
     def set_incumbents(self, lease_id, limit) -> None:
         """Running spot leases (replaces the previous set)."""
@@ -446,8 +461,7 @@ class ModelBook:
 
     def compact(self) -> None:
         """Drop dead bids and fold pending additions into the main runs (optional upkeep)."""
-        for t in self._tiers:
-            t.compact()
+        self._bids.compact()
 
     # -- tick -----------------------------------------------------------------------------------
 
@@ -463,27 +477,75 @@ class ModelBook:
         return self._index
 
     def tick(self, now: int) -> ModelTickResult:
-        """Clear firm, then spot on what firm left.  Winners leave the book; `free` drops."""
+        """Clear both tiers in one price-time priority walk.  Winners leave the book; `free`
+        drops."""
         now = int(now)
         self._tick += 1
         idx = self._index_for_tick()
-        idx.prepare_multi(np.concatenate([t.cls_key[: t.n_cls, K.K_GPUS] for t in self._tiers]))
-        # Every fill takes at least one GPU: the free GPUs bound the fills of both tiers.
+        bb = self._bids
+        idx.prepare_multi(bb.cls_key[: bb.n_cls, K.K_GPUS])
+        # Every fill takes at least one GPU: the free GPUs bound the fills.
         cap = int(self._blocks.cols["free"].sum(dtype=np.int64)) + 1
-        firm = self._clear(Tier.FIRM, now, idx, cap)
-        spot = self._clear(Tier.SPOT, now, idx, cap)
+        fill_bid, fill_block, fill_gpus, fill_tier, ts = self._allocate(now, idx, cap)
+        # Prices per tier (docs/matching.md, Price); `reference` is what losers and incumbents
+        # are measured against: the price, or the indicative price when nothing traded.
+        price = np.full(2, -1, np.int64)
+        indicative = np.zeros(2, np.int64)
+        for t in range(2):
+            if ts[t, K.S_WINNERS]:
+                price[t] = min(max(ts[t, K.S_HIGHEST_LOSE], ts[t, K.S_MAX_FLOOR]), ts[t, K.S_LOWEST_WIN])
+                indicative[t] = price[t]
+            else:
+                indicative[t] = max(ts[t, K.S_HIGHEST_LOSE], idx.lowest_free_floor(), 0)
+        fills = []
+        hs = np.empty(2, np.uint64)
+        for t in range(2):
+            sel = fill_tier == t
+            f = (fill_bid[sel] >> 1, fill_block[sel], fill_gpus[sel])
+            fills.append(f)
+            hs[t] = K.hash_head(*f, price[t], indicative[t])
+        ncap = len(bb.main) + len(bb.pend)
+        l_bid = np.empty(ncap, np.int64)
+        l_code = np.empty(ncap, np.int8)
+        l_short = np.empty(ncap, np.int64)
+        l_tier = np.empty(ncap, np.int8)
+        m, p = bb.main, bb.pend
+        nl = K.emit_losers(
+            now, self._tick, indicative, idx.max_host,
+            m.ids, m.pos, m.id_lim, m.id_cls, m.state, m.id_state,
+            p.ids, p.pos, p.id_lim, p.id_cls, p.state, p.id_state,
+            bb.cls_key, bb.cls_st,
+            idx.lf, idx.size, idx.stat, idx.nv, idx.nbest,
+            idx.fab_start, idx.fab_end, idx.fw, idx.mg, idx.static_lb, idx.sorder,
+            idx.fsize, idx.ftree, idx.prof_notice, idx.prof_rate, l_bid, l_code, l_short, l_tier,
+            hs,
+        )
+        bb.n_dead += int(ts[:, K.S_WINNERS].sum())
+        results = []
+        for t in (Tier.FIRM, Tier.SPOT):
+            sel = l_tier[:nl] == t
+            if t == Tier.SPOT:
+                outbid = np.ascontiguousarray(self._inc_ids[self._inc_lim < indicative[t]])
+            else:
+                outbid = _EMPTY_I64
+            results.append(TickResult(
+                fill_bid_id=fills[t][0], fill_block_id=fills[t][1], fill_gpus=fills[t][2],
+                price=int(price[t]), indicative=int(indicative[t]),
+                loser_bid_id=l_bid[:nl][sel] >> 1, loser_reason=l_code[:nl][sel],
+                loser_shortfall=l_short[:nl][sel],
+                outbid_lease_id=outbid, state_hash=int(K.hash_tail(hs[t], outbid)),
+            ))
         # Only the filled blocks changed `free`: write them back to the table.
-        table_free = self._blocks.cols["free"]
-        for res in (firm, spot):
-            if len(res.fill_block_id):
-                rows = np.searchsorted(self._blocks.cols["block_id"], res.fill_block_id)
-                table_free[rows] = idx.lf[idx.leaf_of_row()[rows], K.L_FREE]
-        for t in self._tiers:
-            t.maybe_compact()
-        return ModelTickResult(firm=firm, spot=spot)
+        if len(fill_block):
+            table_free = self._blocks.cols["free"]
+            rows = np.searchsorted(self._blocks.cols["block_id"], fill_block)
+            table_free[rows] = idx.lf[idx.leaf_of_row()[rows], K.L_FREE]
+        bb.maybe_compact()
+        return ModelTickResult(firm=results[0], spot=results[1])
 
-    def _clear(self, tier: Tier, now: int, idx: BlockIndex, cap: int) -> TickResult:
-        tb = self._tiers[tier]
+    def _allocate(self, now: int, idx: BlockIndex, cap: int):
+        """Run kernels.clear_book: (fill bid (internal ids), block, gpus, tier, per-tier figures)."""
+        tb = self._bids
         m, p = tb.main, tb.pend
         ecls, n_ecls, dom_ptr, dom_idx = tb.eligibility_classes()
         fail_single = np.full(n_ecls, INT64_MAX, np.int64)
@@ -510,8 +572,10 @@ class ModelBook:
         fill_bid = np.empty(cap, np.int64)
         fill_block = np.empty(cap, np.int64)
         fill_gpus = np.empty(cap, np.int32)
-        nf, n_win, max_floor, lowest_win, highest_lose = K.clear_tier(
-            int(tier), now, self._tick, idx.max_host,
+        fill_tier = np.empty(cap, np.int8)
+        ts = np.empty((2, K.NS), np.int64)
+        nf = K.clear_book(
+            now, self._tick, idx.max_host,
             m.bid, m.lim, m.seq, m.cls, m.state, m.id_state, m.rank,
             p.bid, p.lim, p.seq, p.cls, p.state, p.id_state, p.rank,
             tb.cls_key, tb.cls_st,
@@ -521,42 +585,6 @@ class ModelBook:
             idx.sorder, idx.prof_notice, idx.prof_rate,
             ecls, dom_ptr, dom_idx, fail_single, fail_multi, eslot, elb, ever, einit,
             len(idx.fw) // _ELB_AFTER if _ELB_AFTER else -1, fver, dirty,
-            fill_bid, fill_block, fill_gpus,
+            fill_bid, fill_block, fill_gpus, fill_tier, ts,
         )
-        if n_win:
-            price = min(max(highest_lose, max_floor), lowest_win)
-            indicative = price
-            reference = price
-        else:
-            price = -1
-            indicative = max(highest_lose, idx.lowest_free_floor(), 0)
-            reference = indicative
-        ncap = len(m) + len(p)
-        l_bid = np.empty(ncap, np.int64)
-        l_code = np.empty(ncap, np.int8)
-        l_short = np.empty(ncap, np.int64)
-        fill_bid, fill_block, fill_gpus = fill_bid[:nf], fill_block[:nf], fill_gpus[:nf]
-        h = K.hash_head(fill_bid, fill_block, fill_gpus, price, indicative)
-        nl, h = K.emit_losers(
-            int(tier), now, self._tick, reference, idx.max_host,
-            m.ids, m.pos, m.id_lim, m.id_cls, m.state, m.id_state,
-            p.ids, p.pos, p.id_lim, p.id_cls, p.state, p.id_state,
-            tb.cls_key, tb.cls_st,
-            idx.lf, idx.size, idx.stat, idx.nv, idx.nbest,
-            idx.fab_start, idx.fab_end, idx.fw, idx.mg, idx.static_lb, idx.sorder,
-            idx.fsize, idx.ftree, idx.prof_notice, idx.prof_rate, l_bid, l_code, l_short,
-            np.uint64(h),
-        )
-        if tier == Tier.SPOT:
-            outbid = np.ascontiguousarray(self._inc_ids[self._inc_lim < reference])
-        else:
-            outbid = _EMPTY_I64
-        tb.n_dead += n_win
-        l_bid, l_code, l_short = l_bid[:nl], l_code[:nl], l_short[:nl]
-        h = K.hash_tail(np.uint64(h), outbid)
-        return TickResult(
-            fill_bid_id=fill_bid, fill_block_id=fill_block, fill_gpus=fill_gpus,
-            price=int(price), indicative=int(indicative),
-            loser_bid_id=l_bid, loser_reason=l_code, loser_shortfall=l_short,
-            outbid_lease_id=outbid, state_hash=int(h),
-        )
+        return fill_bid[:nf], fill_block[:nf], fill_gpus[:nf], fill_tier[:nf], ts

@@ -14,7 +14,7 @@ Data layout, built by `matching.book.BlockIndex`:
 * Fabrics: `fw[fab_start[f]:fab_end[f]]` are the blocks of fabric f (dense index, in fabric_id
   order) that are whole hosts (gpus == host_gpus), in (floor, block_id) order, as a compact copy
   of what multi-host searches read (`fw[j, W_LEAF]` is the leaf; `lf[leaf, L_FPOS]` is j).
-* Bid classes: bids with the same (duration_s, min_notice_s, hazard_budget, gpus) are eligible on
+* Bid classes: bids of a tier with the same (duration_s, min_notice_s, hazard_budget, gpus) are eligible on
   the same blocks, so the expensive per-bid questions (structural reason, "nothing fits any
   more") are answered once per class per tick: `cls_key[c]` and `cls_st[c]`.
 """
@@ -81,13 +81,14 @@ K_DUR = 0
 K_MN = 1
 K_BUDGET = 2
 K_GPUS = 3
-NK = 4
+K_TIER = 4  # FIRM or SPOT: the two tiers' bids share one book and one priority walk
+NK = 5
 
 # cls_st columns (per tick)
 C_STAMP = 0  # tick number in which CODE/NEED were computed
 C_CODE = 1  # 0 = structurally eligible, else reason 1-6
 C_NEED = 2  # lowest floor at which it would fit (when CODE == 0)
-C_DEAD = 3  # unused (was: per-class "nothing fits"; now per eligibility class, see clear_tier)
+C_DEAD = 3  # unused (was: per-class "nothing fits"; now per eligibility class, see clear_book)
 C_NSTAMP = 4  # tick number in which NEED was computed
 C_PSTAMP = 5  # tick number in which POK/PCOND were computed
 C_POK = 6  # reclaim profiles that pass notice and survival whatever the firm window
@@ -814,7 +815,7 @@ def class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end, fw, 
 
 
 # ---------------------------------------------------------------------------------------------
-# one tier's allocation
+# the allocation (both tiers in one price-time priority walk)
 
 
 @njit(cache=True)
@@ -863,9 +864,17 @@ def lowest_free_floor(lf, size, dyn):
     return lf[node - size, L_FLOOR]
 
 
+# Per-tier figures of a walk: ts[tier, X].
+S_WINNERS = 0
+S_MAX_FLOOR = 1
+S_LOWEST_WIN = 2
+S_HIGHEST_LOSE = 3  # highest losing structurally eligible limit, or -1
+NS = 4
+
+
 @njit(cache=True)
-def clear_tier(
-    tier, now, tick, max_host,
+def clear_book(
+    now, tick, max_host,
     m_bid, m_limit, m_seq, m_cls, m_state, m_idst, m_rank,
     p_bid, p_limit, p_seq, p_cls, p_state, p_idst, p_rank,
     cls_key, cls_st,
@@ -873,24 +882,28 @@ def clear_tier(
     fab_start, fab_end, fw, nv, nbest,
     mg, fab_first, lbtree, fsize, ftree, fdyn, static_lb, sorder, prof_notice, prof_rate,
     ecls, dom_ptr, dom_idx, fail_single, fail_multi, eslot, elb, ever, einit, elb_after, fver,
-    dirty, fill_bid, fill_block, fill_gpus,
+    dirty, fill_bid, fill_block, fill_gpus, fill_tier, ts,
 ):
-    """Walk the tier's live bids in price-time priority (merging the main run and the pending
-    run on the fly) and allocate.  Winners get state WON.  Returns
-    (fills, winners, max_floor, lowest winning limit, highest losing structurally eligible limit
-    or -1).
+    """Walk the live bids of both tiers in price-time priority (merging the main run and the
+    pending run on the fly) and allocate; each tier keeps its own max_floor (its own uniform
+    price).  Winners get state WON.  Returns the number of fills; the per-tier figures go to
+    ts[tier, S_*].
 
     Leaves are floor-sorted, so no bid whose limit is below the lowest floor of the blocks with
     free GPUs (`lff`, which only rises during the tick) can be placed, nor (rule 1) one below
-    `max_floor`; bids come in descending limit, so from the first such bid on every bid loses:
-    once `highest_lose` is known the walk stops there (emit_losers reports the losers)."""
+    its tier's `max_floor`; bids come in descending limit, so from the first such bid of a tier
+    on every bid of that tier loses: once the tier's `highest_lose` is known it is done, and the
+    walk stops when both are (emit_losers reports the losers)."""
     stack = np.empty((256, 3), dtype=np.int64)
     lff = lowest_free_floor(lf, size, dyn)
     lf_stale = False
-    max_floor = 0
-    lowest_win = I64_MAX
-    highest_lose = -1
-    n_win = 0
+    for t in range(2):
+        ts[t, S_WINNERS] = 0
+        ts[t, S_MAX_FLOOR] = 0
+        ts[t, S_LOWEST_WIN] = I64_MAX
+        ts[t, S_HIGHEST_LOSE] = -1
+    done_firm = False
+    done_spot = False
     nf = 0
     i = 0
     j = 0
@@ -916,14 +929,25 @@ def clear_tier(
             lim = p_limit[k]
             c = p_cls[k]
             bid_id = p_bid[k]
+        tier = cls_key[c, K_TIER]
+        if done_spot if tier == SPOT else done_firm:
+            continue
         won = False
         g = cls_key[c, K_GPUS]
         e = ecls[c]
+        max_floor = ts[tier, S_MAX_FLOOR]
         if lim < lff or lim < max_floor:
             # Rule 1, or nothing with free GPUs is cheap enough: this bid loses, and so does
-            # every later one (no higher limit; lff and max_floor only rise).
-            if highest_lose >= 0:
-                break  # the price no longer changes
+            # every later one of its tier (no higher limit; lff and max_floor only rise).
+            if ts[tier, S_HIGHEST_LOSE] >= 0:
+                # The tier's price no longer changes.
+                if tier == SPOT:
+                    done_spot = True
+                else:
+                    done_firm = True
+                if done_firm and done_spot:
+                    break
+                continue
         elif g < (fail_single[e] if g <= max_host else fail_multi[e]):
             end = now + cls_key[c, K_DUR]
             mn = cls_key[c, K_MN]
@@ -942,6 +966,7 @@ def clear_tier(
                     fill_bid[nf] = bid_id
                     fill_block[nf] = lf[leaf, L_BLOCK]
                     fill_gpus[nf] = g
+                    fill_tier[nf] = tier
                     nf += 1
                     max_floor = max(max_floor, lf[leaf, L_FLOOR])
                     won = True
@@ -979,6 +1004,7 @@ def clear_tier(
                         fill_bid[nf] = bid_id
                         fill_block[nf] = lf[leaf, L_BLOCK]
                         fill_gpus[nf] = give
+                        fill_tier[nf] = tier
                         nf += 1
                         max_floor = max(max_floor, lf[leaf, L_FLOOR])
                         remaining -= give
@@ -995,6 +1021,7 @@ def clear_tier(
                     if g < fail[d]:
                         fail[d] = g
         if won:
+            ts[tier, S_MAX_FLOOR] = max_floor
             if from_main:
                 m_state[k] = STATE_WON
                 m_idst[m_rank[k]] = STATE_WON
@@ -1004,9 +1031,9 @@ def clear_tier(
             if lf_stale:
                 lff = lowest_free_floor(lf, size, dyn)
                 lf_stale = False
-            n_win += 1
-            lowest_win = min(lowest_win, lim)
-        elif highest_lose < 0:
+            ts[tier, S_WINNERS] += 1
+            ts[tier, S_LOWEST_WIN] = min(ts[tier, S_LOWEST_WIN], lim)
+        elif ts[tier, S_HIGHEST_LOSE] < 0:
             # Bids come in descending limit: the first structurally eligible loser sets it.
             class_reason(
                 tier, now, tick, c, cls_key, cls_st, max_host,
@@ -1014,24 +1041,25 @@ def clear_tier(
                 fsize, ftree, prof_notice, prof_rate, stack,
             )
             if cls_st[c, C_CODE] == 0:
-                highest_lose = lim
+                ts[tier, S_HIGHEST_LOSE] = lim
     flush_dirty(fw, fab_start, fab_end, fab_first, mg, lbtree, fsize, fdyn, dirty)
-    return nf, n_win, max_floor, lowest_win, highest_lose
+    return nf
 
 
 @njit(cache=True)
 def emit_losers(
-    tier, now, tick, price, max_host,
+    now, tick, prices, max_host,
     m_ids, m_pos, m_lim, m_cls, m_state, m_idst,
     p_ids, p_pos, p_lim, p_cls, p_state, p_idst,
     cls_key, cls_st,
     lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
-    fsize, ftree, prof_notice, prof_rate, out_bid, out_code, out_short, h,
+    fsize, ftree, prof_notice, prof_rate, out_bid, out_code, out_short, out_tier, hs,
 ):
-    """Reasons of the losing bids in bid_id order; retires this tick's winners (WON -> DEAD).
-    `price` is the clearing price, or the indicative price when nothing traded.  Reads only
-    the bid_id-ordered arrays (one sequential pass).  Also folds the losers into the state
-    hash `h` (docs/matching.md, Determinism); returns (losers, hash)."""
+    """Reasons of the losing bids in (internal) id order; retires this tick's winners (WON ->
+    DEAD).  `prices[tier]` is the tier's clearing price, or its indicative price when nothing
+    traded.  Reads only the id-ordered arrays (one sequential pass).  Also folds the losers
+    into their tier's state hash `hs[tier]` (docs/matching.md, Determinism); returns the number
+    of losers."""
     stack = np.empty((256, 3), dtype=np.int64)
     nout = 0
     i = 0
@@ -1063,6 +1091,8 @@ def emit_losers(
             lim = p_lim[j]
             c = p_cls[j]
             j += 1
+        tier = cls_key[c, K_TIER]
+        price = prices[tier]
         # Inline (a call with this many array arguments per bid costs more than the rest).
         if cls_st[c, C_STAMP] != tick:
             class_reason(
@@ -1087,11 +1117,14 @@ def emit_losers(
         out_bid[nout] = bid_id
         out_code[nout] = code
         out_short[nout] = short
+        out_tier[nout] = tier
         nout += 1
-        h = (h ^ np.uint64(bid_id)) * FNV_PRIME
+        h = hs[tier]
+        h = (h ^ np.uint64(bid_id >> 1)) * FNV_PRIME
         h = (h ^ np.uint64(code)) * FNV_PRIME
         h = (h ^ np.uint64(short)) * FNV_PRIME
-    return nout, h
+        hs[tier] = h
+    return nout
 
 
 @njit(cache=True)

@@ -157,15 +157,16 @@ def _structural(tier: Tier, bid: Mapping, blocks: list[dict], now: int, max_host
     return 0, min(needs)
 
 
-def _clear_tier(tier, blocks, bids, incumbents, now, max_host) -> dict:
-    order = sorted(bids, key=lambda b: (-b["limit"], b["seq"]))
-    max_floor = 0
-    fills: list[tuple[int, int, int]] = []
-    winners: list[dict] = []
-    losers: list[dict] = []
-    for bid in order:
+def _allocate(blocks, tagged_bids, now, max_host):
+    """Both tiers' bids in one price-time priority walk (limit desc, seq asc, firm before spot
+    on a tie); each tier has its own max_floor.  Returns per tier (fills, winners, losers)."""
+    order = sorted(tagged_bids, key=lambda tb: (-tb[1]["limit"], tb[1]["seq"], tb[0]))
+    max_floor = {Tier.FIRM: 0, Tier.SPOT: 0}
+    out = {t: ([], [], []) for t in Tier}
+    for tier, bid in order:
+        fills, winners, losers = out[tier]
         placed = None
-        if bid["limit"] >= max_floor:
+        if bid["limit"] >= max_floor[tier]:
             placed = _place(tier, bid, blocks, now, max_host)
         if placed is None:
             losers.append(bid)
@@ -173,9 +174,13 @@ def _clear_tier(tier, blocks, bids, incumbents, now, max_host) -> dict:
         for blk, give in placed:
             blk["free"] -= give
             fills.append((bid["bid_id"], blk["block_id"], give))
-            max_floor = max(max_floor, blk["floor"])
+            max_floor[tier] = max(max_floor[tier], blk["floor"])
         winners.append(bid)
+    return out, max_floor
 
+
+def _price_tier(tier, blocks, fills, winners, losers, max_floor, incumbents, now, max_host) -> dict:
+    """Price, indicative price, reasons and outbid incumbents of one tier, after the walk."""
     structural = {b["bid_id"]: _structural(tier, b, blocks, now, max_host) for b in losers}
     eligible_limits = [b["limit"] for b in losers if structural[b["bid_id"]][0] == 0]
     highest_losing = max(eligible_limits, default=-1)
@@ -220,11 +225,13 @@ def reference_tick(
     incumbents: Iterable[Mapping],
     now: int,
 ) -> ReferenceResult:
-    """Clear firm, then spot on what firm left, exactly as docs/matching.md says."""
+    """Clear both tiers in one price-time priority walk, exactly as docs/matching.md says."""
     blks = sorted((dict(b) for b in blocks), key=lambda k: k["block_id"])
     max_host = max((k["host_gpus"] for k in blks), default=0)
-    firm = _clear_tier(Tier.FIRM, blks, [dict(b) for b in firm_bids], [], now, max_host)
-    spot = _clear_tier(
-        Tier.SPOT, blks, [dict(b) for b in spot_bids], [dict(i) for i in incumbents], now, max_host
+    tagged = [(Tier.FIRM, dict(b)) for b in firm_bids] + [(Tier.SPOT, dict(b)) for b in spot_bids]
+    walked, max_floor = _allocate(blks, tagged, now, max_host)
+    firm, spot = (
+        _price_tier(tier, blks, *walked[tier], max_floor[tier], incs, now, max_host)
+        for tier, incs in ((Tier.FIRM, []), (Tier.SPOT, [dict(i) for i in incumbents]))
     )
     return ReferenceResult(firm=firm, spot=spot, free_after={k["block_id"]: k["free"] for k in blks})

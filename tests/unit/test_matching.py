@@ -166,7 +166,8 @@ def test_invariants_hold(market):
 
     _, result = engine_tick(blocks, firm, spot, incumbents)
 
-    for tier, bids, res in ((Tier.FIRM, firm, result.firm), (Tier.SPOT, spot, result.spot)):
+    tiers = ((Tier.FIRM, firm, result.firm), (Tier.SPOT, spot, result.spot))
+    for tier, bids, res in tiers:
         bid_of = {b["bid_id"]: b for b in bids}
         winners = set(res.fill_bid_id.tolist())
         for bid_id, block_id, gpus in zip(res.fill_bid_id.tolist(), res.fill_block_id.tolist(),
@@ -182,6 +183,10 @@ def test_invariants_hold(market):
         for bid_id in winners:
             assert sum(g for b, g in zip(res.fill_bid_id.tolist(), res.fill_gpus.tolist(),
                                          strict=True) if b == bid_id) == bid_of[bid_id]["gpus"]
+    # What is left after both tiers' fills.
+    for tier, bids, res in tiers:
+        winners = set(res.fill_bid_id.tolist())
+        bid_of = {b["bid_id"]: b for b in bids}
         price = res.price if winners else res.indicative
         for bid in bids:
             if bid["bid_id"] in winners or bid["limit"] <= price:
@@ -262,10 +267,11 @@ def test_incremental_book_equals_fresh_book(market, data):
 
 
 def book_tick_losers(book: ModelBook, tier: Tier) -> list[int]:
-    t = book._tiers[tier]
+    t = book._bids
     ids = np.concatenate([t.main.ids, t.pend.ids])
     state = np.concatenate([t.main.state[t.main.pos], t.pend.state[t.pend.pos]])
-    return ids[state == 1].tolist()
+    live = ids[(state == 1) & (ids % 2 == int(tier))]
+    return (live >> 1).tolist()
 
 
 def test_compaction_keeps_the_book():
@@ -387,7 +393,7 @@ def test_multi_host_gang_takes_whole_hosts_in_one_fabric():
     assert res.price == 200
 
 
-def test_firm_bid_needs_a_covering_firm_window_and_firm_clears_first():
+def test_firm_bid_needs_a_covering_firm_window():
     blocks = [block(1, firm_until=NOW + 2 * H), block(2, firm_until=NOW + 10 * H, floor=300)]
     firm = [bid(1, limit=400, gpus=8, duration=5 * H)]
     spot = [bid(2, limit=900, gpus=8, duration=H)]
@@ -397,6 +403,27 @@ def test_firm_bid_needs_a_covering_firm_window_and_firm_clears_first():
     assert result.firm.fill_block_id.tolist() == [2]
     assert result.spot.fill_block_id.tolist() == [1]
     assert result.firm.as_dict() == reference_tick(blocks, firm, spot, [], NOW).firm
+
+
+def test_both_tiers_share_one_price_priority():
+    # One block, eligible for both tiers: the higher limit per GPU-hour gets it, whatever its
+    # tier; on equal limits the earlier seq, and on equal seq too, firm.
+    blocks = [block(1, firm_until=NOW + 10 * H, gpus=8)]
+    firm = [bid(1, limit=400, gpus=8), bid(3, limit=900, gpus=8, seq=5)]
+    spot = [bid(2, limit=500, gpus=8), bid(4, limit=900, gpus=8, seq=4)]
+
+    _, result = engine_tick(blocks, firm, spot, [])
+
+    assert result.spot.fill_bid_id.tolist() == [4]
+    assert result.firm.fill_bid_id.tolist() == []
+    reference = reference_tick(blocks, firm, spot, [], NOW)
+    assert (result.firm.as_dict(), result.spot.as_dict()) == (reference.firm, reference.spot)
+
+    firm[1]["seq"] = 4  # the same seq in both tiers: firm first
+    _, result = engine_tick(blocks, firm, spot, [])
+
+    assert result.firm.fill_bid_id.tolist() == [3]
+    assert result.spot.fill_bid_id.tolist() == []
 
 
 @pytest.mark.parametrize(
@@ -609,10 +636,9 @@ def test_class_bounds_are_reset_between_ticks(monkeypatch):
 
 
 def _check_id_state(book: ModelBook) -> None:
-    for t in book._tiers:
-        for run in (t.main, t.pend):
-            assert (run.id_state == run.state[run.pos]).all()
-            assert (run.pos[run.rank] == np.arange(len(run.rank))).all()
+    for run in (book._bids.main, book._bids.pend):
+        assert (run.id_state == run.state[run.pos]).all()
+        assert (run.pos[run.rank] == np.arange(len(run.rank))).all()
 
 
 def test_bids_below_the_lowest_free_floor_lose_without_a_search():
