@@ -16,6 +16,7 @@ The book is kept between ticks so that a tick costs what changed:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -415,6 +416,7 @@ class ModelBook:
         self._inc_ids = _EMPTY_I64
         self._inc_lim = _EMPTY_I64
         self._tick = 0
+        self._losers: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     # -- supply ---------------------------------------------------------------------------------
 
@@ -504,26 +506,22 @@ class ModelBook:
             f = (fill_bid[sel] >> 1, fill_block[sel], fill_gpus[sel])
             fills.append(f)
             hs[t] = K.hash_head(*f, price[t], indicative[t])
-        ncap = len(bb.main) + len(bb.pend)
-        l_bid = np.empty(ncap, np.int64)
-        l_code = np.empty(ncap, np.int8)
-        l_short = np.empty(ncap, np.int64)
-        l_tier = np.empty(ncap, np.int8)
+        l_bid, l_code, l_short = self._loser_buffers(len(bb.main) + len(bb.pend))
+        nl = np.zeros(2, np.int64)
         m, p = bb.main, bb.pend
-        nl = K.emit_losers(
-            now, self._tick, indicative, idx.max_host,
+        K.emit_losers(
+            now, self._tick, indicative, idx.max_host, bb.n_cls,
             m.ids, m.pos, m.id_lim, m.id_cls, m.state, m.id_state,
             p.ids, p.pos, p.id_lim, p.id_cls, p.state, p.id_state,
             bb.cls_key, bb.cls_st,
             idx.lf, idx.size, idx.stat, idx.nv, idx.nbest,
             idx.fab_start, idx.fab_end, idx.fw, idx.mg, idx.static_lb, idx.sorder,
-            idx.fsize, idx.ftree, idx.prof_notice, idx.prof_rate, l_bid, l_code, l_short, l_tier,
-            hs,
+            idx.fsize, idx.ftree, idx.prof_notice, idx.prof_rate, l_bid, l_code, l_short, nl, hs,
         )
         bb.n_dead += int(ts[:, K.S_WINNERS].sum())
         results = []
         for t in (Tier.FIRM, Tier.SPOT):
-            sel = l_tier[:nl] == t
+            n = nl[t]
             if t == Tier.SPOT:
                 outbid = np.ascontiguousarray(self._inc_ids[self._inc_lim < indicative[t]])
             else:
@@ -531,8 +529,8 @@ class ModelBook:
             results.append(TickResult(
                 fill_bid_id=fills[t][0], fill_block_id=fills[t][1], fill_gpus=fills[t][2],
                 price=int(price[t]), indicative=int(indicative[t]),
-                loser_bid_id=l_bid[:nl][sel] >> 1, loser_reason=l_code[:nl][sel],
-                loser_shortfall=l_short[:nl][sel],
+                loser_bid_id=l_bid[t, :n], loser_reason=l_code[t, :n],
+                loser_shortfall=l_short[t, :n],
                 outbid_lease_id=outbid, state_hash=int(K.hash_tail(hs[t], outbid)),
             ))
         # Only the filled blocks changed `free`: write them back to the table.
@@ -542,6 +540,21 @@ class ModelBook:
             table_free[rows] = idx.lf[idx.leaf_of_row()[rows], K.L_FREE]
         bb.maybe_compact()
         return ModelTickResult(firm=results[0], spot=results[1])
+
+    def _loser_buffers(self, n: int):
+        """Per-tier rows for up to n losers: (bid_id, reason, shortfall).  The results of a tick
+        are views of these; they are reused only when no result of an earlier tick still holds
+        them, because writing a million losers into fresh memory every tick costs page faults
+        (several ms, and tens of ms on a busy machine) that reused memory does not.  Two sets are
+        kept, as a caller typically holds the last result while it runs the next tick."""
+        for bufs in self._losers:
+            if bufs[0].shape[1] >= n and all(sys.getrefcount(b) <= 3 for b in bufs):
+                return bufs
+        cap = max(n + n // 4, 1024)
+        bufs = (np.empty((2, cap), np.int64), np.empty((2, cap), np.int8),
+                np.empty((2, cap), np.int64))
+        self._losers = [bufs, *self._losers[:1]]
+        return bufs
 
     def _allocate(self, now: int, idx: BlockIndex, cap: int):
         """Run kernels.clear_book: (fill bid (internal ids), block, gpus, tier, per-tier figures)."""

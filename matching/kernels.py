@@ -1047,27 +1047,65 @@ def clear_book(
 
 
 @njit(cache=True)
+def _class_code(
+    tier, now, tick, c, max_host, cls_key, cls_st,
+    lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
+    fsize, ftree, prof_notice, prof_rate, stack,
+):
+    """(reason 1-6 or 0, NEED or I64_MIN when not known yet) of class c for this tick."""
+    class_reason(
+        tier, now, tick, c, cls_key, cls_st, max_host,
+        lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
+        fsize, ftree, prof_notice, prof_rate, stack,
+    )
+    need = cls_st[c, C_NEED] if cls_st[c, C_NSTAMP] == tick else I64_MIN
+    return cls_st[c, C_CODE], need
+
+
+@njit(cache=True)
 def emit_losers(
-    now, tick, prices, max_host,
+    now, tick, prices, max_host, n_cls,
     m_ids, m_pos, m_lim, m_cls, m_state, m_idst,
     p_ids, p_pos, p_lim, p_cls, p_state, p_idst,
     cls_key, cls_st,
     lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
-    fsize, ftree, prof_notice, prof_rate, out_bid, out_code, out_short, out_tier, hs,
+    fsize, ftree, prof_notice, prof_rate, out_bid, out_code, out_short, nout, hs,
 ):
-    """Reasons of the losing bids in (internal) id order; retires this tick's winners (WON ->
-    DEAD).  `prices[tier]` is the tier's clearing price, or its indicative price when nothing
-    traded.  Reads only the id-ordered arrays (one sequential pass).  Also folds the losers
-    into their tier's state hash `hs[tier]` (docs/matching.md, Determinism); returns the number
-    of losers."""
+    """Reasons of the losing bids, per tier in bid_id order (rows of out_*, nout[tier] of
+    them); retires this tick's winners (WON -> DEAD).  `prices[tier]` is the tier's clearing
+    price, or its indicative price when nothing traded.  Reads only the id-ordered arrays (one
+    sequential pass).  Also folds the losers into their tier's state hash `hs[tier]`
+    (docs/matching.md, Determinism).
+
+    It visits every resting bid each tick, so the loop is kept tight: the structural reason of
+    every class is worked out first (a few thousand classes cost about what doing it on demand
+    costs, and keeps that work out of the loop), per-class answers live in small local arrays,
+    and the two tiers' counters and hashes are selected without branches (the tiers interleave
+    in id order)."""
     stack = np.empty((256, 3), dtype=np.int64)
-    nout = 0
+    ccode = np.empty(n_cls, np.int64)  # reason 1-6, or 0
+    cneed = np.empty(n_cls, np.int64)  # NEED, or I64_MIN until known
+    ctier = np.empty(n_cls, np.int64)
+    for c in range(n_cls):
+        ctier[c] = cls_key[c, K_TIER]
+        ccode[c], cneed[c] = _class_code(
+            ctier[c], now, tick, c, max_host, cls_key, cls_st,
+            lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
+            fsize, ftree, prof_notice, prof_rate, stack,
+        )
+    price0 = prices[0]
+    price1 = prices[1]
+    n0 = 0
+    n1 = 0
+    h0 = hs[0]
+    h1 = hs[1]
     i = 0
     j = 0
     nm = len(m_ids)
     npend = len(p_ids)
-    while i < nm or j < npend:
-        if j >= npend or (i < nm and m_ids[i] < p_ids[j]):
+    nxt = p_ids[0] if npend > 0 else I64_MAX
+    while True:
+        if i < nm and m_ids[i] < nxt:
             st = m_idst[i]
             if st != STATE_LIVE:
                 if st == STATE_WON:
@@ -1079,52 +1117,55 @@ def emit_losers(
             lim = m_lim[i]
             c = m_cls[i]
             i += 1
-        else:
+        elif j < npend:
             st = p_idst[j]
-            if st != STATE_LIVE:
-                if st == STATE_WON:
-                    p_idst[j] = STATE_DEAD
-                    p_state[p_pos[j]] = STATE_DEAD
-                j += 1
-                continue
             bid_id = p_ids[j]
             lim = p_lim[j]
             c = p_cls[j]
+            if st == STATE_WON:
+                p_idst[j] = STATE_DEAD
+                p_state[p_pos[j]] = STATE_DEAD
             j += 1
-        tier = cls_key[c, K_TIER]
-        price = prices[tier]
-        # Inline (a call with this many array arguments per bid costs more than the rest).
-        if cls_st[c, C_STAMP] != tick:
-            class_reason(
-                tier, now, tick, c, cls_key, cls_st, max_host,
-                lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
-                fsize, ftree, prof_notice, prof_rate, stack,
-            )
-        code = cls_st[c, C_CODE]
+            nxt = p_ids[j] if j < npend else I64_MAX
+            if st != STATE_LIVE:
+                continue
+        else:
+            break
+        code = ccode[c]
+        tier = ctier[c]
+        price = price1 if tier == SPOT else price0
         short = 0
         if code == 0:
             if lim < price:
                 code = R_LIMIT_BELOW_PRICE
                 short = price - lim
-            elif cls_st[c, C_NSTAMP] == tick and lim >= cls_st[c, C_NEED]:
-                code = R_NO_CAPACITY
-            elif lim < class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end,
-                                  fw, mg, static_lb, sorder, fsize, ftree, prof_notice,
-                                  prof_rate):
-                code = R_BELOW_FLOOR
             else:
-                code = R_NO_CAPACITY
-        out_bid[nout] = bid_id
-        out_code[nout] = code
-        out_short[nout] = short
-        out_tier[nout] = tier
-        nout += 1
-        h = hs[tier]
+                need = cneed[c]
+                if need == I64_MIN:
+                    need = class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start,
+                                      fab_end, fw, mg, static_lb, sorder, fsize, ftree,
+                                      prof_notice, prof_rate)
+                    cneed[c] = need
+                code = R_BELOW_FLOOR if lim < need else R_NO_CAPACITY
+        spot = tier == SPOT
+        r = n1 if spot else n0
+        out_bid[tier, r] = bid_id >> 1  # the caller's bid_id (see matching.book)
+        out_code[tier, r] = code
+        out_short[tier, r] = short
+        h = h1 if spot else h0
         h = (h ^ np.uint64(bid_id >> 1)) * FNV_PRIME
         h = (h ^ np.uint64(code)) * FNV_PRIME
         h = (h ^ np.uint64(short)) * FNV_PRIME
-        hs[tier] = h
-    return nout
+        if spot:
+            n1 += 1
+            h1 = h
+        else:
+            n0 += 1
+            h0 = h
+    nout[0] = n0
+    nout[1] = n1
+    hs[0] = h0
+    hs[1] = h1
 
 
 @njit(cache=True)

@@ -18,7 +18,8 @@ from matching import (
     reference_tick,
     warm_up,
 )
-from matching.testing import add_records, book_from_records, upsert_records
+from matching.arrays import BID_FIELDS
+from matching.testing import add_records, book_from_records, columns, upsert_records
 
 NOW = 1_000_000
 H = 3600
@@ -705,3 +706,19 @@ def test_walk_stops_at_the_first_bid_below_the_highest_accepted_floor():
     res = check_spot(blocks, bids)
     assert res.fill_bid_id.tolist() == [1]
     assert res.price == 500
+
+
+def test_a_kept_result_is_not_overwritten_by_later_ticks():
+    # Loser rows are written into buffers the book reuses only when no earlier result holds them.
+    blocks = [block(1, floor=300, gpus=1)]
+    book = book_from_records(blocks, [], [bid(i, limit=100 + i) for i in range(1, 6)])
+    first = book.tick(NOW)
+    kept = first.spot.as_dict()
+
+    book.remove_bids(Tier.SPOT, np.array([1, 2]))
+    book.add_bids(Tier.SPOT, *columns([bid(9, limit=50)], BID_FIELDS))
+    second = book.tick(NOW + 2)
+    book.tick(NOW + 4)
+
+    assert first.spot.as_dict() == kept
+    assert second.spot.loser_bid_id.tolist() == [3, 4, 5, 9]
