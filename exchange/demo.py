@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
-from exchange.core.net import free_port
+from exchange.core.net import free_port, wait_healthy
 
 HOSTS = [("h100-a1", "pod-a", "2.00", 0), ("h100-a2", "pod-a", "2.20", 3600), ("h100-b1", "pod-b", "1.80", 0),
          ("h100-b2", "pod-b", "2.40", 7200)]
@@ -59,21 +59,6 @@ class Client:
         return response.json()
 
 
-async def _wait_ready(base: str, server: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient() as http:
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError("the server exited during start-up")
-            try:
-                if (await http.get(base + "/healthz", timeout=1)).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.3)
-    raise RuntimeError("the server did not become ready")
-
-
 async def run_demo(seconds: float, port: int | None, home: Path, seed: int, out=print) -> int:
     rng = random.Random(seed)
     port = port or free_port()
@@ -91,7 +76,7 @@ async def run_demo(seconds: float, port: int | None, home: Path, seed: int, out=
         procs.server = subprocess.Popen([sys.executable, "-m", "exchange.cli", "serve", "--port", str(port)],
                                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        await _wait_ready(base, procs.server)
+        await asyncio.to_thread(wait_healthy, base, procs.server)
         admin = Client(base, admin_key)
         owner_acc = await admin.call("POST", "/v1/accounts", json={"name": f"owner-{seed}-{port}", "role": "owner"})
         owner = Client(base, owner_acc["api_key"])

@@ -24,7 +24,7 @@ import asyncpg
 import httpx
 
 from exchange.core.settings import Settings
-from exchange.core.net import free_port, with_database
+from exchange.core.net import free_port, wait_healthy, with_database
 
 
 async def _raw_insert_rate(url: str, concurrency: int, seconds: float) -> float:
@@ -109,16 +109,7 @@ def run(users: int = 32, seconds: float = 20, workers: int = 1, database_url: st
             proc = subprocess.Popen([sys.executable, "-m", "exchange.cli", "serve", "--port", str(port), "--workers",
                                      str(workers)], env=_server_env(bench_url, admin_key), stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("bench server did not start: " + (tmp / "server.log").read_text()[-2000:])
-            time.sleep(0.3)
+        wait_healthy(base, proc, 120, lambda: (tmp / "server.log").read_text()[-2000:])
         keys = asyncio.run(_prepare(base, admin_key, users))
         (tmp / "keys").write_text("\n".join(keys))
         env = dict(os.environ, GPUX_BENCH_KEYS=str(tmp / "keys"))

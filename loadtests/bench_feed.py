@@ -24,7 +24,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from exchange.core.net import free_port
+from exchange.core.net import free_port, wait_healthy
 
 MARKET = "BENCH-80GB/spot"
 CHANNELS = ["ticker", "book", "trades", "candles"]
@@ -157,22 +157,6 @@ def _fast_loop() -> None:
 
 # --- the run ---------------------------------------------------------------------------------------
 
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gpux serve exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("gpux serve did not become ready")
-
-
 def _ts_of(payload: bytes) -> float:
     i = payload.find(b'"ts":"') + 6
     return datetime.fromisoformat(payload[i:payload.index(b'"', i)].decode().replace("Z", "+00:00")).timestamp()
@@ -302,7 +286,7 @@ def run(subscribers: int = 1000, ticks: int = 10, tick_s: float = 2.0, channels:
         echo = subprocess.Popen([sys.executable, "-m", "loadtests.bench_feed", "echo", str(echo_port)],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
-            _wait_ready(f"http://127.0.0.1:{port}", server, log)
+            wait_healthy(f"http://127.0.0.1:{port}", server, 120, lambda log=log: log.read_text()[-3000:])
             assert echo.stdout.readline().strip() == "ready"
             _fast_loop()
             figures = asyncio.run(_run(subscribers, ticks, tick_s, channels, port, echo_port, dsn))

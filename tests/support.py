@@ -5,13 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
-from exchange.core.net import free_port, with_database  # noqa: F401 (re-exported for tests)
+from exchange.core.net import free_port, wait_healthy, with_database  # noqa: F401 (re-exported for tests)
 
 ADMIN_KEY = "gpx_test_admin_key_0123456789abcdefghijklmnop"
 
@@ -61,18 +58,12 @@ def start_server(tmp: Path, *, database_url: str | None, home: Path | None = Non
                                  "--workers", str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     server = ServerProcess(base_url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, env=env)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gpux serve exited with {proc.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(server.base_url + "/healthz", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"gpux serve did not become ready:\n{server.log()}")
+    try:
+        wait_healthy(server.base_url, proc, ready_timeout, server.log)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
 
 
 def run_audit(database_url: str) -> subprocess.CompletedProcess:

@@ -27,6 +27,7 @@ class ModelState:
     ioc: set[int] = field(default_factory=set)                   # resting ioc bids: gone after one tick
     block_ids: set[int] = field(default_factory=set)
     last_reason: dict[int, tuple[str, int]] = field(default_factory=dict)
+    markets: set[str] = field(default_factory=set)  # market ids seen in the database (never deleted)
 
 
 @dataclass

@@ -88,8 +88,10 @@ async def _persist_tier(conn: asyncpg.Connection, state: ModelState, tier: Tier,
                         now: datetime) -> tuple[int | None, int, int]:
     """Returns (market_ticks id, leases made, leases outbid)."""
     market = market_id(state.model, TIER_NAME[tier])
-    if not await conn.fetchval("SELECT 1 FROM markets WHERE id = $1", market):
-        return None, 0, 0
+    if market not in state.markets:
+        if not await conn.fetchval("SELECT 1 FROM markets WHERE id = $1", market):
+            return None, 0, 0
+        state.markets.add(market)
     price = int(result.price)
     indicative = int(result.indicative)
     volume = int(np.sum(result.fill_gpus)) if len(result.fill_gpus) else 0

@@ -140,10 +140,7 @@ async def _visible(conn, principal: Principal, reclaim_id: int) -> asyncpg.Recor
     return row
 
 
-async def get_reclaim(ctx: AppContext, principal: Principal, reclaim_id: int) -> Reclaim:
-    row = await _visible(ctx.pool, principal, reclaim_id)
-    leases = await ctx.pool.fetch("SELECT id, host_id, gpus, end_at, free_of_charge FROM leases WHERE reclaim_id = $1"
-                                  " ORDER BY id", reclaim_id)
+def _reclaim_view(row: asyncpg.Record, leases: list[asyncpg.Record]) -> Reclaim:
     return Reclaim(id=row["id"], model=row["model"], gpus=row["gpus"], host_id=row["host_id"], at=row["at"],
                    until=row["until"], status=row["status"], strategy=row["strategy"],
                    taken_free=row["idle_gpus"], shortfall=row["shortfall"],
@@ -152,10 +149,23 @@ async def get_reclaim(ctx: AppContext, principal: Principal, reclaim_id: int) ->
                    created_at=row["created_at"])
 
 
+_RECLAIMED_LEASES = ("SELECT reclaim_id, id, host_id, gpus, end_at, free_of_charge FROM leases"
+                     " WHERE reclaim_id = ANY($1::bigint[]) ORDER BY id")
+
+
+async def get_reclaim(ctx: AppContext, principal: Principal, reclaim_id: int) -> Reclaim:
+    row = await _visible(ctx.pool, principal, reclaim_id)
+    return _reclaim_view(row, await ctx.pool.fetch(_RECLAIMED_LEASES, [reclaim_id]))
+
+
 async def list_reclaims(ctx: AppContext, principal: Principal) -> list[Reclaim]:
-    ids = [r["id"] for r in await ctx.pool.fetch(
-        "SELECT id FROM reclaims WHERE owner_id = $1 ORDER BY id DESC LIMIT 200", principal.account_id)]
-    return [await get_reclaim(ctx, principal, i) for i in ids]
+    """The owner's latest 200 reclaims, newest first (two queries, whatever their number)."""
+    rows = await ctx.pool.fetch("SELECT * FROM reclaims WHERE owner_id = $1 ORDER BY id DESC LIMIT 200",
+                                principal.account_id)
+    leases: dict[int, list[asyncpg.Record]] = {r["id"]: [] for r in rows}
+    for le in await ctx.pool.fetch(_RECLAIMED_LEASES, list(leases)):
+        leases[le["reclaim_id"]].append(le)
+    return [_reclaim_view(r, leases[r["id"]]) for r in rows]
 
 
 async def release_reclaim(ctx: AppContext, principal: Principal, reclaim_id: int) -> Reclaim:

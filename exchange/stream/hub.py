@@ -14,7 +14,7 @@ from typing import Awaitable, Callable
 
 import asyncpg
 
-from exchange.leases.service import lease_by_id
+from exchange.leases.service import leases_by_id
 from exchange.feed.schemas import Envelope, encoder
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,11 @@ class StreamHub:
             rows = await self.pool.fetch(
                 "SELECT seq, kind, market, lease_id, at FROM account_events WHERE account_id = $1 AND seq > $2"
                 " ORDER BY seq LIMIT 1000", client.account_id, client.last_seq)
+            leases = await leases_by_id(self.pool, list({row["lease_id"] for row in rows}))
             for row in rows:
-                lease = await lease_by_id(self.pool, row["lease_id"])
                 await client.send(encoder.encode(Envelope(
                     channel="stream", type=row["kind"], market=row["market"], seq=row["seq"], ts=row["at"],
-                    data=lease)))
+                    data=leases[row["lease_id"]])))
                 client.last_seq = row["seq"]
             if len(rows) == 1000:  # more behind: go on, once this delivery has released the lock
                 self._spawn(client)
