@@ -38,7 +38,7 @@ _EMPTY_I64 = np.empty(0, dtype=np.int64)
 _ELB_ENTRIES = 1 << 23  # per-eligibility-class fabric bounds, entries per tier (x 8 bytes)
 # An eligibility class switches from the plain multi-host search to its own bounds once its plain
 # searches have looked at (whole hosts) / _ELB_AFTER hosts; 0 = from its first search.
-_ELB_AFTER = 16
+_ELB_AFTER = 3
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,7 @@ class BlockIndex:
                       c["block_id"], pbit)
         fab = lf[:, K.L_FAB]
         self.lf = lf
+        self.floors = np.ascontiguousarray(lf[:, K.L_FLOOR])
 
         self.size = 1 << max(0, (n - 1).bit_length()) if n > 0 else 1
         self.dyn = np.empty((2 * self.size, K.NT), dtype=np.int64)
@@ -592,7 +593,7 @@ class ModelBook:
             m.bid, m.lim, m.seq, m.cls, m.state, m.id_state, m.rank,
             p.bid, p.lim, p.seq, p.cls, p.state, p.id_state, p.rank,
             tb.cls_key, tb.cls_st,
-            idx.lf, idx.n, idx.size, idx.dyn, idx.stat, _BIT, _GE, _LE,
+            idx.lf, idx.floors, idx.n, idx.size, idx.dyn, idx.stat, _BIT, _GE, _LE,
             idx.fab_start, idx.fab_end, idx.fw, idx.nv, idx.nbest,
             idx.mg, idx.fab_first, idx.lbtree, idx.fsize, idx.ftree, idx.fdyn, idx.static_lb,
             idx.sorder, idx.prof_notice, idx.prof_rate,

@@ -389,13 +389,13 @@ def patch_free(lf, leaves, frees, size, dyn, bit, fw):
 
 
 @njit(cache=True)
-def _leaves_at_or_below(lf, n, limit):
+def _leaves_at_or_below(floors, n, limit):
     """Number of leaves whose floor <= limit (leaves are floor-sorted)."""
     lo = 0
     hi = n
     while lo < hi:
         mid = (lo + hi) >> 1
-        if lf[mid, L_FLOOR] <= limit:
+        if floors[mid] <= limit:
             lo = mid + 1
         else:
             hi = mid
@@ -403,16 +403,17 @@ def _leaves_at_or_below(lf, n, limit):
 
 
 @njit(cache=True)
-def find_single(tier, now, end, mn, budget, pmask, g, limit, start, lf, n, size, dyn, ge, le,
-                stack):
+def find_single(tier, now, end, mn, budget, pmask, g, limit, start, lf, floors, n, size, dyn,
+                ge, le, stack):
     """Leaf minimising (floor, free, block_id) among eligible leaves with free >= g and
     floor <= limit, searching leaves >= start only.  Returns (leaf or -1, leftmost eligible leaf
     with free >= g, which is where the class's next search may start).
 
     Depth-first, left (cheaper) first, pruning on the aggregates.  After the first fit it only
     looks at leaves of the same floor with a strictly tighter free count (the free-count bitset
-    prunes the rest); leaves are in (floor, block_id) order, so equal fits keep the lowest id."""
-    hi = _leaves_at_or_below(lf, n, limit)
+    prunes the rest); leaves are in (floor, block_id) order, so equal fits keep the lowest id.
+    `floors` is lf's floor column as its own array: the floor tests touch it, not lf's rows."""
+    hi = _leaves_at_or_below(floors, n, limit)
     if hi <= start:
         return -1, hi
     lo_bit = min(g, 63)
@@ -431,7 +432,7 @@ def find_single(tier, now, end, mn, budget, pmask, g, limit, start, lf, n, size,
         w = stack[sp, 2]
         if lo >= hi or lo + w <= start:
             continue
-        if best >= 0 and lf[lo, L_FLOOR] > best_floor:
+        if best >= 0 and floors[lo] > best_floor:
             continue
         hi_bit = 63 if best_free > 63 else best_free - 1
         if lo_bit > hi_bit:
@@ -631,11 +632,25 @@ def refresh_fabrics(fabs, fw, fab_start, fab_end, fab_first, mg, lbtree, fsize, 
 
 
 @njit(cache=True)
-def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit,
+def _loses_tie(node, fsize, best_f, best_cnt, min_cnt):
+    """Whether no fabric under `node`, at a highest floor equal to the best's, can win the tie:
+    it would need fewer hosts, and the best already has the fewest any fabric can (min_cnt), or a
+    lower fabric index, and every fabric under node comes after the best.  Floors are whole
+    cents, so many fabrics share a bound: without this, each would be looked at."""
+    if best_cnt != min_cnt:
+        return False
+    lo = node
+    while lo < fsize:
+        lo <<= 1
+    return lo - fsize > best_f
+
+
+@njit(cache=True)
+def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt,
                fw, fab_end, fab_first, lbtree, fsize, fdyn, stack):
     """Fabric whose cheapest whole free eligible hosts hold g GPUs with the lowest highest floor,
     then fewest hosts, then lowest fabric_id (dense index order); -1 if none.  Also returns the
-    number of hosts it looked at."""
+    number of hosts it looked at.  `min_cnt`: the fewest hosts any fabric could use."""
     work = 0
     best_f = -1
     best_hf = I64_MAX
@@ -647,6 +662,8 @@ def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit,
         node = stack[sp, 0]
         v = lbtree[gi, node]
         if v > limit or v > best_hf:
+            continue
+        if v == best_hf and _loses_tie(node, fsize, best_f, best_cnt, min_cnt):
             continue
         if not _fabric_may_fit(tier, fdyn, node, now, end, mn, budget, pmask, g):
             continue
@@ -878,7 +895,7 @@ def clear_book(
     m_bid, m_limit, m_seq, m_cls, m_state, m_idst, m_rank,
     p_bid, p_limit, p_seq, p_cls, p_state, p_idst, p_rank,
     cls_key, cls_st,
-    lf, n, size, dyn, stat, bit, ge, le,
+    lf, floors, n, size, dyn, stat, bit, ge, le,
     fab_start, fab_end, fw, nv, nbest,
     mg, fab_first, lbtree, fsize, ftree, fdyn, static_lb, sorder, prof_notice, prof_rate,
     ecls, dom_ptr, dom_idx, fail_single, fail_multi, eslot, elb, ever, einit, elb_after, fver,
@@ -956,7 +973,7 @@ def clear_book(
             if g <= max_host:
                 start = cls_st[c, C_CURSOR] if cls_st[c, C_CSTAMP] == tick else 0
                 leaf, first = find_single(tier, now, end, mn, budget, pmask, g, lim, start,
-                                          lf, n, size, dyn, ge, le, stack)
+                                          lf, floors, n, size, dyn, ge, le, stack)
                 cls_st[c, C_CURSOR] = first
                 cls_st[c, C_CSTAMP] = tick
                 if leaf >= 0:
@@ -982,12 +999,13 @@ def clear_book(
                         elb[s, :, :] = lbtree
                         ever[s, :] = -1
                         einit[s] = 1
-                    f = find_multi_e(tier, now, end, mn, budget, pmask, g, gi, lim, s, elb,
+                    f = find_multi_e(tier, now, end, mn, budget, pmask, g, gi, lim,
+                                     (g + max_host - 1) // max_host, s, elb,
                                      ever, fver, fw, fab_end, fab_first, mg, lbtree, fsize,
                                      fdyn, stack)
                 else:
                     f, work = find_multi(tier, now, end, mn, budget, pmask, g, gi,
-                                         lim, fw, fab_end, fab_first, lbtree, fsize,
+                                         lim, (g + max_host - 1) // max_host, fw, fab_end, fab_first, lbtree, fsize,
                                          fdyn, stack)
                     eslot[e, 1] += work
                 if f >= 0:
@@ -1417,7 +1435,7 @@ def _elb_refresh(tier, now, end, mn, budget, s, f, elb, ever, fver, fw, fab_end,
 
 
 @njit(cache=True)
-def find_multi_e(tier, now, end, mn, budget, pmask, g, gi, limit, s, elb, ever, fver,
+def find_multi_e(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt, s, elb, ever, fver,
                  fw, fab_end, fab_first, mg, lbtree, fsize, fdyn, stack):
     """`find_multi` through the eligibility class's bounds `elb[s]` (exact once refreshed)."""
     best_f = -1
@@ -1430,6 +1448,8 @@ def find_multi_e(tier, now, end, mn, budget, pmask, g, gi, limit, s, elb, ever, 
         node = stack[sp, 0]
         v = elb[s, gi, node]
         if v > limit or v > best_hf:
+            continue
+        if v == best_hf and _loses_tie(node, fsize, best_f, best_cnt, min_cnt):
             continue
         if not _fabric_may_fit(tier, fdyn, node, now, end, mn, budget, pmask, g):
             # For the rest of the tick (fdyn only shrinks): no fabric under node holds g GPUs.
