@@ -534,11 +534,15 @@ class ModelBook:
                 loser_shortfall=l_short[t, :n],
                 outbid_lease_id=outbid, state_hash=int(K.hash_tail(hs[t], outbid)),
             ))
-        # Only the filled blocks changed `free`: write them back to the table.
+        # Only the filled blocks changed `free`: write them back to the table (all of them when
+        # the fills are many: one pass costs less than looking each fill's row up).
         if len(fill_block):
             table_free = self._blocks.cols["free"]
-            rows = np.searchsorted(self._blocks.cols["block_id"], fill_block)
-            table_free[rows] = idx.lf[idx.leaf_of_row()[rows], K.L_FREE]
+            if len(fill_block) > idx.n // 8:
+                table_free[idx.lf[:, K.L_ROW]] = idx.lf[:, K.L_FREE]
+            else:
+                rows = np.searchsorted(self._blocks.cols["block_id"], fill_block)
+                table_free[rows] = idx.lf[idx.leaf_of_row()[rows], K.L_FREE]
         bb.maybe_compact()
         return ModelTickResult(firm=results[0], spot=results[1])
 

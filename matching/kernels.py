@@ -1412,11 +1412,14 @@ def _elb_node_set(elb, s, gi, node, v):
 
 @njit(cache=True)
 def _elb_refresh(tier, now, end, mn, budget, s, f, elb, ever, fver, fw, fab_end, fab_first, mg,
-                 fsize):
-    """Exact bounds of fabric f for eligibility slot s, for every gang size."""
+                 fsize, want):
+    """Exact bounds of fabric f for eligibility slot s, for every gang size.  Returns the number
+    of hosts that hold gang size mg[want] (what `_fabric_key` would count), or 0."""
     total = 0
     gi = 0
     ng = len(mg)
+    hosts = 0
+    want_hosts = 0
     for j in range(fab_first[f], fab_end[f]):
         if gi == ng:
             break
@@ -1425,13 +1428,17 @@ def _elb_refresh(tier, now, end, mn, budget, s, f, elb, ever, fver, fw, fab_end,
         if not w_eligible(tier, fw, j, now, end, mn, budget):
             continue
         total += fw[j, W_GPUS]
+        hosts += 1
         while gi < ng and total >= mg[gi]:
             _elb_set(elb, s, fsize, gi, f, fw[j, W_FLOOR])
+            if gi == want:
+                want_hosts = hosts
             gi += 1
     while gi < ng:
         _elb_set(elb, s, fsize, gi, f, I64_MAX)
         gi += 1
     ever[s, f] = fver[f]
+    return want_hosts
 
 
 @njit(cache=True)
@@ -1468,12 +1475,11 @@ def find_multi_e(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt, s, el
             continue
         f = node - fsize
         if ever[s, f] != fver[f] or lbtree[gi, node] > v:
-            _elb_refresh(tier, now, end, mn, budget, s, f, elb, ever, fver, fw, fab_end,
-                         fab_first, mg, fsize)
-            v = elb[s, gi, node]
-            if v > limit or v > best_hf:
-                continue
-        fl, cnt = _fabric_key(tier, now, end, mn, budget, g, f, fw, fab_end, fab_first)
+            cnt = _elb_refresh(tier, now, end, mn, budget, s, f, elb, ever, fver, fw, fab_end,
+                               fab_first, mg, fsize, gi)
+            fl = elb[s, gi, node]  # exact now (I64_MAX when the fabric cannot hold g)
+        else:
+            fl, cnt = _fabric_key(tier, now, end, mn, budget, g, f, fw, fab_end, fab_first)
         if fl > limit:
             continue
         if (fl < best_hf or (fl == best_hf and cnt < best_cnt)
