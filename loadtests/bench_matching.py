@@ -25,7 +25,10 @@ Nothing runs on import.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -292,6 +295,21 @@ def _eligible_matrix(market: Market, cols, tier: Tier) -> np.ndarray:
             & survives.astype(bool))
 
 
+@contextlib.contextmanager
+def _native_stdout_silenced():
+    """HiGHS (under scipy's milp) sometimes prints debug lines from C++ straight to file
+    descriptor 1, whatever its options; `--json` must print one JSON object and nothing else."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def milp_optimum(market: Market, time_limit: float = 20.0, per_hour: bool = True,
                  uniform_price: bool = True) -> float:
     """The welfare of the best feasible assignment of the same problem the rule solves, solved
@@ -432,13 +450,14 @@ def milp_optimum(market: Market, time_limit: float = 20.0, per_hour: bool = True
     a = coo_matrix((vals, (rows, cols_)), shape=(len(rhs_lo), len(var_cost))).tocsr()
     integrality = np.ones(len(var_cost))
     integrality[list(price_var.values())] = 0  # the prices are continuous
-    res = milp(
-        c=np.array(var_cost),
-        constraints=LinearConstraint(a, np.array(rhs_lo), np.array(rhs_hi)),
-        integrality=integrality,
-        bounds=Bounds(np.zeros(len(var_cost)), np.array(hi, float)),
-        options={"time_limit": time_limit, "mip_rel_gap": 1e-6},
-    )
+    with _native_stdout_silenced():
+        res = milp(
+            c=np.array(var_cost),
+            constraints=LinearConstraint(a, np.array(rhs_lo), np.array(rhs_hi)),
+            integrality=integrality,
+            bounds=Bounds(np.zeros(len(var_cost)), np.array(hi, float)),
+            options={"time_limit": time_limit, "mip_rel_gap": 1e-6},
+        )
     if res.x is None:
         raise RuntimeError(f"MILP failed: {res.message}")
     bound = getattr(res, "mip_dual_bound", None)

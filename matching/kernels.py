@@ -778,9 +778,10 @@ def class_reason(
     fsize, ftree, prof_notice, prof_rate, stack,
 ):
     """Fill cls_st[c, CODE] for this tick: reason 1-6 of the rule, or 0 when structurally
-    eligible.  For single-host classes NEED comes for free and is filled too."""
+    eligible.  For single-host classes NEED comes for free and is filled too.  Returns (CODE,
+    NEED or I64_MIN when not known yet)."""
     if cls_st[c, C_STAMP] == tick:
-        return
+        return cls_st[c, C_CODE], cls_st[c, C_NEED] if cls_st[c, C_NSTAMP] == tick else I64_MIN
     end = now + cls_key[c, K_DUR]
     mn = cls_key[c, K_MN]
     budget = cls_key[c, K_BUDGET]
@@ -810,6 +811,7 @@ def class_reason(
             cls_st[c, C_NSTAMP] = tick
     cls_st[c, C_STAMP] = tick
     cls_st[c, C_CODE] = code
+    return code, cls_st[c, C_NEED] if cls_st[c, C_NSTAMP] == tick else I64_MIN
 
 
 @njit(cache=True)
@@ -1065,22 +1067,6 @@ def clear_book(
 
 
 @njit(cache=True)
-def _class_code(
-    tier, now, tick, c, max_host, cls_key, cls_st,
-    lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
-    fsize, ftree, prof_notice, prof_rate, stack,
-):
-    """(reason 1-6 or 0, NEED or I64_MIN when not known yet) of class c for this tick."""
-    class_reason(
-        tier, now, tick, c, cls_key, cls_st, max_host,
-        lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
-        fsize, ftree, prof_notice, prof_rate, stack,
-    )
-    need = cls_st[c, C_NEED] if cls_st[c, C_NSTAMP] == tick else I64_MIN
-    return cls_st[c, C_CODE], need
-
-
-@njit(cache=True)
 def emit_losers(
     now, tick, prices, max_host, n_cls,
     m_ids, m_pos, m_lim, m_cls, m_state, m_idst,
@@ -1106,8 +1092,8 @@ def emit_losers(
     ctier = np.empty(n_cls, np.int64)
     for c in range(n_cls):
         ctier[c] = cls_key[c, K_TIER]
-        ccode[c], cneed[c] = _class_code(
-            ctier[c], now, tick, c, max_host, cls_key, cls_st,
+        ccode[c], cneed[c] = class_reason(
+            ctier[c], now, tick, c, cls_key, cls_st, max_host,
             lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
             fsize, ftree, prof_notice, prof_rate, stack,
         )
