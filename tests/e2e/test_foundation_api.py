@@ -27,9 +27,10 @@ async def test_owner_publishes_and_tenant_bids_holds_and_releases(admin: Api, se
     # Arrange: an owner with a host that reported its GPUs, a funded tenant.
     owner, tenant, host = await _market_ready(admin)
 
-    # Act: publish an offer, place two bids, list, cancel one.
+    # Act: publish an offer, place two bids, list, cancel one.  The floor is above both limits, so
+    # no tick can fill a bid while the test looks at its hold (the server ticks every 0.5 s).
     offer = await owner.ok("POST", "/v1/offers", 201, json={
-        "host_id": host["id"], "gpus": 8, "floor_price": "1.80", "available_until": in_hours(24)})
+        "host_id": host["id"], "gpus": 8, "floor_price": "3.50", "available_until": in_hours(24)})
     first = await tenant.ok("POST", "/v1/bids", 201, json=_bid(gpus=2, limit_price="2.50"))
     second = await tenant.ok("POST", "/v1/bids", 201, json=_bid(gpus=1, limit_price="3.00", duration_s=7200))
     held = await tenant.ok("GET", "/v1/accounts/me/balance")
@@ -39,7 +40,7 @@ async def test_owner_publishes_and_tenant_bids_holds_and_releases(admin: Api, se
     ledger = await tenant.ok("GET", "/v1/accounts/me/ledger")
 
     # Assert: the hold is limit × gpus × hours, released on cancel; the ledger shows both legs.
-    assert offer["floor_price"] == "1.80" and offer["gpus"] == 8 and offer["status"] == "live"
+    assert offer["floor_price"] == "3.50" and offer["gpus"] == 8 and offer["status"] == "live"
     assert first["hold"] == "5.00" and second["hold"] == "6.00"
     assert held == {"available": "989.00", "held": "11.00"}
     assert {b["id"] for b in listed["items"]} == {first["id"], second["id"]}
