@@ -116,6 +116,24 @@ def reclaim_profiles(notice: np.ndarray, rate: np.ndarray):
     return bits, np.ascontiguousarray(rep_notice), np.ascontiguousarray(rep_rate)
 
 
+def _fabric_order(fabric_ids, fab_of_row, pbit, c):
+    """Dense fabric indices in (reclaim profile, firm reach, fabric_id) order rather than fabric_id
+    order, so that the subtrees of the fabric trees hold fabrics alike: their aggregates and
+    bounds then prune a multi-host search early (ties still go to the lowest fabric_id, through
+    BlockIndex.fid).  Returns (fabric_id of each dense index, dense index of each block)."""
+    nfab = len(fabric_ids)
+    if nfab == 0:
+        return fabric_ids, fab_of_row
+    profile = np.zeros(nfab, np.int64)
+    np.maximum.at(profile, fab_of_row, np.log2(pbit.view(np.uint64).astype(np.float64)).astype(np.int64))
+    reach = np.zeros(nfab, np.int64)
+    np.maximum.at(reach, fab_of_row, np.minimum(c["available_until"], c["firm_until"]))
+    order = np.lexsort((fabric_ids, reach, profile))
+    dense = np.empty(nfab, np.int64)
+    dense[order] = np.arange(nfab)
+    return fabric_ids[order], dense[fab_of_row]
+
+
 class BlockIndex:
     """Floor-sorted copy of the blocks with the search structures the kernels use."""
 
@@ -129,6 +147,7 @@ class BlockIndex:
         self.n = n
         fabric_ids, fab_of_row = np.unique(c["fabric_id"], return_inverse=True)
         pbit, self.prof_notice, self.prof_rate = reclaim_profiles(c["notice_s"], c["rate_mph"])
+        fabric_ids, fab_of_row = _fabric_order(fabric_ids, fab_of_row, pbit, c)
         lf = np.empty((n, K.NL), dtype=np.int64)
         # One row-major pass (column-wise fancy indexing into lf is several times slower).
         K.fill_leaves(lf, np.ascontiguousarray(rows, np.int64), c["floor"], c["free"], c["gpus"],
@@ -156,6 +175,12 @@ class BlockIndex:
         K.fill_whole(lf, fab_leaf, fw)
         self.fw = fw
         self.fsize = 1 << max(0, (nfab - 1).bit_length()) if nfab > 0 else 1
+        # fid[node]: the lowest fabric_id under node of the fabric trees (ties go to it).
+        self.fid = np.full(2 * self.fsize, INT64_MAX, np.int64)
+        self.fid[self.fsize: self.fsize + nfab] = fabric_ids
+        for level_start in (self.fsize >> k for k in range(1, self.fsize.bit_length())):
+            nodes = np.arange(level_start, 2 * level_start)
+            self.fid[nodes] = np.minimum(self.fid[2 * nodes], self.fid[2 * nodes + 1])
         self.ftree = np.empty((2 * self.fsize, K.NT), dtype=np.int64)
         K.build_fabric_tree(fw, self.fab_start, self.fab_end, self.fsize, self.ftree, False)
         self.fdyn = np.empty_like(self.ftree)
@@ -599,7 +624,7 @@ class ModelBook:
             tb.cls_key, tb.cls_st,
             idx.lf, idx.floors, idx.n, idx.size, idx.dyn, idx.stat, _BIT, _GE, _LE,
             idx.fab_start, idx.fab_end, idx.fw, idx.nv, idx.nbest,
-            idx.mg, idx.fab_first, idx.lbtree, idx.fsize, idx.ftree, idx.fdyn, idx.static_lb,
+            idx.mg, idx.fab_first, idx.lbtree, idx.fsize, idx.ftree, idx.fdyn, idx.fid, idx.static_lb,
             idx.sorder, idx.prof_notice, idx.prof_rate,
             ecls, dom_ptr, dom_idx, fail_single, fail_multi, eslot, elb, ever, einit,
             len(idx.fw) // _ELB_AFTER if _ELB_AFTER else -1, fver, dirty,

@@ -632,25 +632,21 @@ def refresh_fabrics(fabs, fw, fab_start, fab_end, fab_first, mg, lbtree, fsize, 
 
 
 @njit(cache=True)
-def _loses_tie(node, fsize, best_f, best_cnt, min_cnt):
+def _loses_tie(node, fsize, fid, best_f, best_cnt, min_cnt):
     """Whether no fabric under `node`, at a highest floor equal to the best's, can win the tie:
     it would need fewer hosts, and the best already has the fewest any fabric can (min_cnt), or a
-    lower fabric index, and every fabric under node comes after the best.  Floors are whole
-    cents, so many fabrics share a bound: without this, each would be looked at."""
-    if best_cnt != min_cnt:
-        return False
-    lo = node
-    while lo < fsize:
-        lo <<= 1
-    return lo - fsize > best_f
+    lower fabric_id, and every fabric under node has a higher one (`fid[node]`: the lowest
+    fabric_id under node).  Floors are whole cents, so many fabrics share a bound: without this,
+    each would be looked at."""
+    return best_cnt == min_cnt and fid[node] > fid[fsize + best_f]
 
 
 @njit(cache=True)
 def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt,
-               fw, fab_end, fab_first, lbtree, fsize, fdyn, stack):
+               fw, fab_end, fab_first, lbtree, fsize, fdyn, fid, stack):
     """Fabric whose cheapest whole free eligible hosts hold g GPUs with the lowest highest floor,
-    then fewest hosts, then lowest fabric_id (dense index order); -1 if none.  Also returns the
-    number of hosts it looked at.  `min_cnt`: the fewest hosts any fabric could use."""
+    then fewest hosts, then lowest fabric_id; -1 if none.  Also returns the number of hosts it
+    looked at.  `min_cnt`: the fewest hosts any fabric could use."""
     work = 0
     best_f = -1
     best_hf = I64_MAX
@@ -663,7 +659,7 @@ def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt,
         v = lbtree[gi, node]
         if v > limit or v > best_hf:
             continue
-        if v == best_hf and _loses_tie(node, fsize, best_f, best_cnt, min_cnt):
+        if v == best_hf and _loses_tie(node, fsize, fid, best_f, best_cnt, min_cnt):
             continue
         if not _fabric_may_fit(tier, fdyn, node, now, end, mn, budget, pmask, g):
             continue
@@ -696,7 +692,7 @@ def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt,
             cnt += 1
             if total >= g:
                 if (fl < best_hf or (fl == best_hf and cnt < best_cnt)
-                        or (fl == best_hf and cnt == best_cnt and f < best_f)):
+                        or (fl == best_hf and cnt == best_cnt and fid[node] < fid[fsize + best_f])):
                     best_f = f
                     best_hf = fl
                     best_cnt = cnt
@@ -899,7 +895,7 @@ def clear_book(
     cls_key, cls_st,
     lf, floors, n, size, dyn, stat, bit, ge, le,
     fab_start, fab_end, fw, nv, nbest,
-    mg, fab_first, lbtree, fsize, ftree, fdyn, static_lb, sorder, prof_notice, prof_rate,
+    mg, fab_first, lbtree, fsize, ftree, fdyn, fid, static_lb, sorder, prof_notice, prof_rate,
     ecls, dom_ptr, dom_idx, fail_single, fail_multi, eslot, elb, ever, einit, elb_after, fver,
     dirty, fill_bid, fill_block, fill_gpus, fill_tier, ts,
 ):
@@ -1004,11 +1000,11 @@ def clear_book(
                     f = find_multi_e(tier, now, end, mn, budget, pmask, g, gi, lim,
                                      (g + max_host - 1) // max_host, s, elb,
                                      ever, fver, fw, fab_end, fab_first, mg, lbtree, fsize,
-                                     fdyn, stack)
+                                     fdyn, fid, stack)
                 else:
                     f, work = find_multi(tier, now, end, mn, budget, pmask, g, gi,
-                                         lim, (g + max_host - 1) // max_host, fw, fab_end, fab_first, lbtree, fsize,
-                                         fdyn, stack)
+                                         lim, (g + max_host - 1) // max_host, fw, fab_end,
+                                         fab_first, lbtree, fsize, fdyn, fid, stack)
                     eslot[e, 1] += work
                 if f >= 0:
                     lf_stale = True
@@ -1429,7 +1425,7 @@ def _elb_refresh(tier, now, end, mn, budget, s, f, elb, ever, fver, fw, fab_end,
 
 @njit(cache=True)
 def find_multi_e(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt, s, elb, ever, fver,
-                 fw, fab_end, fab_first, mg, lbtree, fsize, fdyn, stack):
+                 fw, fab_end, fab_first, mg, lbtree, fsize, fdyn, fid, stack):
     """`find_multi` through the eligibility class's bounds `elb[s]` (exact once refreshed)."""
     best_f = -1
     best_hf = I64_MAX
@@ -1442,7 +1438,7 @@ def find_multi_e(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt, s, el
         v = elb[s, gi, node]
         if v > limit or v > best_hf:
             continue
-        if v == best_hf and _loses_tie(node, fsize, best_f, best_cnt, min_cnt):
+        if v == best_hf and _loses_tie(node, fsize, fid, best_f, best_cnt, min_cnt):
             continue
         if not _fabric_may_fit(tier, fdyn, node, now, end, mn, budget, pmask, g):
             # For the rest of the tick (fdyn only shrinks): no fabric under node holds g GPUs.
@@ -1466,10 +1462,10 @@ def find_multi_e(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt, s, el
             fl = elb[s, gi, node]  # exact now (I64_MAX when the fabric cannot hold g)
         else:
             fl, cnt = _fabric_key(tier, now, end, mn, budget, g, f, fw, fab_end, fab_first)
-        if fl > limit:
+        if fl > limit or fl == I64_MAX:
             continue
         if (fl < best_hf or (fl == best_hf and cnt < best_cnt)
-                or (fl == best_hf and cnt == best_cnt and f < best_f)):
+                or (fl == best_hf and cnt == best_cnt and fid[node] < fid[fsize + best_f])):
             best_f = f
             best_hf = fl
             best_cnt = cnt

@@ -722,3 +722,15 @@ def test_a_kept_result_is_not_overwritten_by_later_ticks():
 
     assert first.spot.as_dict() == kept
     assert second.spot.loser_bid_id.tolist() == [3, 4, 5, 9]
+
+
+def test_multi_host_tie_goes_to_the_lowest_fabric_id_whatever_the_index_order():
+    # The index orders fabrics by reclaim profile (fabric 2's shorter notice comes first), but
+    # two fabrics that tie on highest floor and hosts go to the lower fabric_id.
+    blocks = [block(1, fabric=1, notice=600), block(2, fabric=1, notice=600),
+              block(3, fabric=2, notice=120), block(4, fabric=2, notice=120)]
+    bids = [bid(1, limit=500, gpus=16)]
+
+    res = check_spot(blocks, bids)
+
+    assert res.fill_block_id.tolist() == [1, 2]
