@@ -117,10 +117,11 @@ def reclaim_profiles(notice: np.ndarray, rate: np.ndarray):
 
 
 def _fabric_order(fabric_ids, fab_of_row, pbit, c):
-    """Dense fabric indices in (reclaim profile, firm reach, fabric_id) order rather than fabric_id
+    """Dense fabric indices in (firm reach, reclaim profile, fabric_id) order rather than fabric_id
     order, so that the subtrees of the fabric trees hold fabrics alike: their aggregates and
     bounds then prune a multi-host search early (ties still go to the lowest fabric_id, through
-    BlockIndex.fid).  Returns (fabric_id of each dense index, dense index of each block)."""
+    BlockIndex.fid).  Measured on the benchmark book, reach first beat profile first.  Returns
+    (fabric_id of each dense index, dense index of each block)."""
     nfab = len(fabric_ids)
     if nfab == 0:
         return fabric_ids, fab_of_row
@@ -128,7 +129,7 @@ def _fabric_order(fabric_ids, fab_of_row, pbit, c):
     np.maximum.at(profile, fab_of_row, np.log2(pbit.view(np.uint64).astype(np.float64)).astype(np.int64))
     reach = np.zeros(nfab, np.int64)
     np.maximum.at(reach, fab_of_row, np.minimum(c["available_until"], c["firm_until"]))
-    order = np.lexsort((fabric_ids, reach, profile))
+    order = np.lexsort((fabric_ids, profile, reach))
     dense = np.empty(nfab, np.int64)
     dense[order] = np.arange(nfab)
     return fabric_ids[order], dense[fab_of_row]

@@ -30,18 +30,18 @@ I64_MIN = np.iinfo(np.int64).min
 FIRM = 0
 SPOT = 1
 
-# lf columns
-L_FLOOR = 0
-L_FREE = 1
-L_GPUS = 2
-L_HOSTG = 3
-L_AVAIL = 4
-L_FIRM = 5
-L_CUT = 6
-L_NOTICE = 7
-L_RATE = 8
-L_EFIRM = 9  # min(available_until, firm_until): the end a firm bid may reach
-L_ESPOT = 10  # min(available_until, cut_at): the end a spot bid may reach
+# lf columns; what a search tests of a leaf comes first, in one 64-byte stretch of the row
+L_FREE = 0
+L_EFIRM = 1  # min(available_until, firm_until): the end a firm bid may reach
+L_ESPOT = 2  # min(available_until, cut_at): the end a spot bid may reach
+L_NOTICE = 3
+L_FIRM = 4
+L_RATE = 5
+L_FLOOR = 6
+L_GPUS = 7
+L_HOSTG = 8
+L_AVAIL = 9
+L_CUT = 10
 L_FAB = 11  # dense fabric index
 L_BLOCK = 12  # block_id
 L_ROW = 13  # row in the BlockTable
@@ -134,11 +134,9 @@ def mask_tables():
 @njit(cache=True)
 def leaf_eligible(tier, lf, i, now, end, mn, budget):
     """The rule's eligibility of a bid on block i, without floor and free."""
-    if lf[i, L_AVAIL] < end:
-        return False
     if tier == FIRM:
-        return lf[i, L_FIRM] >= end
-    if lf[i, L_CUT] < end or lf[i, L_NOTICE] < mn:
+        return lf[i, L_EFIRM] >= end
+    if lf[i, L_ESPOT] < end or lf[i, L_NOTICE] < mn:
         return False
     x = end - max(now, lf[i, L_FIRM])
     return x <= 0 or lf[i, L_RATE] * x <= budget
