@@ -126,6 +126,23 @@ def rows_empty(n: int, width: int) -> np.ndarray:
     return raw[start: start + size].view(np.int64).reshape(n, width)
 
 
+def _floor_order(floor: np.ndarray) -> np.ndarray:
+    """Table rows in (floor, row) order: the table is sorted by block_id, so this is (floor,
+    block_id).  One quick sort of floor * n + row when that fits in int64 (a quarter of the time
+    of numpy's stable sort on a large book), else the stable sort."""
+    n = len(floor)
+    if n and int(floor.max()) < np.iinfo(np.int64).max // max(n, 1) - 1:
+        return np.argsort(floor * n + np.arange(n, dtype=np.int64))
+    return np.argsort(floor, kind="stable")
+
+
+def _stable_small_order(keys: np.ndarray, bound: int) -> np.ndarray:
+    """Stable argsort of non-negative keys below `bound`: numpy sorts 16-bit keys by radix."""
+    if bound <= np.iinfo(np.uint16).max:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    return np.argsort(keys, kind="stable")
+
+
 def _fabric_order(fabric_ids, fab_of_row, pbit, c):
     """Dense fabric indices in (firm reach, reclaim profile, fabric_id) order rather than fabric_id
     order, so that the subtrees of the fabric trees hold fabrics alike: their aggregates and
@@ -152,8 +169,7 @@ class BlockIndex:
         c = table.cols
         n = len(table)
         if rows is None:
-            # The table is sorted by block_id, so a stable sort by floor orders by (floor, id).
-            rows = np.argsort(c["floor"], kind="stable")
+            rows = _floor_order(c["floor"])
         self.rows = rows
         self.n = n
         fabric_ids, fab_of_row = np.unique(c["fabric_id"], return_inverse=True)
@@ -178,7 +194,7 @@ class BlockIndex:
         nfab = len(fabric_ids)
         self.whole = np.flatnonzero(lf[:, K.L_GPUS] == lf[:, K.L_HOSTG])
         whole_fab = fab[self.whole]
-        fab_leaf = np.ascontiguousarray(self.whole[np.argsort(whole_fab, kind="stable")])
+        fab_leaf = np.ascontiguousarray(self.whole[_stable_small_order(whole_fab, nfab)])
         counts = np.bincount(whole_fab, minlength=nfab)
         self.fab_end = np.cumsum(counts).astype(np.int64)
         self.fab_start = (self.fab_end - counts).astype(np.int64)
@@ -201,14 +217,10 @@ class BlockIndex:
         self._stale_fabs: list[np.ndarray] = []
 
         # For reason NOTICE_TOO_LONG: the widest spot window among blocks with notice >= x.
-        nv, first = np.unique(lf[:, K.L_NOTICE], return_index=True)
-        by_notice = np.argsort(lf[:, K.L_NOTICE], kind="stable")
-        if n:
-            _, starts = np.unique(lf[by_notice, K.L_NOTICE], return_index=True)
-            best = np.maximum.reduceat(lf[by_notice, K.L_ESPOT], starts)
-            nbest = np.maximum.accumulate(best[::-1])[::-1]
-        else:
-            nbest = _EMPTY_I64
+        nv, of_notice = np.unique(lf[:, K.L_NOTICE], return_inverse=True)
+        best = np.full(len(nv), np.iinfo(np.int64).min, np.int64)
+        np.maximum.at(best, of_notice, lf[:, K.L_ESPOT])
+        nbest = np.maximum.accumulate(best[::-1])[::-1] if n else _EMPTY_I64
         self.nv = np.ascontiguousarray(nv.astype(np.int64))
         self.nbest = np.ascontiguousarray(nbest.astype(np.int64))
         self.max_host = int(lf[:, K.L_HOSTG].max()) if n else 0
