@@ -219,19 +219,33 @@ def _set_leaf_values(t, node, lf, i):
 
 @njit(cache=True)
 def _combine(t, node, is_dyn):
+    """Recompute node from its children.  Returns whether it changed: when it did not, no
+    ancestor changes either, so an update climbing to the root may stop there."""
     a = 2 * node
     b = a + 1
     if is_dyn:
-        t[node, T_MASK] = t[a, T_MASK] | t[b, T_MASK]
+        v0 = t[a, T_MASK] | t[b, T_MASK]
     else:
-        t[node, T_GPUS] = max(t[a, T_GPUS], t[b, T_GPUS])
-    t[node, T_EFIRM] = max(t[a, T_EFIRM], t[b, T_EFIRM])
-    t[node, T_ESPOT] = max(t[a, T_ESPOT], t[b, T_ESPOT])
-    t[node, T_NOTICE] = max(t[a, T_NOTICE], t[b, T_NOTICE])
-    t[node, T_FIRM] = max(t[a, T_FIRM], t[b, T_FIRM])
-    t[node, T_RATE] = min(t[a, T_RATE], t[b, T_RATE])
-    t[node, T_AVAIL] = max(t[a, T_AVAIL], t[b, T_AVAIL])
-    t[node, T_PMASK] = t[a, T_PMASK] | t[b, T_PMASK]
+        v0 = max(t[a, T_GPUS], t[b, T_GPUS])
+    v1 = max(t[a, T_EFIRM], t[b, T_EFIRM])
+    v2 = max(t[a, T_ESPOT], t[b, T_ESPOT])
+    v3 = max(t[a, T_NOTICE], t[b, T_NOTICE])
+    v4 = max(t[a, T_FIRM], t[b, T_FIRM])
+    v5 = min(t[a, T_RATE], t[b, T_RATE])
+    v6 = max(t[a, T_AVAIL], t[b, T_AVAIL])
+    v7 = t[a, T_PMASK] | t[b, T_PMASK]
+    changed = (t[node, 0] != v0 or t[node, T_EFIRM] != v1 or t[node, T_ESPOT] != v2
+               or t[node, T_NOTICE] != v3 or t[node, T_FIRM] != v4 or t[node, T_RATE] != v5
+               or t[node, T_AVAIL] != v6 or t[node, T_PMASK] != v7)
+    t[node, 0] = v0
+    t[node, T_EFIRM] = v1
+    t[node, T_ESPOT] = v2
+    t[node, T_NOTICE] = v3
+    t[node, T_FIRM] = v4
+    t[node, T_RATE] = v5
+    t[node, T_AVAIL] = v6
+    t[node, T_PMASK] = v7
+    return changed
 
 
 @njit(cache=True)
@@ -298,8 +312,7 @@ def build_fabric_tree(fw, fab_start, fab_end, fsize, ftree, only_free):
 def _fabric_update(fw, fab_start, fab_end, fsize, ftree, f):
     _fabric_leaf(fw, fab_start, fab_end, fsize, ftree, f, True)
     node = (fsize + f) >> 1
-    while node >= 1:
-        _combine(ftree, node, False)
+    while node >= 1 and _combine(ftree, node, False):
         node >>= 1
 
 
@@ -325,8 +338,7 @@ def rebuild_dyn(lf, n, size, dyn, bit):
 def _update_dyn(dyn, size, lf, i, bit):
     _set_dyn_leaf(dyn, size, lf, i, bit)
     node = (size + i) >> 1
-    while node >= 1:
-        _combine(dyn, node, True)
+    while node >= 1 and _combine(dyn, node, True):
         node >>= 1
 
 
@@ -531,7 +543,10 @@ def _lb_set(lbtree, fsize, gi, f, v):
     lbtree[gi, node] = v
     node >>= 1
     while node >= 1:
-        lbtree[gi, node] = min(lbtree[gi, 2 * node], lbtree[gi, 2 * node + 1])
+        m = min(lbtree[gi, 2 * node], lbtree[gi, 2 * node + 1])
+        if lbtree[gi, node] == m:
+            return  # and so are its ancestors
+        lbtree[gi, node] = m
         node >>= 1
 
 
