@@ -131,7 +131,7 @@ def _floor_order(floor: np.ndarray) -> np.ndarray:
     block_id).  One quick sort of floor * n + row when that fits in int64 (a quarter of the time
     of numpy's stable sort on a large book), else the stable sort."""
     n = len(floor)
-    if n and int(floor.max()) < np.iinfo(np.int64).max // max(n, 1) - 1:
+    if n and int(floor.max()) < np.iinfo(np.int64).max // n - 1:
         return np.argsort(floor * n + np.arange(n, dtype=np.int64))
     return np.argsort(floor, kind="stable")
 
@@ -538,8 +538,8 @@ class ModelBook:
         # Every fill takes at least one GPU: the free GPUs bound the fills.
         cap = int(self._blocks.cols["free"].sum(dtype=np.int64)) + 1
         fill_bid, fill_block, fill_gpus, fill_tier, ts = self._allocate(now, idx, cap)
-        # Prices per tier (docs/matching.md, Price); `reference` is what losers and incumbents
-        # are measured against: the price, or the indicative price when nothing traded.
+        # Prices per tier (docs/matching.md, Price); losers and incumbents are measured against
+        # `indicative`, which is the price when something traded.
         price = np.full(2, -1, np.int64)
         indicative = np.zeros(2, np.int64)
         for t in range(2):
@@ -601,6 +601,7 @@ class ModelBook:
         (several ms, and tens of ms on a busy machine) that reused memory does not.  Two sets are
         kept, as a caller typically holds the last result while it runs the next tick."""
         for bufs in self._losers:
+            # 3 references: the tuple, `b` and getrefcount's argument; a result's view is a 4th.
             if bufs[0].shape[1] >= n and all(sys.getrefcount(b) <= 3 for b in bufs):
                 return bufs
         cap = max(n + n // 4, 1024)
