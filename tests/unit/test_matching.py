@@ -105,9 +105,8 @@ def free_after(book: ModelBook) -> dict[int, int]:
 # engine == reference
 
 
-@PROPERTY
-@given(market_st())
-def test_engine_equals_reference_on_random_books(market):
+def assert_engine_matches_reference(market) -> None:
+    """The engine's tick equals the reference's: both tiers' results and the free GPUs left."""
     blocks, firm, spot, incumbents = market
 
     book, result = engine_tick(blocks, firm, spot, incumbents)
@@ -116,19 +115,18 @@ def test_engine_equals_reference_on_random_books(market):
     assert result.firm.as_dict() == expected.firm
     assert result.spot.as_dict() == expected.spot
     assert free_after(book) == expected.free_after
+
+
+@PROPERTY
+@given(market_st())
+def test_engine_equals_reference_on_random_books(market):
+    assert_engine_matches_reference(market)
 
 
 @PROPERTY
 @given(market_st(max_blocks=24, max_bids=30))
 def test_engine_equals_reference_on_larger_books_with_big_gangs(market):
-    blocks, firm, spot, incumbents = market
-
-    book, result = engine_tick(blocks, firm, spot, incumbents)
-    expected = reference_tick(blocks, firm, spot, incumbents, NOW)
-
-    assert result.firm.as_dict() == expected.firm
-    assert result.spot.as_dict() == expected.spot
-    assert free_after(book) == expected.free_after
+    assert_engine_matches_reference(market)
 
 
 @settings(max_examples=40, deadline=None)
@@ -601,14 +599,8 @@ def test_multi_host_search_paths_equal_reference(monkeypatch, elb_entries, elb_a
 
     monkeypatch.setattr(book_module, "_ELB_ENTRIES", elb_entries)
     monkeypatch.setattr(book_module, "_ELB_AFTER", elb_after)
-    blocks, firm, spot, incumbents = market
 
-    book, result = engine_tick(blocks, firm, spot, incumbents)
-    expected = reference_tick(blocks, firm, spot, incumbents, NOW)
-
-    assert result.firm.as_dict() == expected.firm
-    assert result.spot.as_dict() == expected.spot
-    assert free_after(book) == expected.free_after
+    assert_engine_matches_reference(market)
 
 
 def test_class_bounds_are_reset_between_ticks(monkeypatch):
