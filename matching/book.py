@@ -35,10 +35,10 @@ from matching.arrays import (
 _BIT = K.bit_table()
 _GE, _LE = K.mask_tables()
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
-_ELB_ENTRIES = 1 << 23  # per-eligibility-class fabric bounds, entries per tier (x 8 bytes)
-# An eligibility class switches from the plain multi-host search to its own bounds once its plain
-# searches have looked at (whole hosts) / _ELB_AFTER hosts; 0 = from its first search.
-_ELB_AFTER = 3
+# Window thresholds of the multi-host bounds (kernels, multi-host gangs): at most this many per
+# tier, and fewer when the bounds would exceed _WLB_ENTRIES entries (x 8 bytes).
+_MAX_THRESHOLDS = 8
+_WLB_ENTRIES = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -211,10 +211,11 @@ class BlockIndex:
         self.ftree = rows_empty(2 * self.fsize, K.NT)
         K.build_fabric_tree(fw, self.fab_start, self.fab_end, self.fsize, self.ftree, False)
         self.fdyn = rows_empty(2 * self.fsize, K.NT)
-        # prepare_multi's structures are kept between ticks for these gang sizes (None: not
-        # built); `_stale_fabs` lists fabrics whose free counts patch_free changed since.
+        # The static multi-host bounds are kept between ticks for these gang sizes (None: not
+        # built).
         self._multi_key: bytes | None = None
-        self._stale_fabs: list[np.ndarray] = []
+        self.fab_first = self.fab_start.copy()
+        self._wlb_buf = _EMPTY_I64
 
         # For reason NOTICE_TOO_LONG: the widest spot window among blocks with notice >= x.
         nv, of_notice = np.unique(lf[:, K.L_NOTICE], return_inverse=True)
@@ -230,33 +231,50 @@ class BlockIndex:
         leaves = np.ascontiguousarray(self.leaf_of_row()[rows])
         K.patch_free(self.lf, leaves, np.ascontiguousarray(table.cols["free"][rows], np.int64),
                      self.size, self.dyn, _BIT, self.fw)
-        whole = leaves[self.lf[leaves, K.L_FPOS] >= 0]
-        self._stale_fabs.append(self.lf[whole, K.L_FAB])
 
-    def prepare_multi(self, gang_sizes: np.ndarray) -> None:
-        """Per-tick bounds for the multi-host gang sizes present in the book (see kernels)."""
-        mg = np.unique(gang_sizes[gang_sizes > self.max_host]).astype(np.int64)
-        self.mg = np.ascontiguousarray(mg)
+    def prepare_multi(self, now: int, cls_key: np.ndarray) -> np.ndarray:
+        """Per-tick multi-host structures for the bid classes `cls_key` (see kernels, multi-host
+        gangs): the window bounds over the hosts entirely free now and the free aggregates per
+        fabric, and the static bounds when the gang sizes changed.  Returns each class's window
+        threshold (-1 for single-host classes)."""
+        gpus = cls_key[:, K.K_GPUS]
+        multi = gpus > self.max_host
+        self.mg = np.ascontiguousarray(np.unique(gpus[multi]).astype(np.int64))
         key = self.mg.tobytes()
         if self._multi_key != key:
             # The static bounds only depend on the blocks (this index) and the gang sizes.
             self.static_lb, self.sorder = K.prepare_multi_static(
                 self.fw, self.fab_start, self.fab_end, self.mg
             )
-            self.fab_first, self.lbtree = K.prepare_multi_free(
-                self.fw, self.fab_start, self.fab_end, self.mg, self.fsize
-            )
-            # Over the whole hosts still entirely free (kept up to date by the allocation).
-            K.build_fabric_tree(self.fw, self.fab_start, self.fab_end, self.fsize, self.fdyn,
-                                True)
             self._multi_key = key
-        elif self._stale_fabs:
-            # The allocation kept fab_first/lbtree/fdyn exact (kernels.flush_dirty); only the
-            # fabrics whose free counts were patched since need recomputing.
-            fabs = np.unique(np.concatenate(self._stale_fabs)).astype(np.int64)
-            K.refresh_fabrics(fabs, self.fw, self.fab_start, self.fab_end, self.fab_first,
-                              self.mg, self.lbtree, self.fsize, self.fdyn)
-        self._stale_fabs = []
+        # Thresholds: per tier the durations of its multi-host classes, at most `per_tier` of
+        # them (spread over the sorted durations, the shortest always kept); a class reads the
+        # longest threshold not above its own duration.
+        per_tier = max(1, min(_MAX_THRESHOLDS,
+                              _WLB_ENTRIES // max(1, 2 * len(self.mg) * 2 * self.fsize)))
+        cls_t = np.full(len(cls_key), -1, np.int64)
+        tw_col, tw_dur = [], []
+        for tier, col in ((Tier.FIRM, K.E_EFIRM), (Tier.SPOT, K.E_ESPOT)):
+            mine = np.flatnonzero(multi & (cls_key[:, K.K_TIER] == tier))
+            if not len(mine):
+                continue
+            durs = np.unique(cls_key[mine, K.K_DUR])
+            if len(durs) > per_tier:
+                durs = durs[(np.arange(per_tier) * len(durs)) // per_tier]
+            cls_t[mine] = len(tw_col) + np.searchsorted(durs, cls_key[mine, K.K_DUR], "right") - 1
+            tw_col += [col] * len(durs)
+            tw_dur += durs.tolist()
+        self.tw_col = np.array(tw_col, np.int64)
+        self.tw_end = now + np.array(tw_dur, np.int64)
+        shape = (len(tw_col), 2 * self.fsize, len(self.mg))
+        if self._wlb_buf.size < np.prod(shape):
+            self._wlb_buf = np.empty(int(np.prod(shape)), np.int64)  # reused: no fresh pages per tick
+        self.wlb = self._wlb_buf[: int(np.prod(shape))].reshape(shape)
+        K.build_window_bounds(self.fw, self.fab_start, self.fab_end, self.fab_first, self.mg,
+                              self.wlb, self.tw_col, self.tw_end, self.fsize)
+        # Over the whole hosts still entirely free (only shrinks during the tick: stays a bound).
+        K.build_fabric_tree(self.fw, self.fab_start, self.fab_end, self.fsize, self.fdyn, True)
+        return cls_t
 
     def lowest_free_floor(self) -> int:
         """Lowest floor among blocks with free > 0, or -1."""
@@ -363,7 +381,6 @@ class BidBook:
         self.n_ecls = 0
         self.dom_ptr = np.zeros(1, np.int64)
         self.dom_idx = np.empty(0, np.int64)
-        self._elb = np.empty(0, np.int64)  # kept between ticks (kernels.find_multi_e)
 
     def eligibility_classes(self):
         """Eligibility classes (tier, duration, min_notice, hazard budget: the bid class without
@@ -534,10 +551,10 @@ class ModelBook:
         self._tick += 1
         idx = self._index_for_tick()
         bb = self._bids
-        idx.prepare_multi(bb.cls_key[: bb.n_cls, K.K_GPUS])
+        cls_t = idx.prepare_multi(now, bb.cls_key[: bb.n_cls])
         # Every fill takes at least one GPU: the free GPUs bound the fills.
         cap = int(self._blocks.cols["free"].sum(dtype=np.int64)) + 1
-        fill_bid, fill_block, fill_gpus, fill_tier, ts = self._allocate(now, idx, cap)
+        fill_bid, fill_block, fill_gpus, fill_tier, ts = self._allocate(now, idx, cap, cls_t)
         # Prices per tier (docs/matching.md, Price); losers and incumbents are measured against
         # `indicative`, which is the price when something traded.
         price = np.full(2, -1, np.int64)
@@ -610,32 +627,13 @@ class ModelBook:
         self._losers = [bufs, *self._losers[:1]]
         return bufs
 
-    def _allocate(self, now: int, idx: BlockIndex, cap: int):
+    def _allocate(self, now: int, idx: BlockIndex, cap: int, cls_t: np.ndarray):
         """Run kernels.clear_book: (fill bid (internal ids), block, gpus, tier, per-tier figures)."""
         tb = self._bids
         m, p = tb.main, tb.pend
         ecls, n_ecls, dom_ptr, dom_idx = tb.eligibility_classes()
         fail_single = np.full(n_ecls, INT64_MAX, np.int64)
         fail_multi = np.full(n_ecls, INT64_MAX, np.int64)
-        # Per eligibility class with multi-host bids, lazily exact fabric bounds for every gang
-        # size (kernels.find_multi_e).  Beyond a memory cap, the classes without a slot use the
-        # plain search.  The buffer is kept between ticks (its pages stay mapped).
-        nfab = len(idx.fab_start)
-        ng = len(idx.mg)
-        multi = np.flatnonzero(tb.cls_key[: tb.n_cls, K.K_GPUS] > idx.max_host)
-        multi_e = np.unique(ecls[multi]) if len(multi) else _EMPTY_I64
-        per_slot = max(ng * 2 * idx.fsize + nfab, 1)
-        nslots = min(len(multi_e), _ELB_ENTRIES // per_slot)
-        eslot = np.zeros((max(n_ecls, 1), 2), np.int64)  # (slot or -1, hosts searched)
-        eslot[:, 0] = -1
-        eslot[multi_e[:nslots], 0] = np.arange(nslots)
-        if len(tb._elb) < nslots * per_slot:
-            tb._elb = np.empty(nslots * per_slot, np.int64)
-        elb = tb._elb[: nslots * ng * 2 * idx.fsize].reshape(nslots, ng, 2 * idx.fsize)
-        ever = tb._elb[nslots * ng * 2 * idx.fsize: nslots * per_slot].reshape(nslots, nfab)
-        einit = np.zeros(max(nslots, 1), np.int64)
-        fver = np.zeros(nfab, np.int64)
-        dirty = np.zeros(2 * nfab + 1, np.int64)
         fill_bid = np.empty(cap, np.int64)
         fill_block = np.empty(cap, np.int64)
         fill_gpus = np.empty(cap, np.int32)
@@ -648,10 +646,9 @@ class ModelBook:
             tb.cls_key, tb.cls_st,
             idx.lf, idx.floors, idx.n, idx.size, idx.dyn, idx.stat, _BIT, _GE, _LE,
             idx.fab_start, idx.fab_end, idx.fw, idx.nv, idx.nbest,
-            idx.mg, idx.fab_first, idx.lbtree, idx.fsize, idx.ftree, idx.fdyn, idx.fid, idx.static_lb,
-            idx.sorder, idx.prof_notice, idx.prof_rate,
-            ecls, dom_ptr, dom_idx, fail_single, fail_multi, eslot, elb, ever, einit,
-            len(idx.fw) // _ELB_AFTER if _ELB_AFTER else -1, fver, dirty,
+            idx.mg, idx.fab_first, idx.wlb, idx.tw_col, idx.tw_end, cls_t, idx.fsize,
+            idx.ftree, idx.fdyn, idx.fid, idx.static_lb, idx.sorder, idx.prof_notice,
+            idx.prof_rate, ecls, dom_ptr, dom_idx, fail_single, fail_multi,
             fill_bid, fill_block, fill_gpus, fill_tier, ts,
         )
         return fill_bid[:nf], fill_block[:nf], fill_gpus[:nf], fill_tier[:nf], ts

@@ -307,14 +307,6 @@ def build_fabric_tree(fw, fab_start, fab_end, fsize, ftree, only_free):
 
 
 @njit(cache=True)
-def _fabric_update(fw, fab_start, fab_end, fsize, ftree, f):
-    _fabric_leaf(fw, fab_start, fab_end, fsize, ftree, f, True)
-    node = (fsize + f) >> 1
-    while node >= 1 and _combine(ftree, node, False):
-        node >>= 1
-
-
-@njit(cache=True)
 def _fabric_may_fit(tier, ftree, node, now, end, mn, budget, pmask, g):
     return ftree[node, T_AVAIL] >= end and ftree[node, T_GPUS] >= g and node_may_fit(tier, ftree, node, now, end, mn, budget,
                                                          pmask)
@@ -505,10 +497,17 @@ def find_static(tier, now, end, mn, budget, pmask, g, lf, size, stat, stack):
 # multi-host gangs
 #
 # For each gang size g in `mg` (the sizes above one host present in the book this tick) and each
-# fabric f, `fab_lb[gi, f]` is a lower bound of the highest floor the fabric would charge: the
-# floor at which its whole free hosts, cheapest first, add up to mg[gi] GPUs (ignoring the bid's
-# eligibility).  `lbtree[gi]` is a min segment tree over fabrics of that bound, so a query visits
-# fabrics cheapest-bound first and stops once no bound can beat the best fabric found.  The static
+# fabric f, a multi-host search needs the highest floor of the fabric's cheapest eligible whole
+# free hosts holding g GPUs.  `wlb[t, gi, fsize + f]` bounds it from below: the same highest floor
+# over the hosts that merely pass window threshold t (their firm or spot window, `tw_col[t]`,
+# reaches `tw_end[t]`).  The thresholds are the durations of the tick's multi-host bid classes, so
+# a class reads the tightest threshold at or below its own end: windows (short availability,
+# reservations, firm windows) are what make hosts of an otherwise eligible fabric ineligible, and
+# a bound that ignored them sent searches through many fabrics that could not win.  `wlb[t, gi]` is
+# a min segment tree over fabrics, so a query visits fabrics cheapest bound first and stops once
+# no bound can beat the best fabric found.  Allocation only lowers free counts, so a bound
+# computed earlier in the tick stays a bound: `_take` only marks a fabric (`fdirty`, one bit per
+# threshold) and a search recomputes a marked fabric's leaf when it reaches it.  The static
 # counterparts (`static_lb`, fabrics sorted by it in `sorder`) ignore free and serve the reasons.
 
 
@@ -531,44 +530,6 @@ def gang_index(mg, g):
 @njit(cache=True)
 def _whole_free(fw, j):
     return fw[j, W_FREE] == fw[j, W_GPUS]  # fw only lists whole-host blocks
-
-
-@njit(cache=True)
-def _lb_set(lbtree, fsize, gi, f, v):
-    node = fsize + f
-    if lbtree[gi, node] == v:
-        return
-    lbtree[gi, node] = v
-    node >>= 1
-    while node >= 1:
-        m = min(lbtree[gi, 2 * node], lbtree[gi, 2 * node + 1])
-        if lbtree[gi, node] == m:
-            return  # and so are its ancestors
-        lbtree[gi, node] = m
-        node >>= 1
-
-
-@njit(cache=True)
-def fab_refresh(f, fw, fab_end, fab_first, mg, lbtree, fsize):
-    """Recompute fabric f's bounds after one of its whole hosts stopped being entirely free."""
-    j = fab_first[f]
-    stop = fab_end[f]
-    while j < stop and not _whole_free(fw, j):
-        j += 1
-    fab_first[f] = j
-    total = 0
-    gi = 0
-    while j < stop and gi < len(mg):
-        i = j
-        if _whole_free(fw, i):
-            total += fw[i, W_GPUS]
-            while gi < len(mg) and total >= mg[gi]:
-                _lb_set(lbtree, fsize, gi, f, fw[i, W_FLOOR])
-                gi += 1
-        j += 1
-    while gi < len(mg):
-        _lb_set(lbtree, fsize, gi, f, I64_MAX)
-        gi += 1
 
 
 @njit(cache=True)
@@ -595,51 +556,100 @@ def prepare_multi_static(fw, fab_start, fab_end, mg):
 
 
 @njit(cache=True)
-def prepare_multi_free(fw, fab_start, fab_end, mg, fsize):
-    """Per-tick multi-host bounds over the whole hosts entirely free: (fab_first, lbtree)."""
-    nfab = len(fab_start)
+def _wlb_climb(wlb, t, node):
+    """Recompute the minima above a changed leaf of wlb[t], stopping where nothing changes."""
+    ng = wlb.shape[2]
+    node >>= 1
+    while node >= 1:
+        a = 2 * node
+        changed = False
+        for gi in range(ng):
+            m = min(wlb[t, a, gi], wlb[t, a + 1, gi])
+            if wlb[t, node, gi] != m:
+                wlb[t, node, gi] = m
+                changed = True
+        if not changed:
+            return
+        node >>= 1
+
+
+@njit(cache=True)
+def _window_leaf(f, t, fw, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize):
+    """Recompute fabric f's bounds under threshold t for every gang size (and fab_first).
+    Returns whether they changed."""
+    j = fab_first[f]
+    stop = fab_end[f]
+    while j < stop and not _whole_free(fw, j):
+        j += 1
+    fab_first[f] = j
+    col = tw_col[t]
+    reach = tw_end[t]
+    node = fsize + f
+    total = 0
+    gi = 0
     ng = len(mg)
-    fab_first = fab_start.copy()
-    lbtree = np.full((ng, 2 * fsize), I64_MAX, dtype=np.int64)
-    for f in range(nfab):
-        total = 0
-        gi = 0
-        first = fab_end[f]
-        for j in range(fab_start[f], fab_end[f]):
-            if gi == ng:
-                break
-            if not _whole_free(fw, j):
-                continue
-            if first == fab_end[f]:
-                first = j
+    changed = False
+    while j < stop and gi < ng:
+        if _whole_free(fw, j) and fw[j, col] >= reach:
             total += fw[j, W_GPUS]
             while gi < ng and total >= mg[gi]:
-                lbtree[gi, fsize + f] = fw[j, W_FLOOR]
+                changed |= wlb[t, node, gi] != fw[j, W_FLOOR]
+                wlb[t, node, gi] = fw[j, W_FLOOR]
                 gi += 1
-        fab_first[f] = first
-    for gi in range(ng):
-        for node in range(fsize - 1, 0, -1):
-            lbtree[gi, node] = min(lbtree[gi, 2 * node], lbtree[gi, 2 * node + 1])
-    return fab_first, lbtree
+        j += 1
+    while gi < ng:
+        changed |= wlb[t, node, gi] != I64_MAX
+        wlb[t, node, gi] = I64_MAX
+        gi += 1
+    return changed
 
 
 @njit(cache=True)
-def prepare_multi(fw, fab_start, fab_end, mg, fsize):
-    """Per-tick multi-host bounds: (fab_first, lbtree, static_lb, sorder)."""
-    fab_first, lbtree = prepare_multi_free(fw, fab_start, fab_end, mg, fsize)
-    static_lb, sorder = prepare_multi_static(fw, fab_start, fab_end, mg)
-    return fab_first, lbtree, static_lb, sorder
-
-
-@njit(cache=True)
-def refresh_fabrics(fabs, fw, fab_start, fab_end, fab_first, mg, lbtree, fsize, fdyn):
-    """Recompute the free-dependent multi-host structures of fabrics `fabs` from scratch (their
-    free counts changed between ticks, possibly upwards)."""
-    for r in range(len(fabs)):
-        f = fabs[r]
+def build_window_bounds(fw, fab_start, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize):
+    """Per-tick multi-host bounds (see above) from the current free counts."""
+    nfab = len(fab_start)
+    for f in range(nfab):
         fab_first[f] = fab_start[f]
-        fab_refresh(f, fw, fab_end, fab_first, mg, lbtree, fsize)
-        _fabric_update(fw, fab_start, fab_end, fsize, fdyn, f)
+    for t in range(len(tw_col)):
+        for f in range(nfab):
+            _window_leaf(f, t, fw, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize)
+        for node in range(fsize + nfab, 2 * fsize):
+            for gi in range(len(mg)):
+                wlb[t, node, gi] = I64_MAX
+        for node in range(fsize - 1, 0, -1):
+            for gi in range(len(mg)):
+                wlb[t, node, gi] = min(wlb[t, 2 * node, gi], wlb[t, 2 * node + 1, gi])
+
+
+@njit(cache=True)
+def _mark_window(lf, i, f, wlb, tw_col, tw_end, fsize, stale):
+    """Leaf i, a whole host of fabric f, stops being entirely free: list f as stale for each
+    threshold whose bounds counted it (it passes the threshold's window and its floor is not
+    above the bound of the largest gang size).  stale[t, nfab] counts the fabrics listed in
+    stale[t, :]; stale[t + 1 ...] are not used; bit t of stale[T, f] says f is listed for t."""
+    nfab = stale.shape[1] - 1
+    last = wlb.shape[2] - 1
+    fl = lf[i, L_FLOOR]
+    for t in range(len(tw_col)):
+        if lf[i, tw_col[t]] < tw_end[t] or fl > wlb[t, fsize + f, last]:
+            continue
+        if (stale[len(tw_col), f] >> t) & 1 == 0:
+            stale[len(tw_col), f] |= np.int64(1) << t
+            stale[t, stale[t, nfab]] = f
+            stale[t, nfab] += 1
+
+
+@njit(cache=True)
+def _refresh_window(t, fw, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize, stale):
+    """Bring threshold t's bounds up to date (before a search reads them)."""
+    nfab = stale.shape[1] - 1
+    unmark = ~(np.int64(1) << t)
+    for r in range(stale[t, nfab]):
+        f = stale[t, r]
+        stale[len(tw_col), f] &= unmark
+        if _window_leaf(f, t, fw, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize):
+            _wlb_climb(wlb, t, fsize + f)
+    stale[t, nfab] = 0
 
 
 @njit(cache=True)
@@ -664,12 +674,11 @@ def _beats(fl, cnt, node, best_hf, best_cnt, best_f, fid, fsize):
 
 
 @njit(cache=True)
-def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt,
-               fw, fab_end, fab_first, lbtree, fsize, fdyn, fid, stack):
+def find_multi(tier, now, end, mn, budget, pmask, g, gi, t, limit, min_cnt,
+               fw, fab_end, fab_first, wlb, fsize, fdyn, fid, stack):
     """Fabric whose cheapest whole free eligible hosts hold g GPUs with the lowest highest floor,
-    then fewest hosts, then lowest fabric_id; -1 if none.  Also returns the number of hosts it
-    looked at.  `min_cnt`: the fewest hosts any fabric could use."""
-    work = 0
+    then fewest hosts, then lowest fabric_id; -1 if none.  `t`: the class's window threshold;
+    `min_cnt`: the fewest hosts any fabric could use."""
     best_f = -1
     best_hf = I64_MAX
     best_cnt = 0
@@ -678,7 +687,7 @@ def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt,
     while sp > 0:
         sp -= 1
         node = stack[sp, 0]
-        v = lbtree[gi, node]
+        v = wlb[t, node, gi]
         if v > limit or v > best_hf:
             continue
         if v == best_hf and _loses_tie(node, fsize, fid, best_f, best_cnt, min_cnt):
@@ -689,7 +698,7 @@ def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt,
             a = 2 * node
             b = a + 1
             # Visit the child with the lower bound first (it is pushed last).
-            if lbtree[gi, a] <= lbtree[gi, b]:
+            if wlb[t, a, gi] <= wlb[t, b, gi]:
                 stack[sp, 0] = b
                 stack[sp + 1, 0] = a
             else:
@@ -701,16 +710,14 @@ def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt,
         total = 0
         cnt = 0
         for j in range(fab_first[f], fab_end[f]):
-            work += 1
-            i = j
-            fl = fw[i, W_FLOOR]
+            fl = fw[j, W_FLOOR]
             if fl > limit or fl > best_hf:
                 break
-            if not _whole_free(fw, i):
+            if not _whole_free(fw, j):
                 continue
-            if not eligible(tier, fw, i, now, end, mn, budget):
+            if not eligible(tier, fw, j, now, end, mn, budget):
                 continue
-            total += fw[i, W_GPUS]
+            total += fw[j, W_GPUS]
             cnt += 1
             if total >= g:
                 if _beats(fl, cnt, node, best_hf, best_cnt, best_f, fid, fsize):
@@ -718,7 +725,7 @@ def find_multi(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt,
                     best_hf = fl
                     best_cnt = cnt
                 break
-    return best_f, work
+    return best_f
 
 
 @njit(cache=True)
@@ -854,10 +861,10 @@ def class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end, fw, 
 
 
 @njit(cache=True)
-def _take(lf, i, give, size, dyn, bit, fw, fver, dirty):
+def _take(lf, i, give, size, dyn, bit, fw, wlb, tw_col, tw_end, fsize, stale):
     """Take `give` GPUs of leaf i.  When a whole host stops being entirely free, its fabric's
-    multi-host structures (lbtree, fdyn, fab_first) are only marked stale (`dirty`, see
-    flush_dirty): stale, they are still valid bounds, since free GPUs only shrink in a tick."""
+    multi-host bounds go stale (`_mark_window`): they are brought up to date before the next
+    search that reads them."""
     was_whole_free = lf[i, L_FREE] == lf[i, L_GPUS] and lf[i, L_GPUS] == lf[i, L_HOSTG]
     lf[i, L_FREE] -= give
     jw = lf[i, L_FPOS]
@@ -865,27 +872,7 @@ def _take(lf, i, give, size, dyn, bit, fw, fver, dirty):
         fw[jw, W_FREE] = lf[i, L_FREE]
     _update_dyn(dyn, size, lf, i, bit)
     if was_whole_free:
-        f = lf[i, L_FAB]
-        fver[f] += 1
-        # dirty[f] = 1 when listed; dirty[nfab + 1 + r] = r-th listed fabric, dirty[nfab] = count
-        nfab = len(fver)
-        if dirty[f] == 0:
-            dirty[f] = 1
-            dirty[nfab + 1 + dirty[nfab]] = f
-            dirty[nfab] += 1
-
-
-@njit(cache=True)
-def flush_dirty(fw, fab_start, fab_end, fab_first, mg, lbtree, fsize, fdyn, dirty):
-    """Refresh the multi-host bounds of the fabrics `_take` marked, each once."""
-    nfab = len(fab_start)
-    for r in range(dirty[nfab]):
-        f = dirty[nfab + 1 + r]
-        dirty[f] = 0
-        if len(mg) > 0:
-            fab_refresh(f, fw, fab_end, fab_first, mg, lbtree, fsize)
-            _fabric_update(fw, fab_start, fab_end, fsize, fdyn, f)
-    dirty[nfab] = 0
+        _mark_window(lf, i, lf[i, L_FAB], wlb, tw_col, tw_end, fsize, stale)
 
 
 @njit(cache=True)
@@ -915,9 +902,9 @@ def clear_book(
     cls_key, cls_st,
     lf, floors, n, size, dyn, stat, bit, ge, le,
     fab_start, fab_end, fw, nv, nbest,
-    mg, fab_first, lbtree, fsize, ftree, fdyn, fid, static_lb, sorder, prof_notice, prof_rate,
-    ecls, dom_ptr, dom_idx, fail_single, fail_multi, eslot, elb, ever, einit, elb_after, fver,
-    dirty, fill_bid, fill_block, fill_gpus, fill_tier, ts,
+    mg, fab_first, wlb, tw_col, tw_end, cls_t, fsize, ftree, fdyn, fid, static_lb,
+    sorder, prof_notice, prof_rate, ecls, dom_ptr, dom_idx, fail_single, fail_multi,
+    fill_bid, fill_block, fill_gpus, fill_tier, ts,
 ):
     """Walk the live bids of both tiers in price-time priority (merging the main run and the
     pending run on the fly) and allocate; each tier keeps its own max_floor (its own uniform
@@ -930,6 +917,7 @@ def clear_book(
     on every bid of that tier loses: once the tier's `highest_lose` is known it is done, and the
     walk stops when both are (emit_losers reports the losers)."""
     stack = np.empty((256, 3), dtype=np.int64)
+    stale = np.zeros((len(tw_col) + 1, len(fab_start) + 1), np.int64)  # see _mark_window
     lff = lowest_free_floor(lf, size, dyn)
     lf_stale = False
     for t in range(2):
@@ -990,7 +978,7 @@ def clear_book(
                 cls_st[c, C_CURSOR] = first
                 cls_st[c, C_CSTAMP] = tick
                 if leaf >= 0:
-                    _take(lf, leaf, g, size, dyn, bit, fw, fver, dirty)
+                    _take(lf, leaf, g, size, dyn, bit, fw, wlb, tw_col, tw_end, fsize, stale)
                     # lff only moves when a block at that floor runs out of free GPUs.
                     lf_stale = lf[leaf, L_FREE] == 0 and lf[leaf, L_FLOOR] == lff
                     fill_bid[nf] = bid_id
@@ -1001,27 +989,11 @@ def clear_book(
                     max_floor = max(max_floor, lf[leaf, L_FLOOR])
                     won = True
             else:
-                flush_dirty(fw, fab_start, fab_end, fab_first, mg, lbtree, fsize, fdyn, dirty)
-                gi = gang_index(mg, g)
-                min_cnt = (g + max_host - 1) // max_host  # the fewest hosts g can take
-                s = eslot[e, 0]
-                # A class's bounds cost up to a pass over every whole host to make exact: use
-                # them once the plain searches of the class have looked at that many hosts.
-                if s >= 0 and eslot[e, 1] > elb_after:
-                    if einit[s] == 0:
-                        # The eligibility-blind bounds are valid bounds for the class to start.
-                        elb[s, :, :] = lbtree
-                        ever[s, :] = -1
-                        einit[s] = 1
-                    f = find_multi_e(tier, now, end, mn, budget, pmask, g, gi, lim,
-                                     min_cnt, s, elb,
-                                     ever, fver, fw, fab_end, fab_first, mg, lbtree, fsize,
-                                     fdyn, fid, stack)
-                else:
-                    f, work = find_multi(tier, now, end, mn, budget, pmask, g, gi,
-                                         lim, min_cnt, fw, fab_end,
-                                         fab_first, lbtree, fsize, fdyn, fid, stack)
-                    eslot[e, 1] += work
+                t = cls_t[c]
+                _refresh_window(t, fw, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize, stale)
+                f = find_multi(tier, now, end, mn, budget, pmask, g, gang_index(mg, g), t, lim,
+                               (g + max_host - 1) // max_host, fw, fab_end, fab_first, wlb,
+                               fsize, fdyn, fid, stack)
                 if f >= 0:
                     lf_stale = True
                     remaining = g
@@ -1032,7 +1004,7 @@ def clear_book(
                             continue
                         leaf = fw[jj, W_LEAF]
                         give = min(remaining, lf[leaf, L_GPUS])
-                        _take(lf, leaf, give, size, dyn, bit, fw, fver, dirty)
+                        _take(lf, leaf, give, size, dyn, bit, fw, wlb, tw_col, tw_end, fsize, stale)
                         fill_bid[nf] = bid_id
                         fill_block[nf] = lf[leaf, L_BLOCK]
                         fill_gpus[nf] = give
@@ -1074,7 +1046,6 @@ def clear_book(
             )
             if cls_st[c, C_CODE] == 0:
                 ts[tier, S_HIGHEST_LOSE] = lim
-    flush_dirty(fw, fab_start, fab_end, fab_first, mg, lbtree, fsize, fdyn, dirty)
     return nf
 
 
@@ -1349,135 +1320,3 @@ def rehash_classes(cls_key, n_cls, hkeys, hvals):
         for q in range(NK):
             hkeys[h, q] = cls_key[c, q]
         hvals[h] = c
-
-
-# ---------------------------------------------------------------------------------------------
-# multi-host gangs, per eligibility class: exact fabric bounds, computed lazily
-#
-# Bids with the same (duration, notice, survival budget) see the same eligible whole hosts,
-# whatever their gang size.  Each such class with multi-host bids gets a copy `elb[s]` of the
-# bound trees `lbtree` (one per gang size), initialised from them (valid bounds, as they ignore
-# eligibility) when the class first searches in a tick.  A search that reaches a fabric whose
-# bounds are not exact for the class (`ever[s, f] != fver[f]`) computes, in one pass over the
-# fabric's whole hosts, its exact highest floor for every gang size and raises the leaves.  Free
-# GPUs only shrink in a tick, so a fabric's highest floor only rises: a bound computed before
-# some of its hosts were taken stays a bound.  Later searches of the class, for any gang size,
-# so visit only the fabrics that can still win, plus those that changed.
-
-
-@njit(cache=True)
-def _fabric_key(tier, now, end, mn, budget, g, f, fw, fab_end, fab_first):
-    """(highest floor, hosts) of fabric f's cheapest eligible whole free hosts holding g GPUs,
-    or (I64_MAX, 0)."""
-    total = 0
-    cnt = 0
-    for j in range(fab_first[f], fab_end[f]):
-        i = j
-        if not _whole_free(fw, i):
-            continue
-        if not eligible(tier, fw, i, now, end, mn, budget):
-            continue
-        total += fw[i, W_GPUS]
-        cnt += 1
-        if total >= g:
-            return fw[i, W_FLOOR], cnt
-    return I64_MAX, 0
-
-
-@njit(cache=True)
-def _elb_set(elb, s, fsize, gi, f, v):
-    node = fsize + f
-    if elb[s, gi, node] == v:
-        return
-    _elb_node_set(elb, s, gi, node, v)
-
-
-@njit(cache=True)
-def _elb_node_set(elb, s, gi, node, v):
-    elb[s, gi, node] = v
-    node >>= 1
-    while node >= 1:
-        m = min(elb[s, gi, 2 * node], elb[s, gi, 2 * node + 1])
-        if elb[s, gi, node] == m:
-            return
-        elb[s, gi, node] = m
-        node >>= 1
-
-
-@njit(cache=True)
-def _elb_refresh(tier, now, end, mn, budget, s, f, elb, ever, fver, fw, fab_end, fab_first, mg,
-                 fsize, want):
-    """Exact bounds of fabric f for eligibility slot s, for every gang size.  Returns the number
-    of hosts that hold gang size mg[want] (what `_fabric_key` would count), or 0."""
-    total = 0
-    gi = 0
-    ng = len(mg)
-    hosts = 0
-    want_hosts = 0
-    for j in range(fab_first[f], fab_end[f]):
-        if gi == ng:
-            break
-        if not _whole_free(fw, j):
-            continue
-        if not eligible(tier, fw, j, now, end, mn, budget):
-            continue
-        total += fw[j, W_GPUS]
-        hosts += 1
-        while gi < ng and total >= mg[gi]:
-            _elb_set(elb, s, fsize, gi, f, fw[j, W_FLOOR])
-            if gi == want:
-                want_hosts = hosts
-            gi += 1
-    while gi < ng:
-        _elb_set(elb, s, fsize, gi, f, I64_MAX)
-        gi += 1
-    ever[s, f] = fver[f]
-    return want_hosts
-
-
-@njit(cache=True)
-def find_multi_e(tier, now, end, mn, budget, pmask, g, gi, limit, min_cnt, s, elb, ever, fver,
-                 fw, fab_end, fab_first, mg, lbtree, fsize, fdyn, fid, stack):
-    """`find_multi` through the eligibility class's bounds `elb[s]` (exact once refreshed)."""
-    best_f = -1
-    best_hf = I64_MAX
-    best_cnt = 0
-    stack[0, 0] = 1
-    sp = 1
-    while sp > 0:
-        sp -= 1
-        node = stack[sp, 0]
-        v = elb[s, gi, node]
-        if v > limit or v > best_hf:
-            continue
-        if v == best_hf and _loses_tie(node, fsize, fid, best_f, best_cnt, min_cnt):
-            continue
-        if not _fabric_may_fit(tier, fdyn, node, now, end, mn, budget, pmask, g):
-            # For the rest of the tick (fdyn only shrinks): no fabric under node holds g GPUs.
-            _elb_node_set(elb, s, gi, node, I64_MAX)
-            continue
-        if node < fsize:
-            a = 2 * node
-            b = a + 1
-            if elb[s, gi, a] <= elb[s, gi, b]:
-                stack[sp, 0] = b
-                stack[sp + 1, 0] = a
-            else:
-                stack[sp, 0] = a
-                stack[sp + 1, 0] = b
-            sp += 2
-            continue
-        f = node - fsize
-        if ever[s, f] != fver[f] or lbtree[gi, node] > v:
-            cnt = _elb_refresh(tier, now, end, mn, budget, s, f, elb, ever, fver, fw, fab_end,
-                               fab_first, mg, fsize, gi)
-            fl = elb[s, gi, node]  # exact now (I64_MAX when the fabric cannot hold g)
-        else:
-            fl, cnt = _fabric_key(tier, now, end, mn, budget, g, f, fw, fab_end, fab_first)
-        if fl > limit or fl == I64_MAX:
-            continue
-        if _beats(fl, cnt, node, best_hf, best_cnt, best_f, fid, fsize):
-            best_f = f
-            best_hf = fl
-            best_cnt = cnt
-    return best_f

@@ -585,30 +585,26 @@ def test_resending_unchanged_blocks_keeps_the_index():
 
 
 # ---------------------------------------------------------------------------------------------
-# multi-host search paths: plain search, per-eligibility-class bounds (kernels.find_multi_e)
+# multi-host window thresholds (kernels, multi-host gangs): one per class duration, or fewer
 
 
-@pytest.mark.parametrize("elb_entries, elb_after", [(0, 16), (1 << 23, 0)])
+@pytest.mark.parametrize("max_thresholds", [1, 32])
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(market=market_st(max_blocks=24, max_bids=30))
-def test_multi_host_search_paths_equal_reference(monkeypatch, elb_entries, elb_after, market):
-    # (0, _): no class gets bounds, every search is plain; (_, 0): every class uses its bounds
-    # from its first search.
+def test_multi_host_window_thresholds_equal_reference(monkeypatch, max_thresholds, market):
+    # 1: every class of a tier reads the bounds of the tier's shortest duration (looser, still
+    # bounds); 32: each class its own duration's.
     import matching.book as book_module
 
-    monkeypatch.setattr(book_module, "_ELB_ENTRIES", elb_entries)
-    monkeypatch.setattr(book_module, "_ELB_AFTER", elb_after)
+    monkeypatch.setattr(book_module, "_MAX_THRESHOLDS", max_thresholds)
 
     assert_engine_matches_reference(market)
 
 
-def test_class_bounds_are_reset_between_ticks(monkeypatch):
-    # Two ticks on one book with the bounds from the first search: the second tick must not
-    # reuse the first tick's (now wrong: hosts were freed again) bounds.
-    import matching.book as book_module
-
-    monkeypatch.setattr(book_module, "_ELB_AFTER", 0)
+def test_window_bounds_are_rebuilt_between_ticks():
+    # Two ticks on one book: the second tick must not reuse the first tick's (now wrong: hosts
+    # were freed again) bounds.
     blocks = [
         {"block_id": 10 + k, "host_id": 100 + k, "fabric_id": 1 + k // 4, "host_gpus": 8,
          "gpus": 8, "free": 8, "floor": 100 + 10 * k, "available_until": NOW + 48 * H,
