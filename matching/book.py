@@ -37,7 +37,7 @@ _GE, _LE = K.mask_tables()
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
 # Window thresholds of the multi-host bounds (kernels, multi-host gangs): at most this many per
 # tier, and fewer when the bounds would exceed _WLB_ENTRIES entries (x 8 bytes).
-_MAX_THRESHOLDS = 8
+_MAX_THRESHOLDS = 4
 _WLB_ENTRIES = 1 << 23
 
 

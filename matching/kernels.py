@@ -627,16 +627,18 @@ def _mark_window(lf, i, f, wlb, tw_col, tw_end, fsize, stale):
     threshold whose bounds counted it (it passes the threshold's window and its floor is not
     above the bound of the largest gang size).  stale[t, nfab] counts the fabrics listed in
     stale[t, :]; stale[t + 1 ...] are not used; bit t of stale[T, f] says f is listed for t."""
+    nt = len(tw_col)
     nfab = stale.shape[1] - 1
     last = wlb.shape[2] - 1
     fl = lf[i, L_FLOOR]
-    for t in range(len(tw_col)):
-        if lf[i, tw_col[t]] < tw_end[t] or fl > wlb[t, fsize + f, last]:
+    listed = stale[nt, f]
+    for t in range(nt):
+        if (listed >> t) & 1 or lf[i, tw_col[t]] < tw_end[t] or fl > wlb[t, fsize + f, last]:
             continue
-        if (stale[len(tw_col), f] >> t) & 1 == 0:
-            stale[len(tw_col), f] |= np.int64(1) << t
-            stale[t, stale[t, nfab]] = f
-            stale[t, nfab] += 1
+        listed |= np.int64(1) << t
+        stale[t, stale[t, nfab]] = f
+        stale[t, nfab] += 1
+    stale[nt, f] = listed
 
 
 @njit(cache=True)
