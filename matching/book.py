@@ -177,7 +177,7 @@ class BlockIndex:
         fabric_ids, fab_of_row = _fabric_order(fabric_ids, fab_of_row, pbit, c)
         lf = rows_empty(n, K.NL)
         # One row-major pass (column-wise fancy indexing into lf is several times slower).
-        K.fill_leaves(lf, np.ascontiguousarray(rows, np.int64), c["floor"], c["free"], c["gpus"],
+        self._leaf_of_row = K.fill_leaves(lf, np.ascontiguousarray(rows, np.int64), c["floor"], c["free"], c["gpus"],
                       c["host_gpus"], c["available_until"], c["firm_until"], c["cut_at"],
                       c["notice_s"], c["rate_mph"], np.ascontiguousarray(fab_of_row, np.int64),
                       c["block_id"], pbit)
@@ -283,9 +283,6 @@ class BlockIndex:
 
     def leaf_of_row(self) -> np.ndarray:
         """Leaf of each BlockTable row (the inverse of `rows`)."""
-        if not hasattr(self, "_leaf_of_row"):
-            self._leaf_of_row = np.empty(self.n, np.int64)
-            self._leaf_of_row[self.rows] = np.arange(self.n)
         return self._leaf_of_row
 
 
