@@ -198,8 +198,9 @@ class BlockIndex:
         counts = np.bincount(whole_fab, minlength=nfab)
         self.fab_end = np.cumsum(counts).astype(np.int64)
         self.fab_start = (self.fab_end - counts).astype(np.int64)
-        fw = np.empty((len(fab_leaf), K.NW), dtype=np.int64)
-        K.fill_whole(lf, fab_leaf, fw)
+        fw = rows_empty(len(fab_leaf), K.NW)
+        self.fx = np.empty((len(fab_leaf), K.NX), dtype=np.int64)
+        K.fill_whole(lf, fab_leaf, fw, self.fx)
         self.fw = fw
         self.fsize = 1 << max(0, (nfab - 1).bit_length()) if nfab > 0 else 1
         # fid[node]: the lowest fabric_id under node of the fabric trees (ties go to it).
@@ -209,7 +210,7 @@ class BlockIndex:
             nodes = np.arange(level_start, 2 * level_start)
             self.fid[nodes] = np.minimum(self.fid[2 * nodes], self.fid[2 * nodes + 1])
         self.ftree = rows_empty(2 * self.fsize, K.NT)
-        K.build_fabric_tree(fw, self.fab_start, self.fab_end, self.fsize, self.ftree, False)
+        K.build_fabric_tree(fw, self.fx, self.fab_start, self.fab_end, self.fsize, self.ftree, False)
         self.fdyn = rows_empty(2 * self.fsize, K.NT)
         # The static multi-host bounds are kept between ticks for these gang sizes (None: not
         # built).
@@ -273,7 +274,7 @@ class BlockIndex:
         K.build_window_bounds(self.fw, self.fab_start, self.fab_end, self.fab_first, self.mg,
                               self.wlb, self.tw_col, self.tw_end, self.fsize)
         # Over the whole hosts still entirely free (only shrinks during the tick: stays a bound).
-        K.build_fabric_tree(self.fw, self.fab_start, self.fab_end, self.fsize, self.fdyn, True)
+        K.build_fabric_tree(self.fw, self.fx, self.fab_start, self.fab_end, self.fsize, self.fdyn, True)
         return cls_t
 
     def lowest_free_floor(self) -> int:
@@ -642,7 +643,7 @@ class ModelBook:
             p.bid, p.lim, p.seq, p.cls, p.state, p.id_state, p.rank,
             tb.cls_key, tb.cls_st,
             idx.lf, idx.floors, idx.n, idx.size, idx.dyn, idx.stat, _BIT, _GE, _LE,
-            idx.fab_start, idx.fab_end, idx.fw, idx.nv, idx.nbest,
+            idx.fab_start, idx.fab_end, idx.fw, idx.fx, idx.nv, idx.nbest,
             idx.mg, idx.fab_first, idx.wlb, idx.tw_col, idx.tw_end, cls_t, idx.fsize,
             idx.ftree, idx.fdyn, idx.fid, idx.static_lb, idx.sorder, idx.prof_notice,
             idx.prof_rate, ecls, dom_ptr, dom_idx, fail_single, fail_multi,

@@ -13,7 +13,7 @@ Data layout, built by `matching.book.BlockIndex`:
   min(free, 63)), so "free >= g" and "tighter than the best so far" prune too.
 * Fabrics: `fw[fab_start[f]:fab_end[f]]` are the blocks of fabric f (dense index, in fabric_id
   order) that are whole hosts (gpus == host_gpus), in (floor, block_id) order, as a compact copy
-  of what multi-host searches read (`fw[j, W_LEAF]` is the leaf; `lf[leaf, L_FPOS]` is j).
+  of what multi-host searches read (`fx[j, X_LEAF]` is the leaf; `lf[leaf, L_FPOS]` is j).
 * Bid classes: bids of a tier with the same (duration_s, min_notice_s, hazard_budget, gpus) are eligible on
   the same blocks, so the expensive per-bid questions (structural reason, "nothing fits any
   more") are answered once per class per tick: `cls_key[c]` and `cls_st[c]`.
@@ -67,10 +67,13 @@ W_FIRM = E_FIRM
 W_RATE = E_RATE
 W_FLOOR = 6
 W_GPUS = 7
-W_AVAIL = 8
-W_PBIT = 9
-W_LEAF = 10
-NW = 11
+NW = 8  # 64 bytes: a host the scans read is one cache line
+
+# fx columns: what the scans do not read of fw's rows, in the same row order
+X_AVAIL = 0
+X_PBIT = 1
+X_LEAF = 2
+NX = 3
 
 # tree columns (dyn, stat and the fabric trees)
 T_MASK = 0  # dyn: bitset of free counts
@@ -275,7 +278,7 @@ def build_trees(lf, n, size, dyn, stat, bit):
 
 
 @njit(cache=True)
-def _fabric_leaf(fw, fab_start, fab_end, fsize, ftree, f, only_free):
+def _fabric_leaf(fw, fx, fab_start, fab_end, fsize, ftree, f, only_free):
     """Eligibility aggregates (as in `stat`, T_GPUS = their GPU total) over fabric f's whole-host
     blocks, or over those still entirely free when `only_free`."""
     node = fsize + f
@@ -292,16 +295,16 @@ def _fabric_leaf(fw, fab_start, fab_end, fsize, ftree, f, only_free):
             ftree[node, T_NOTICE] = max(ftree[node, T_NOTICE], fw[i, W_NOTICE])
             ftree[node, T_FIRM] = max(ftree[node, T_FIRM], fw[i, W_FIRM])
             ftree[node, T_RATE] = min(ftree[node, T_RATE], fw[i, W_RATE])
-            ftree[node, T_AVAIL] = max(ftree[node, T_AVAIL], fw[i, W_AVAIL])
-            ftree[node, T_PMASK] |= fw[i, W_PBIT]
+            ftree[node, T_AVAIL] = max(ftree[node, T_AVAIL], fx[i, X_AVAIL])
+            ftree[node, T_PMASK] |= fx[i, X_PBIT]
 
 
 @njit(cache=True)
-def build_fabric_tree(fw, fab_start, fab_end, fsize, ftree, only_free):
+def build_fabric_tree(fw, fx, fab_start, fab_end, fsize, ftree, only_free):
     """A max/min tree over fabrics of `_fabric_leaf`, so a multi-host search skips fabrics none of
     whose (free) whole hosts can be eligible, or that hold too few GPUs."""
     for f in range(fsize):
-        _fabric_leaf(fw, fab_start, fab_end, fsize, ftree, f, only_free)
+        _fabric_leaf(fw, fx, fab_start, fab_end, fsize, ftree, f, only_free)
     for node in range(fsize - 1, 0, -1):
         _combine(ftree, node, False)
 
@@ -363,8 +366,8 @@ def fill_leaves(lf, rows, floor, free, gpus, host_gpus, avail, firm, cut, notice
 
 
 @njit(cache=True)
-def fill_whole(lf, fab_leaf, fw):
-    """fw rows from the leaves fab_leaf (and L_FPOS of those leaves)."""
+def fill_whole(lf, fab_leaf, fw, fx):
+    """fw and fx rows from the leaves fab_leaf (and L_FPOS of those leaves)."""
     for j in range(len(fab_leaf)):
         i = fab_leaf[j]
         fw[j, W_FLOOR] = lf[i, L_FLOOR]
@@ -375,9 +378,9 @@ def fill_whole(lf, fab_leaf, fw):
         fw[j, W_NOTICE] = lf[i, L_NOTICE]
         fw[j, W_RATE] = lf[i, L_RATE]
         fw[j, W_FIRM] = lf[i, L_FIRM]
-        fw[j, W_AVAIL] = lf[i, L_AVAIL]
-        fw[j, W_PBIT] = lf[i, L_PBIT]
-        fw[j, W_LEAF] = i
+        fx[j, X_AVAIL] = lf[i, L_AVAIL]
+        fx[j, X_PBIT] = lf[i, L_PBIT]
+        fx[j, X_LEAF] = i
         lf[i, L_FPOS] = j
 
 
@@ -909,7 +912,7 @@ def clear_book(
     p_bid, p_limit, p_seq, p_cls, p_state, p_idst, p_rank,
     cls_key, cls_st,
     lf, floors, n, size, dyn, stat, bit, ge, le,
-    fab_start, fab_end, fw, nv, nbest,
+    fab_start, fab_end, fw, fx, nv, nbest,
     mg, fab_first, wlb, tw_col, tw_end, cls_t, fsize, ftree, fdyn, fid, static_lb,
     sorder, prof_notice, prof_rate, ecls, dom_ptr, dom_idx, fail_single, fail_multi,
     fill_bid, fill_block, fill_gpus, fill_tier, ts,
@@ -1010,7 +1013,7 @@ def clear_book(
                             continue
                         if not eligible(tier, fw, jj, now, end, mn, budget):
                             continue
-                        leaf = fw[jj, W_LEAF]
+                        leaf = fx[jj, X_LEAF]
                         give = min(remaining, lf[leaf, L_GPUS])
                         _take(lf, leaf, give, size, dyn, bit, fw, wlb, tw_col, tw_end, fsize, stale)
                         fill_bid[nf] = bid_id
