@@ -563,13 +563,10 @@ class ModelBook:
                 indicative[t] = price[t]
             else:
                 indicative[t] = max(ts[t, K.S_HIGHEST_LOSE], idx.lowest_free_floor(), 0)
-        fills = []
+        fills = K.split_fills(fill_bid, fill_block, fill_gpus, fill_tier)
         hs = np.empty(2, np.uint64)
         for t in range(2):
-            sel = fill_tier == t
-            f = (fill_bid[sel] >> 1, fill_block[sel], fill_gpus[sel])
-            fills.append(f)
-            hs[t] = K.hash_head(*f, price[t], indicative[t])
+            hs[t] = K.hash_head(*fills[t], price[t], indicative[t])
         l_bid, l_code, l_short = self._loser_buffers(len(bb.main) + len(bb.pend))
         nl = np.zeros(2, np.int64)
         m, p = bb.main, bb.pend

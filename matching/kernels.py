@@ -1163,6 +1163,33 @@ def emit_losers(
 
 
 @njit(cache=True)
+def split_fills(fill_bid, fill_block, fill_gpus, fill_tier):
+    """The fills of each tier, in fill order, with the caller's bid ids (see matching.book):
+    (bid, block, gpus) of firm, then of spot."""
+    n1 = 0
+    for r in range(len(fill_tier)):
+        n1 += fill_tier[r]
+    n0 = len(fill_tier) - n1
+    out = ((np.empty(n0, np.int64), np.empty(n0, np.int64), np.empty(n0, np.int32)),
+           (np.empty(n1, np.int64), np.empty(n1, np.int64), np.empty(n1, np.int32)))
+    k0 = 0
+    k1 = 0
+    for r in range(len(fill_tier)):
+        if fill_tier[r] == FIRM:
+            o = out[0]
+            k = k0
+            k0 += 1
+        else:
+            o = out[1]
+            k = k1
+            k1 += 1
+        o[0][k] = fill_bid[r] >> 1
+        o[1][k] = fill_block[r]
+        o[2][k] = fill_gpus[r]
+    return out
+
+
+@njit(cache=True)
 def hash_head(fill_bid, fill_block, fill_gpus, price, indicative):
     """The state hash up to the losers: fills, price, indicative."""
     h = FNV_OFFSET
