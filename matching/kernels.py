@@ -631,18 +631,18 @@ def build_window_bounds(fw, fab_start, fab_end, fab_first, mg, wlb, tw_col, tw_e
 
 
 @njit(cache=True)
-def _mark_window(lf, i, f, wlb, tw_col, tw_end, fsize, stale):
+def _mark_window(lf, i, f, wtop, tw_col, tw_end, stale):
     """Leaf i, a whole host of fabric f, stops being entirely free: list f as stale for each
     threshold whose bounds counted it (it passes the threshold's window and its floor is not
-    above the bound of the largest gang size).  stale[t, nfab] counts the fabrics listed in
-    stale[t, :]; stale[t + 1 ...] are not used; bit t of stale[T, f] says f is listed for t."""
+    above the bound of the largest gang size, `wtop[f, t]`: a copy of those leaves side by side,
+    as a take reads them all).  stale[t, nfab] counts the fabrics listed in stale[t, :]; bit t
+    of stale[T, f] says f is listed for t."""
     nt = len(tw_col)
     nfab = stale.shape[1] - 1
-    last = wlb.shape[2] - 1
     fl = lf[i, L_FLOOR]
     listed = stale[nt, f]
     for t in range(nt):
-        if (listed >> t) & 1 or lf[i, tw_col[t]] < tw_end[t] or fl > wlb[t, fsize + f, last]:
+        if (listed >> t) & 1 or lf[i, tw_col[t]] < tw_end[t] or fl > wtop[f, t]:
             continue
         listed |= np.int64(1) << t
         stale[t, stale[t, nfab]] = f
@@ -651,15 +651,17 @@ def _mark_window(lf, i, f, wlb, tw_col, tw_end, fsize, stale):
 
 
 @njit(cache=True)
-def _refresh_window(t, fw, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize, stale):
+def _refresh_window(t, fw, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize, stale, wtop):
     """Bring threshold t's bounds up to date (before a search reads them)."""
     nfab = stale.shape[1] - 1
     unmark = ~(np.int64(1) << t)
+    last = wlb.shape[2] - 1
     for r in range(stale[t, nfab]):
         f = stale[t, r]
         stale[len(tw_col), f] &= unmark
         if _window_leaf(f, t, fw, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize):
             _wlb_climb(wlb, t, fsize + f)
+            wtop[f, t] = wlb[t, fsize + f, last]
     stale[t, nfab] = 0
 
 
@@ -872,7 +874,7 @@ def class_need(tier, now, tick, c, cls_key, cls_st, lf, fab_start, fab_end, fw, 
 
 
 @njit(cache=True)
-def _take(lf, i, give, size, dyn, bit, fw, wlb, tw_col, tw_end, fsize, stale):
+def _take(lf, i, give, size, dyn, bit, fw, wtop, tw_col, tw_end, stale):
     """Take `give` GPUs of leaf i.  When a whole host stops being entirely free, its fabric's
     multi-host bounds go stale (`_mark_window`): they are brought up to date before the next
     search that reads them."""
@@ -883,7 +885,7 @@ def _take(lf, i, give, size, dyn, bit, fw, wlb, tw_col, tw_end, fsize, stale):
         fw[jw, W_FREE] = lf[i, L_FREE]
     _update_dyn(dyn, size, lf, i, bit)
     if was_whole_free:
-        _mark_window(lf, i, lf[i, L_FAB], wlb, tw_col, tw_end, fsize, stale)
+        _mark_window(lf, i, lf[i, L_FAB], wtop, tw_col, tw_end, stale)
 
 
 @njit(cache=True)
@@ -929,6 +931,11 @@ def clear_book(
     walk stops when both are (emit_losers reports the losers)."""
     stack = np.empty((256, 3), dtype=np.int64)
     stale = np.zeros((len(tw_col) + 1, len(fab_start) + 1), np.int64)  # see _mark_window
+    wtop = np.empty((len(fab_start), len(tw_col)), np.int64)
+    if len(mg) > 0:
+        for f in range(len(fab_start)):
+            for t in range(len(tw_col)):
+                wtop[f, t] = wlb[t, fsize + f, len(mg) - 1]
     lff = lowest_free_floor(lf, size, dyn)
     lf_stale = False
     for t in range(2):
@@ -989,7 +996,7 @@ def clear_book(
                 cls_st[c, C_CURSOR] = first
                 cls_st[c, C_CSTAMP] = tick
                 if leaf >= 0:
-                    _take(lf, leaf, g, size, dyn, bit, fw, wlb, tw_col, tw_end, fsize, stale)
+                    _take(lf, leaf, g, size, dyn, bit, fw, wtop, tw_col, tw_end, stale)
                     # lff only moves when a block at that floor runs out of free GPUs.
                     lf_stale = lf[leaf, L_FREE] == 0 and lf[leaf, L_FLOOR] == lff
                     fill_bid[nf] = bid_id
@@ -1001,7 +1008,7 @@ def clear_book(
                     won = True
             else:
                 t = cls_t[c]
-                _refresh_window(t, fw, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize, stale)
+                _refresh_window(t, fw, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize, stale, wtop)
                 f = find_multi(tier, now, end, mn, budget, pmask, g, gang_index(mg, g), t, lim,
                                (g + max_host - 1) // max_host, fw, fab_end, fab_first, wlb,
                                fsize, fdyn, fid, stack)
@@ -1015,7 +1022,7 @@ def clear_book(
                             continue
                         leaf = fx[jj, X_LEAF]
                         give = min(remaining, lf[leaf, L_GPUS])
-                        _take(lf, leaf, give, size, dyn, bit, fw, wlb, tw_col, tw_end, fsize, stale)
+                        _take(lf, leaf, give, size, dyn, bit, fw, wtop, tw_col, tw_end, stale)
                         fill_bid[nf] = bid_id
                         fill_block[nf] = lf[leaf, L_BLOCK]
                         fill_gpus[nf] = give
