@@ -708,16 +708,20 @@ def find_multi(tier, now, end, mn, budget, pmask, g, gi, t, limit, min_cnt,
         if not _fabric_may_fit(tier, fdyn, node, now, end, mn, budget, pmask, g):
             continue
         if node < fsize:
-            a = 2 * node
-            b = a + 1
-            # Visit the child with the lower bound first (it is pushed last).
-            if wlb[t, a, gi] <= wlb[t, b, gi]:
-                stack[sp, 0] = b
-                stack[sp + 1, 0] = a
-            else:
-                stack[sp, 0] = a
-                stack[sp + 1, 0] = b
-            sp += 2
+            # Visit the child with the lower bound first (it is pushed last); a child whose
+            # bound already exceeds the limit or the best is not pushed at all.
+            lo_child = 2 * node
+            hi_child = lo_child + 1
+            if wlb[t, hi_child, gi] < wlb[t, lo_child, gi]:
+                lo_child, hi_child = hi_child, lo_child
+            w = wlb[t, hi_child, gi]
+            if w <= limit and w <= best_hf:
+                stack[sp, 0] = hi_child
+                sp += 1
+            w = wlb[t, lo_child, gi]
+            if w <= limit and w <= best_hf:
+                stack[sp, 0] = lo_child
+                sp += 1
             continue
         f = node - fsize
         total = 0
