@@ -1092,11 +1092,9 @@ def emit_losers(
     and the two tiers' counters and hashes are kept in locals."""
     stack = np.empty((256, 3), dtype=np.int64)
     ccode = np.empty(n_cls, np.int64)  # reason 1-6, or 0
-    ctier = np.empty(n_cls, np.int64)
     for c in range(n_cls):
-        ctier[c] = cls_key[c, K_TIER]
         ccode[c] = class_reason(
-            ctier[c], now, tick, c, cls_key, cls_st, max_host,
+            cls_key[c, K_TIER], now, tick, c, cls_key, cls_st, max_host,
             lf, size, stat, nv, nbest, fab_start, fab_end, fw, mg, static_lb, sorder,
             fsize, ftree, prof_notice, prof_rate, stack,
         )
@@ -1139,7 +1137,7 @@ def emit_losers(
         else:
             break
         code = ccode[c]
-        tier = ctier[c]
+        tier = bid_id & 1  # internal ids are bid_id * 2 + tier (see matching.book)
         price = price1 if tier == SPOT else price0
         short = 0
         if code == 0:
