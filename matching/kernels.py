@@ -973,7 +973,7 @@ def clear_book(
             lim = p_limit[k]
             c = p_cls[k]
             bid_id = p_bid[k]
-        tier = cls_key[c, K_TIER]
+        tier = bid_id & 1  # internal ids are bid_id * 2 + tier (see matching.book)
         if done[tier]:
             continue
         won = False
