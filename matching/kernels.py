@@ -426,6 +426,7 @@ def find_single(tier, now, end, mn, budget, pmask, g, limit, start, lf, floors, 
     if hi <= start:
         return -1, hi
     lo_bit = min(g, 63)
+    want = ge[lo_bit]  # the free counts that may still improve on the best: [g, best_free)
     best = -1
     first = hi
     best_free = I64_MAX
@@ -443,10 +444,7 @@ def find_single(tier, now, end, mn, budget, pmask, g, limit, start, lf, floors, 
             continue
         if best >= 0 and floors[lo] > best_floor:
             continue
-        hi_bit = 63 if best_free > 63 else best_free - 1
-        if lo_bit > hi_bit:
-            break
-        if dyn[node, T_MASK] & ge[lo_bit] & le[hi_bit] == 0:
+        if dyn[node, T_MASK] & want == 0:
             continue
         if not node_may_fit(tier, dyn, node, now, end, mn, budget, pmask):
             continue
@@ -458,6 +456,9 @@ def find_single(tier, now, end, mn, budget, pmask, g, limit, start, lf, floors, 
                 best = lo
                 best_free = f
                 best_floor = lf[lo, L_FLOOR]
+                if f <= lo_bit:
+                    break  # nothing is tighter than g
+                want = ge[lo_bit] & le[min(f, 64) - 1]
             continue
         half = w >> 1
         stack[sp, 0] = 2 * node + 1
