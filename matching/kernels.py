@@ -508,16 +508,21 @@ def find_static(tier, now, end, mn, budget, pmask, g, lf, size, stat, stack):
 #
 # For each gang size g in `mg` (the sizes above one host present in the book this tick) and each
 # fabric f, a multi-host search needs the highest floor of the fabric's cheapest eligible whole
-# free hosts holding g GPUs.  `wlb[t, gi, fsize + f]` bounds it from below: the same highest floor
+# free hosts holding g GPUs.  `wlb[t, fsize + f, gi]` bounds it from below: the same highest floor
 # over the hosts that merely pass window threshold t (their firm or spot window, `tw_col[t]`,
-# reaches `tw_end[t]`).  The thresholds are the durations of the tick's multi-host bid classes, so
-# a class reads the tightest threshold at or below its own end: windows (short availability,
-# reservations, firm windows) are what make hosts of an otherwise eligible fabric ineligible, and
-# a bound that ignored them sent searches through many fabrics that could not win.  `wlb[t, gi]` is
-# a min segment tree over fabrics, so a query visits fabrics cheapest bound first and stops once
-# no bound can beat the best fabric found.  Allocation only lowers free counts, so a bound
-# computed earlier in the tick stays a bound: `_take` only marks a fabric (`fdirty`, one bit per
-# threshold) and a search recomputes a marked fabric's leaf when it reaches it.  The static
+# reaches `tw_end[t]`).  The thresholds are durations of the tick's multi-host bid classes (a few
+# per tier, see matching.book), and a class reads the longest threshold not above its own
+# duration: windows (short availability, reservations, firm windows) are what make hosts of an
+# otherwise eligible fabric ineligible, and a bound that ignored them sent searches through many
+# fabrics that could not win.  `wlb[t, :, gi]` is a min segment tree over fabrics, so a query
+# visits fabrics cheapest bound first and stops once no bound can beat the best fabric found.
+# A take that empties a whole host lists its fabric for the thresholds whose bounds counted that
+# host (`_mark_window`); a threshold's listed fabrics are recomputed just before its next search
+# (`_refresh_window`).  Eagerly, not when a search reaches them: stale bounds are still bounds
+# (allocation only lowers free counts), but stale minima higher up sent searches through many
+# stale fabrics (measured several times slower).  The fabric aggregates `fdyn` (eligibility
+# maxima over each fabric's entirely free whole hosts) are built once per tick and, for the same
+# reason, stay valid bounds all tick.  The static
 # counterparts (`static_lb`, fabrics sorted by it in `sorder`) ignore free and serve the reasons.
 
 
