@@ -316,18 +316,6 @@ def _fabric_may_fit(tier, ftree, node, now, end, mn, budget, pmask, g):
 
 
 @njit(cache=True)
-def rebuild_dyn(lf, n, size, dyn, bit):
-    """Refresh the free-dependent aggregates after `free` changed outside a tick."""
-    for i in range(size):
-        if i < n:
-            _set_dyn_leaf(dyn, size, lf, i, bit)
-        else:
-            _set_identity(dyn, size + i)
-    for node in range(size - 1, 0, -1):
-        _combine(dyn, node, True)
-
-
-@njit(cache=True)
 def _update_dyn(dyn, size, lf, i, bit):
     _set_dyn_leaf(dyn, size, lf, i, bit)
     node = (size + i) >> 1
