@@ -324,6 +324,25 @@ def _update_dyn(dyn, size, lf, i, bit):
 
 
 @njit(cache=True)
+def _shrink_dyn(dyn, size, lf, i, bit):
+    """_update_dyn after a take: while the leaf keeps free GPUs, only its free-count bit
+    changes, so only the bitsets above it need recomputing."""
+    f = lf[i, L_FREE]
+    if f == 0:
+        _update_dyn(dyn, size, lf, i, bit)
+        return
+    node = size + i
+    dyn[node, T_MASK] = bit[min(f, 63)]
+    node >>= 1
+    while node >= 1:
+        m = dyn[2 * node, T_MASK] | dyn[2 * node + 1, T_MASK]
+        if dyn[node, T_MASK] == m:
+            return  # and so are its ancestors
+        dyn[node, T_MASK] = m
+        node >>= 1
+
+
+@njit(cache=True)
 def fill_leaves(lf, rows, floor, free, gpus, host_gpus, avail, firm, cut, notice, rate, fab,
                 block_id, pbit):
     """lf from the block table's columns, leaf i being table row rows[i] (L_FPOS left -1).
@@ -881,7 +900,7 @@ def _take(lf, i, give, size, dyn, bit, fw, wtop, tw_col, tw_end, stale):
     jw = lf[i, L_FPOS]
     if jw >= 0:
         fw[jw, W_FREE] = lf[i, L_FREE]
-    _update_dyn(dyn, size, lf, i, bit)
+    _shrink_dyn(dyn, size, lf, i, bit)
     if was_whole_free:
         _mark_window(lf, i, lf[i, L_FAB], wtop, tw_col, tw_end, stale)
 
