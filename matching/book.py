@@ -219,13 +219,16 @@ class BlockIndex:
         self._wlb_buf = _EMPTY_I64
 
         # For reason NOTICE_TOO_LONG: the widest spot window among blocks with notice >= x.
-        nv, of_notice = np.unique(lf[:, K.L_NOTICE], return_inverse=True)
-        best = np.full(len(nv), np.iinfo(np.int64).min, np.int64)
-        np.maximum.at(best, of_notice, lf[:, K.L_ESPOT])
-        nbest = np.maximum.accumulate(best[::-1])[::-1] if n else _EMPTY_I64
+        # (From the table's own columns: contiguous, unlike lf's.)
+        by_notice = np.argsort(c["notice_s"])
+        notice = c["notice_s"][by_notice]
+        espot = np.minimum(c["available_until"], c["cut_at"])[by_notice]
+        first = np.flatnonzero(np.diff(notice, prepend=-1)) if n else _EMPTY_I64
+        nv = notice[first]
+        nbest = np.maximum.accumulate(espot[::-1])[::-1][first] if n else _EMPTY_I64
         self.nv = np.ascontiguousarray(nv.astype(np.int64))
         self.nbest = np.ascontiguousarray(nbest.astype(np.int64))
-        self.max_host = int(lf[:, K.L_HOSTG].max()) if n else 0
+        self.max_host = int(c["host_gpus"].max()) if n else 0
 
     def patch_free(self, table: BlockTable, rows: np.ndarray) -> None:
         """Take the `free` of these table rows (nothing else changed) into the index."""
