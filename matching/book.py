@@ -223,7 +223,7 @@ class BlockIndex:
         by_notice = np.argsort(c["notice_s"])
         notice = c["notice_s"][by_notice]
         espot = np.minimum(c["available_until"], c["cut_at"])[by_notice]
-        first = np.flatnonzero(np.diff(notice, prepend=-1)) if n else _EMPTY_I64
+        first = np.flatnonzero(np.r_[True, notice[1:] != notice[:-1]]) if n else _EMPTY_I64
         nv = notice[first]
         nbest = np.maximum.accumulate(espot[::-1])[::-1][first] if n else _EMPTY_I64
         self.nv = np.ascontiguousarray(nv.astype(np.int64))
