@@ -271,11 +271,13 @@ class BlockIndex:
         self.tw_col = np.array(tw_col, np.int64)
         self.tw_end = now + np.array(tw_dur, np.int64)
         shape = (len(tw_col), 2 * self.fsize, len(self.mg))
-        if self._wlb_buf.size < np.prod(shape):
-            self._wlb_buf = np.empty(int(np.prod(shape)), np.int64)  # reused: no fresh pages per tick
-        self.wlb = self._wlb_buf[: int(np.prod(shape))].reshape(shape)
+        entries = len(tw_col) * 2 * self.fsize * len(self.mg)
+        if self._wlb_buf.size < entries:
+            self._wlb_buf = np.empty(entries, np.int64)  # reused: no fresh pages per tick
+        self.wlb = self._wlb_buf[:entries].reshape(shape)
+        self.wtop = np.empty((len(self.fab_start), len(tw_col)), np.int64)
         K.build_window_bounds(self.fw, self.fab_start, self.fab_end, self.fab_first, self.mg,
-                              self.wlb, self.tw_col, self.tw_end, self.fsize)
+                              self.wlb, self.tw_col, self.tw_end, self.fsize, self.wtop)
         # Over the whole hosts still entirely free (only shrinks during the tick: stays a bound).
         K.build_fabric_tree(self.fw, self.fx, self.fab_start, self.fab_end, self.fsize, self.fdyn, True)
         return cls_t
@@ -644,7 +646,7 @@ class ModelBook:
             tb.cls_key, tb.cls_st,
             idx.lf, idx.floors, idx.n, idx.size, idx.dyn, idx.stat, _BIT, _GE, _LE,
             idx.fab_start, idx.fab_end, idx.fw, idx.fx, idx.nv, idx.nbest,
-            idx.mg, idx.fab_first, idx.wlb, idx.tw_col, idx.tw_end, cls_t, idx.fsize,
+            idx.mg, idx.fab_first, idx.wlb, idx.wtop, idx.tw_col, idx.tw_end, cls_t, idx.fsize,
             idx.ftree, idx.fdyn, idx.fid, idx.static_lb, idx.sorder, idx.prof_notice,
             idx.prof_rate, ecls, dom_ptr, dom_idx, fail_single, fail_multi,
             fill_bid, fill_block, fill_gpus, fill_tier, ts,

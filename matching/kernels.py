@@ -627,14 +627,18 @@ def _window_leaf(f, t, fw, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize):
 
 
 @njit(cache=True)
-def build_window_bounds(fw, fab_start, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize):
-    """Per-tick multi-host bounds (see above) from the current free counts."""
+def build_window_bounds(fw, fab_start, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize,
+                        wtop):
+    """Per-tick multi-host bounds (see above) from the current free counts, and wtop (see
+    _mark_window)."""
     nfab = len(fab_start)
     for f in range(nfab):
         fab_first[f] = fab_start[f]
     for t in range(len(tw_col)):
         for f in range(nfab):
             _window_leaf(f, t, fw, fab_end, fab_first, mg, wlb, tw_col, tw_end, fsize)
+            if len(mg) > 0:
+                wtop[f, t] = wlb[t, fsize + f, len(mg) - 1]
         for node in range(fsize + nfab, 2 * fsize):
             for gi in range(len(mg)):
                 wlb[t, node, gi] = I64_MAX
@@ -932,7 +936,7 @@ def clear_book(
     cls_key, cls_st,
     lf, floors, n, size, dyn, stat, bit, ge, le,
     fab_start, fab_end, fw, fx, nv, nbest,
-    mg, fab_first, wlb, tw_col, tw_end, cls_t, fsize, ftree, fdyn, fid, static_lb,
+    mg, fab_first, wlb, wtop, tw_col, tw_end, cls_t, fsize, ftree, fdyn, fid, static_lb,
     sorder, prof_notice, prof_rate, ecls, dom_ptr, dom_idx, fail_single, fail_multi,
     fill_bid, fill_block, fill_gpus, fill_tier, ts,
 ):
@@ -948,11 +952,6 @@ def clear_book(
     walk stops when both are (emit_losers reports the losers)."""
     stack = np.empty((256, 3), dtype=np.int64)
     stale = np.zeros((len(tw_col) + 1, len(fab_start) + 1), np.int64)  # see _mark_window
-    wtop = np.empty((len(fab_start), len(tw_col)), np.int64)
-    if len(mg) > 0:
-        for f in range(len(fab_start)):
-            for t in range(len(tw_col)):
-                wtop[f, t] = wlb[t, fsize + f, len(mg) - 1]
     lff = lowest_free_floor(lf, size, dyn)
     lf_stale = False
     for t in range(2):
@@ -1190,7 +1189,8 @@ def split_fills(fill_bid, fill_block, fill_gpus, fill_tier):
     (bid, block, gpus) of firm, then of spot."""
     n1 = 0
     for r in range(len(fill_tier)):
-        n1 += fill_tier[r]
+        if fill_tier[r] == SPOT:
+            n1 += 1
     n0 = len(fill_tier) - n1
     out = ((np.empty(n0, np.int64), np.empty(n0, np.int64), np.empty(n0, np.int32)),
            (np.empty(n1, np.int64), np.empty(n1, np.int64), np.empty(n1, np.int32)))
