@@ -10,7 +10,7 @@ import asyncpg
 from exchange.auction.book_sync import BookSync
 from exchange.auction.service import TickSummary, run_tick
 from exchange.core.context import AppContext
-from exchange.settlement.service import fail_silent_hosts
+from exchange.leases.lifecycle import fail_silent_hosts
 
 log = logging.getLogger(__name__)
 TICK_LOCK_KEY = 0x6770_7578_0002

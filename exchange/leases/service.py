@@ -21,14 +21,7 @@ def kwh(millijoules: int) -> str:
     return f"{millijoules / 3.6e9:.6f}"
 
 
-LEASE_CHANGES_LOCK_KEY = 0x6770_7578_0006
-
-
-async def lock_lease_changes(conn: asyncpg.Connection) -> None:
-    """Serialise the transactions that start or change leases (ticks, silent hosts, reclaims): each
-    change makes the `leases_events` trigger lock its tenant's and owner's account rows, and two such
-    transactions locking them in opposite orders would deadlock. Call first in the transaction."""
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", LEASE_CHANGES_LOCK_KEY)
+from exchange.leases.lifecycle import lock_lease_changes  # noqa: E402,F401 (re-exported)
 
 
 def to_lease(row: asyncpg.Record) -> Lease:

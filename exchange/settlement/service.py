@@ -187,32 +187,3 @@ async def _settle_batch(conn, ids, now, prices, fees_book, fee_bps, max_gap_s, c
             " fees_amount = $6, hold_amount = $7, energy_mj = greatest(energy_mj, $8), settled_at = $9, closed = $10"
             " WHERE id = $1", updates)
     return len(rows), billed, charged, closed
-
-
-async def fail_silent_hosts(conn: asyncpg.Connection, now: datetime, *, grace_s: float, fail_s: float) -> int:
-    """A host whose agent is silent past `grace_s` is marked silent (billing already stops at its
-    last sample); past `fail_s` its live leases end as failed at its last sample, with no charge for
-    the unmetered time."""
-    from exchange.leases.service import lock_lease_changes
-
-    async with conn.transaction():
-        await lock_lease_changes(conn)
-        await conn.execute(
-            "UPDATE hosts SET health = 'silent' WHERE health = 'ok' AND last_sample_at < $1",
-            now - timedelta(seconds=grace_s))
-        failed_hosts = [r["id"] for r in await conn.fetch(
-            "UPDATE hosts h SET health = 'failed' WHERE health <> 'failed' AND EXISTS (SELECT 1 FROM leases l"
-            " WHERE l.host_id = h.id AND l.status IN ('active', 'ending')"
-            " AND coalesce(h.last_sample_at, l.start_at) < $1) RETURNING id", now - timedelta(seconds=fail_s))]
-        # Also leases on hosts already failed (a lease may have started after the host was marked).
-        rows = await conn.fetch(
-            "UPDATE leases l SET status = 'failed', end_reason = 'host_failed',"
-            " end_at = least(greatest(coalesce(h.last_sample_at, l.start_at), l.start_at), l.planned_end_at)"
-            " FROM hosts h WHERE h.id = l.host_id AND l.status IN ('active', 'ending')"
-            " AND (h.id = ANY($1::bigint[]) OR h.health = 'failed')"
-            " AND coalesce(h.last_sample_at, l.start_at) < $2 RETURNING l.id",
-            failed_hosts, now - timedelta(seconds=fail_s))
-        if rows:
-            await conn.execute("UPDATE lease_gpus SET live = false WHERE lease_id = ANY($1::bigint[]) AND live",
-                               [r["id"] for r in rows])
-    return len(rows)

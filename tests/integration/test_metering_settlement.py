@@ -8,7 +8,8 @@ import pytest
 
 from exchange.core.errors import ApiError
 from exchange.ledger.audit import run_audit
-from exchange.settlement.service import fail_silent_hosts, settle
+from exchange.leases.lifecycle import fail_silent_hosts
+from exchange.settlement.service import settle
 from tests.integration.scenario import START, Scenario
 
 
