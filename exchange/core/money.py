@@ -35,3 +35,13 @@ def cost_micros(price_micros_per_gpu_h: int, gpus: int, seconds: int) -> int:
     """What `gpus` GPUs cost for `seconds` at a per-GPU-hour price, rounded up to the micro-dollar
     (a hold must always cover the charge it backs)."""
     return ceil_div(price_micros_per_gpu_h * gpus * seconds, SECONDS_PER_HOUR)
+
+
+def split_hold(total_micros: int, gpus_per_part: list[int]) -> list[int]:
+    """Split a hold over a gang's leases by GPUs: each part its floor share, the last part the
+    remainder, so the parts add up to the total exactly and none is negative."""
+    assert total_micros >= 0 and gpus_per_part and all(g > 0 for g in gpus_per_part)
+    gpus_total = sum(gpus_per_part)
+    parts = [total_micros * g // gpus_total for g in gpus_per_part[:-1]]
+    parts.append(total_micros - sum(parts))
+    return parts

@@ -117,26 +117,78 @@ async def end_due(conn: asyncpg.Connection, now: datetime) -> list[int]:
     return ids
 
 
+async def insert_lease(conn: asyncpg.Connection, *, bid_id: int, account_id: int, host_id: int, offer_id: int,
+                       market: str, tier: str, uuids: list[str], price: int, limit_price: int, floor_price: int,
+                       start_at: datetime, duration_s: int, hold_amount: int, tick_id: int) -> int:
+    """A match becomes an active lease holding its GPUs (the unique live index on lease_gpus refuses
+    a GPU another live lease holds)."""
+    lease_id = await conn.fetchval(
+        "INSERT INTO leases (bid_id, account_id, host_id, offer_id, market, tier, gpus, gpu_uuids, price,"
+        " limit_price, floor_price, start_at, planned_end_at, status, hold_amount, tick_id, created_at)"
+        " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$12) RETURNING id",
+        bid_id, account_id, host_id, offer_id, market, tier, len(uuids), uuids, price, limit_price, floor_price,
+        start_at, start_at + timedelta(seconds=duration_s), str(LeaseStatus.ACTIVE), hold_amount, tick_id)
+    await conn.executemany("INSERT INTO lease_gpus (lease_id, uuid) VALUES ($1, $2)", [(lease_id, u) for u in uuids])
+    return lease_id
+
+
+async def give_notice(conn: asyncpg.Connection, lease_ids: list[int], event: LeaseEvent, now: datetime, *,
+                      reclaim_id: int | None = None) -> list[int]:
+    """Outbid or reclaimed: each active lease ends after its offer's reclaim notice. A lease whose
+    planned end comes before the notice would run out gets none: it completes as planned (so a
+    notice never runs past the planned end, and finished work is never called preempted). A reclaim
+    within the offer's free window makes the lease free of charge. Returns the leases told."""
+    assert event in (LeaseEvent.OUTBID, LeaseEvent.RECLAIM), event
+    if not lease_ids:
+        return []
+    status, reason = TRANSITIONS[(LeaseStatus.ACTIVE, event)]
+    rows = await conn.fetch(
+        "UPDATE leases l SET status = $3, end_reason = $4,"
+        " end_at = $2::timestamptz + make_interval(secs => o.reclaim_notice_s),"
+        " reclaim_id = coalesce($5, l.reclaim_id),"
+        " free_of_charge = l.free_of_charge OR ($6 AND $2::timestamptz - l.start_at"
+        "   < make_interval(secs => o.free_reclaim_window_s))"
+        " FROM offers o WHERE o.id = l.offer_id AND l.id = ANY($1::bigint[]) AND l.status = ANY($7::text[])"
+        " AND l.planned_end_at > $2::timestamptz + make_interval(secs => o.reclaim_notice_s)"
+        " RETURNING l.id",
+        lease_ids, now, str(status), str(reason), reclaim_id, event == LeaseEvent.RECLAIM, sources(event))
+    return sorted(r["id"] for r in rows)
+
+
 async def fail_silent_hosts(conn: asyncpg.Connection, now: datetime, *, grace_s: float, fail_s: float) -> int:
     """A host whose agent is silent past `grace_s` is marked silent (billing already stops at its
-    last sample); past `fail_s` its live leases end as failed at its last sample, with no charge for
-    the unmetered time."""
+    last sample, and the book offers nothing on it); past `fail_s` its live leases fail at its last
+    sample, with no charge for the unmetered time, and the other leases of their gangs end with them
+    (a gang is useless without a member). Leases that ran out before are ended as due first, so a
+    failure never rewrites a lease that had already ended. Returns the leases that failed."""
     async with conn.transaction():
         await lock_lease_changes(conn, now)
+        await end_due(conn, now)
         await conn.execute(
             "UPDATE hosts SET health = 'silent' WHERE health = 'ok' AND last_sample_at < $1",
             now - timedelta(seconds=grace_s))
         failed_hosts = [r["id"] for r in await conn.fetch(
             "UPDATE hosts h SET health = 'failed' WHERE health <> 'failed' AND EXISTS (SELECT 1 FROM leases l"
-            " WHERE l.host_id = h.id AND l.status IN ('active', 'ending')"
-            " AND coalesce(h.last_sample_at, l.start_at) < $1) RETURNING id", now - timedelta(seconds=fail_s))]
-        # Also leases on hosts already failed (a lease may have started after the host was marked).
+            " WHERE l.host_id = h.id AND l.status = ANY($2::text[])"
+            " AND coalesce(h.last_sample_at, l.start_at) < $1) RETURNING id",
+            now - timedelta(seconds=fail_s), list(map(str, LIVE)))]
+        status, reason = TRANSITIONS[(LeaseStatus.ACTIVE, LeaseEvent.HOST_FAILED)]
+        # Also leases on hosts already failed (a lease may have started before the host was marked).
         rows = await conn.fetch(
-            "UPDATE leases l SET status = 'failed', end_reason = 'host_failed',"
-            " end_at = least(greatest(coalesce(h.last_sample_at, l.start_at), l.start_at), l.planned_end_at)"
-            " FROM hosts h WHERE h.id = l.host_id AND l.status IN ('active', 'ending')"
+            "UPDATE leases l SET status = $3, end_reason = $4,"
+            " end_at = least(greatest(coalesce(h.last_sample_at, l.start_at), l.start_at),"
+            "   coalesce(l.end_at, l.planned_end_at))"
+            " FROM hosts h WHERE h.id = l.host_id AND l.status = ANY($5::text[])"
             " AND (h.id = ANY($1::bigint[]) OR h.health = 'failed')"
-            " AND coalesce(h.last_sample_at, l.start_at) < $2 RETURNING l.id",
-            failed_hosts, now - timedelta(seconds=fail_s))
-        await _release_gpus(conn, [r["id"] for r in rows])
-    return len(rows)
+            " AND coalesce(h.last_sample_at, l.start_at) < $2 RETURNING l.id, l.bid_id, l.end_at",
+            failed_hosts, now - timedelta(seconds=fail_s), str(status), str(reason), sources(LeaseEvent.HOST_FAILED))
+        failed = [r["id"] for r in rows]
+        status, reason = TRANSITIONS[(LeaseStatus.ACTIVE, LeaseEvent.GANG_FAILED)]
+        siblings = await conn.fetch(
+            "UPDATE leases l SET status = $3, end_reason = $4,"
+            " end_at = greatest(l.start_at, least(coalesce(l.end_at, l.planned_end_at), f.end_at))"
+            " FROM (SELECT bid_id, min(end_at) AS end_at FROM leases WHERE id = ANY($1::bigint[]) GROUP BY bid_id) f"
+            " WHERE l.bid_id = f.bid_id AND l.status = ANY($2::text[]) RETURNING l.id",
+            failed, sources(LeaseEvent.GANG_FAILED), str(status), str(reason))
+        await _release_gpus(conn, failed + [r["id"] for r in siblings])
+    return len(failed)

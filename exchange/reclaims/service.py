@@ -12,7 +12,8 @@ from exchange.core.auth import Principal
 from exchange.core.context import AppContext
 from exchange.core.errors import InvalidField, NotFound
 from exchange.hosts.service import host_for
-from exchange.leases.service import lock_lease_changes
+from exchange.leases import lifecycle
+from exchange.leases.lifecycle import LeaseEvent, lock_lease_changes
 from exchange.reclaims.schemas import Reclaim, ReclaimCreate, ReclaimedLease
 from exchange.reclaims.victims import VICTIM_STRATEGIES, Gang
 
@@ -46,7 +47,7 @@ async def create_reclaim(ctx: AppContext, principal: Principal, data: ReclaimCre
     if strategy not in VICTIM_STRATEGIES:
         raise InvalidField("strategy", f"one of {', '.join(sorted(VICTIM_STRATEGIES))}")
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await lock_lease_changes(conn)
+        await lock_lease_changes(conn, now)
         if data.host_id is not None:
             await host_for(conn, principal, data.host_id)
         hosts = await _scope_hosts(conn, principal.account_id, data.model, data.host_id)
@@ -73,6 +74,9 @@ async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: dateti
     reclaim = await conn.fetchrow("SELECT * FROM reclaims WHERE id = $1 FOR UPDATE", reclaim_id)
     if reclaim["status"] != "scheduled":
         return
+    # Leases that have run their course end first: a reclaim never takes (nor calls preempted, nor
+    # refunds, nor requeues) work that is already done, even between two ticks.
+    await lifecycle.end_due(conn, now)
     hosts = await _scope_hosts(conn, reclaim["owner_id"], reclaim["model"], reclaim["host_id"])
     reclaimed = await _reclaimed_on(conn, hosts)
     idle = {r["host_id"]: r["n"] for r in await conn.fetch(
@@ -94,7 +98,7 @@ async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: dateti
             " o.free_reclaim_window_s FROM leases l JOIN offers o ON o.id = l.offer_id"
             " WHERE l.bid_id IN (SELECT bid_id FROM leases WHERE host_id = ANY($1::bigint[]) AND tier = 'spot'"
             "   AND status = 'active' AND market = $2)"
-            " AND l.status = 'active' ORDER BY l.id", hosts, reclaim["model"] + "/spot")
+            " AND l.status = 'active' AND l.planned_end_at > $3 ORDER BY l.id", hosts, reclaim["model"] + "/spot", now)
         by_bid: dict[int, list[asyncpg.Record]] = {}
         for row in rows:
             by_bid.setdefault(row["bid_id"], []).append(row)
@@ -103,15 +107,11 @@ async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: dateti
                  for bid, leases in by_bid.items()]
         victims = VICTIM_STRATEGIES[reclaim["strategy"]].choose(gangs, need)
         ending = {lease_id for gang in victims for lease_id in gang.lease_ids}
+        # A victim whose planned end comes within its notice gets none (it completes as planned);
+        # its GPUs come back to the owner no later than a notice would bring them.
+        await lifecycle.give_notice(conn, sorted(ending), LeaseEvent.RECLAIM, now, reclaim_id=reclaim_id)
         for row in rows:
-            if row["id"] not in ending:
-                continue
-            free_of_charge = (now - row["start_at"]).total_seconds() < row["free_reclaim_window_s"]
-            await conn.execute(
-                "UPDATE leases SET status = 'ending', end_reason = 'reclaimed', reclaim_id = $2,"
-                " end_at = least($3::timestamptz + make_interval(secs => $4), planned_end_at), free_of_charge = $5"
-                " WHERE id = $1", row["id"], reclaim_id, now, row["reclaim_notice_s"], free_of_charge)
-            if row["host_id"] in hosts and need > 0:
+            if row["id"] in ending and row["host_id"] in hosts and need > 0:
                 take = min(row["gpus"], need)
                 taking[row["host_id"]] = taking.get(row["host_id"], 0) + take
                 need -= take
@@ -124,7 +124,7 @@ async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: dateti
 async def run_due_reclaims(conn: asyncpg.Connection, now: datetime) -> int:
     """Execute reservations whose time has come; give back GPUs of reclaims past their `until`."""
     async with conn.transaction():
-        await lock_lease_changes(conn)
+        await lock_lease_changes(conn, now)
         due = [r["id"] for r in await conn.fetch(
             "SELECT id FROM reclaims WHERE status = 'scheduled' AND at <= $1 ORDER BY at, id", now)]
         for reclaim_id in due:
