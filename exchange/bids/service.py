@@ -66,35 +66,43 @@ async def place_bid(ctx: AppContext, account_id: int, data: BidCreate) -> tuple[
 
 async def _place_bid(ctx: AppContext, account_id: int, data: BidCreate) -> tuple[Bid, bool]:
     now = ctx.clock()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        row, replayed = await insert_bid(conn, ctx, account_id, data, now)
+    return to_bid(row), replayed
+
+
+async def insert_bid(conn: asyncpg.Connection, ctx: AppContext, account_id: int, data: BidCreate,
+                     now: datetime) -> tuple[asyncpg.Record, bool]:
+    """Validate a bid, INSERT it and hold its funds on `conn`, inside the caller's transaction (the
+    simulation holds such a transaction open across a tick). Returns (row, replayed): a retry with
+    the same client_order_id and body returns the stored bid and moves nothing."""
     limit = validate_bid(ctx, data, now)
     # expire_at given with the default tif means good-till-date.
     tif = "gtd" if data.expire_at is not None else data.time_in_force
     hold = cost_micros(limit, data.gpus, data.duration_s)
     fingerprint = request_hash(_bid_encoder.encode(data))
-    async with ctx.pool.acquire() as conn:
-        async with conn.transaction():
-            try:
-                row = await conn.fetchrow(
-                    f"INSERT INTO bids (account_id, market, gpus, duration_s, limit_price, min_survival, min_notice_s,"
-                    f" time_in_force, expire_at, client_order_id, request_hash, requeue_on_preempt, status, hold_amount,"
-                    f" created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,'open',$13,$14,$14)"
-                    f" ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING {BID_COLUMNS}",
-                    account_id, data.market, data.gpus, data.duration_s, limit, data.min_survival, data.min_notice_s,
-                    tif, data.expire_at, data.client_order_id, fingerprint, data.requeue_on_preempt, hold, now)
-            except asyncpg.ForeignKeyViolationError:  # the market does not exist: no bid, no hold
-                raise InvalidField("market", f"unknown market {data.market!r} (see GET /v1/markets)") from None
-            if row is not None:
-                await ledger.place_hold(conn, account_id=account_id, amount=hold, now=now, ref_type="bid",
-                                        ref_id=row["id"])
-                return to_bid(row), False
-        # The client_order_id exists (a retry, or a racing duplicate that committed first).
-        existing = await conn.fetchrow(
-            f"SELECT {BID_COLUMNS} FROM bids WHERE account_id = $1 AND client_order_id = $2",
-            account_id, data.client_order_id)
+    try:
+        row = await conn.fetchrow(
+            f"INSERT INTO bids (account_id, market, gpus, duration_s, limit_price, min_survival, min_notice_s,"
+            f" time_in_force, expire_at, client_order_id, request_hash, requeue_on_preempt, status, hold_amount,"
+            f" created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,'open',$13,$14,$14)"
+            f" ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING {BID_COLUMNS}",
+            account_id, data.market, data.gpus, data.duration_s, limit, data.min_survival, data.min_notice_s,
+            tif, data.expire_at, data.client_order_id, fingerprint, data.requeue_on_preempt, hold, now)
+    except asyncpg.ForeignKeyViolationError:  # the market does not exist: no bid, no hold
+        raise InvalidField("market", f"unknown market {data.market!r} (see GET /v1/markets)") from None
+    if row is not None:
+        await ledger.place_hold(conn, account_id=account_id, amount=hold, now=now, ref_type="bid", ref_id=row["id"])
+        return row, False
+    # The client_order_id exists (a retry, or a racing duplicate that committed first: under read
+    # committed this statement sees it).
+    existing = await conn.fetchrow(
+        f"SELECT {BID_COLUMNS} FROM bids WHERE account_id = $1 AND client_order_id = $2",
+        account_id, data.client_order_id)
     if existing["request_hash"] != fingerprint:
         raise Conflict("idempotency_conflict", "this client_order_id was used for a different bid",
                        field="client_order_id")
-    return to_bid(existing), True
+    return existing, True
 
 
 async def get_bid(ctx: AppContext, account_id: int, bid_id: int) -> Bid:
@@ -132,14 +140,21 @@ async def close_bid(conn: asyncpg.Connection, bid_id: int, status: str, now: dat
 async def cancel_bid(ctx: AppContext, account_id: int, bid_id: int) -> Bid:
     now = ctx.clock()
     async with ctx.pool.acquire() as conn, conn.transaction():
-        owner = await conn.fetchval("SELECT account_id FROM bids WHERE id = $1", bid_id)
-        if owner != account_id:
-            raise NotFound(f"bid {bid_id}")
-        closed = await close_bid(conn, bid_id, "cancelled", now)
-        row = await conn.fetchrow(f"SELECT {BID_COLUMNS} FROM bids WHERE id = $1", bid_id)
+        row = await cancel_bid_on(conn, account_id, bid_id, now)
+    return to_bid(row)
+
+
+async def cancel_bid_on(conn: asyncpg.Connection, account_id: int, bid_id: int, now: datetime) -> asyncpg.Record:
+    """Cancel the tenant's bid on `conn`, inside the caller's transaction; returns its row. A bid
+    cancelled already answers as cancelled (a retried cancel); a filled or expired one is a conflict."""
+    owner = await conn.fetchval("SELECT account_id FROM bids WHERE id = $1", bid_id)
+    if owner != account_id:
+        raise NotFound(f"bid {bid_id}")
+    closed = await close_bid(conn, bid_id, "cancelled", now)
+    row = await conn.fetchrow(f"SELECT {BID_COLUMNS} FROM bids WHERE id = $1", bid_id)
     if closed is None and row["status"] != "cancelled":
         raise Conflict("bid_not_open", f"bid {bid_id} is {row['status']} and can no longer be cancelled")
-    return to_bid(row)
+    return row
 
 
 async def expire_bids(conn: asyncpg.Connection, now: datetime) -> int:
