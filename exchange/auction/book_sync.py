@@ -1,5 +1,12 @@
 """Keeps one matching.ModelBook per GPU model in step with the database, loading only what changed
-since the last tick (bids and offers carry a change sequence number, see migration 0002)."""
+since the last load.
+
+Which bid changes are new is decided by transaction ids, not by the change sequence alone
+(migration 0008): a transaction may take a change number and commit after a later-numbered change
+was already loaded. Every change records the id of the transaction that wrote it (`change_xid`),
+and every transaction that commits after a snapshot has an id at or above that snapshot's xmin; so
+each load reads the rows whose change_xid is at or above the xmin of the previous load's snapshot,
+in one snapshot of its own, and skips those it already applied at the same change number."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,13 +16,31 @@ import asyncpg
 import numpy as np
 
 from matching import ModelBook, Tier, hazard_budget_from_survival, rate_mph_from_per_hour
+from matching import kernels as K
 
 INT64_MAX = np.iinfo(np.int64).max
 TIER_OF = {"spot": Tier.SPOT, "firm": Tier.FIRM}
+BID_COLUMNS = ("SELECT b.id, b.change_seq, b.change_xid, b.status, b.gpus, b.duration_s, b.limit_price,"
+               " b.min_survival, b.min_notice_s, b.time_in_force, m.model, m.tier"
+               " FROM bids b JOIN markets m ON m.id = b.market")
 
 
 def epoch(moment: datetime | None) -> int:
     return 0 if moment is None else int(moment.timestamp())
+
+
+def snapshot_xmin(snapshot: str) -> int:
+    """The xmin of a pg_snapshot in its text form `xmin:xmax:xip,...`."""
+    return int(snapshot.split(":", 1)[0])
+
+
+def engine_bid_ids(book: ModelBook) -> np.ndarray:
+    """The bids the engine itself holds live (both tiers), which is what it will match: winners
+    leave it during `tick`, before the database knows. Reads the engine's runs (internal id =
+    bid id * 2 + tier, see matching/book.py) because ModelBook offers only counts."""
+    runs = (book._bids.main, book._bids.pend)
+    live = [run.ids[run.id_state == K.STATE_LIVE] for run in runs]
+    return np.concatenate(live) // 2
 
 
 @dataclass
@@ -33,8 +58,16 @@ class ModelState:
 @dataclass
 class BookSync:
     models: dict[str, ModelState] = field(default_factory=dict)
-    last_change: int = 0
+    last_change: int = 0  # the highest change number applied (for reading only: loads go by xid)
     fabric_ids: dict[str, int] = field(default_factory=dict)
+    # The snapshot of the last load (pg_snapshot text); None until the first load, which reads
+    # every open bid.
+    snapshot: str | None = None
+    # bid id -> (change_seq, change_xid) of the changes applied whose xid is at or above the last
+    # snapshot's xmin: the next load reads them again and must not apply them twice.
+    applied: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # Models dropped by reset_model: the next load rebuilds them from every open bid.
+    rebuild: set[str] = field(default_factory=set)
 
     def state(self, model: str) -> ModelState:
         if model not in self.models:
@@ -45,23 +78,59 @@ class BookSync:
         return self.fabric_ids.setdefault(name, len(self.fabric_ids) + 1)
 
     async def load_bid_changes(self, conn: asyncpg.Connection) -> None:
-        """Add bids that opened and remove bids that closed since the last tick."""
-        rows = await conn.fetch(
-            "SELECT b.id, b.change_seq, b.status, b.gpus, b.duration_s, b.limit_price, b.min_survival,"
-            " b.min_notice_s, b.time_in_force, m.model, m.tier FROM bids b JOIN markets m ON m.id = b.market"
-            " WHERE b.change_seq > $1 ORDER BY b.change_seq", self.last_change)
-        if not rows:
+        """Add bids that opened and remove bids that closed since the last load."""
+        # One snapshot for the rows and for the xmin that the next load starts from.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text")
+            if self.snapshot is None:
+                rows = await conn.fetch(BID_COLUMNS + " WHERE b.status = 'open'")
+            else:
+                rows = await conn.fetch(BID_COLUMNS + " WHERE b.change_xid >= $1::xid8",
+                                        snapshot_xmin(self.snapshot))
+                if self.rebuild:
+                    rows += await conn.fetch(BID_COLUMNS + " WHERE b.status = 'open' AND m.model = ANY($1::text[])",
+                                             sorted(self.rebuild))
+        rebuild, self.rebuild = self.rebuild, set()
+        latest = {row["id"]: row for row in rows}  # one snapshot: a bid read twice is one version
+        fresh = [row for row in latest.values()
+                 if row["model"] in rebuild or self.applied.get(row["id"], (None,))[0] != row["change_seq"]]
+        self._apply(fresh)
+        xmin = snapshot_xmin(snapshot)
+        self.applied = {bid_id: seen for bid_id, seen in self.applied.items() if seen[1] >= xmin}
+        for row in latest.values():
+            if row["change_xid"] >= xmin:
+                self.applied[row["id"]] = (row["change_seq"], row["change_xid"])
+        self.snapshot = snapshot
+
+    async def reload_bids(self, conn: asyncpg.Connection, bid_ids: list[int]) -> None:
+        """Re-read these bids and make the book hold exactly the open ones: for winners the engine
+        already took out of its book but whose leases could not be persisted."""
+        if not bid_ids:
             return
-        self.last_change = max(self.last_change, max(r["change_seq"] for r in rows))
+        rows = await conn.fetch(BID_COLUMNS + " WHERE b.id = ANY($1::bigint[])", [int(i) for i in bid_ids])
+        self._apply(rows)
+
+    def reset_model(self, model: str) -> None:
+        """Forget a model's book (when its tick could not be persisted, its winners are out of the
+        engine and its ioc cancels undone); the next load rebuilds it from the database."""
+        self.models.pop(model, None)
+        self.rebuild.add(model)
+
+    def _apply(self, rows: list[asyncpg.Record]) -> None:
+        """Make the book agree with these bid rows: closed ones out, open ones (re-)added."""
+        removes: dict[tuple[str, int], list[int]] = {}
         adds: dict[tuple[str, int], list[asyncpg.Record]] = {}
         for row in rows:
             state = self.state(row["model"])
+            self.last_change = max(self.last_change, row["change_seq"])
             if row["id"] in state.resting:
-                state.book.remove_bids(state.resting.pop(row["id"]), np.array([row["id"]], dtype=np.int64))
+                removes.setdefault((row["model"], state.resting.pop(row["id"])), []).append(row["id"])
                 state.ioc.discard(row["id"])
                 state.last_reason.pop(row["id"], None)
             if row["status"] == "open":
                 adds.setdefault((row["model"], TIER_OF[row["tier"]]), []).append(row)
+        for (model, tier), ids in removes.items():
+            self.models[model].book.remove_bids(tier, np.array(ids, dtype=np.int64))
         for (model, tier), group in adds.items():
             state = self.state(model)
             group.sort(key=lambda r: r["id"])
@@ -80,15 +149,55 @@ class BookSync:
                 if r["time_in_force"] == "ioc":
                     state.ioc.add(r["id"])
 
+    def engine_bids(self) -> dict[int, str]:
+        """bid id -> model, for every bid the engines hold live."""
+        held: dict[int, str] = {}
+        for model, state in self.models.items():
+            held.update(dict.fromkeys(engine_bid_ids(state.book).tolist(), model))
+        return held
+
+    def engine_totals(self) -> tuple[int, int]:
+        """(count, sum of ids) of the bids the engines hold live: a cheap fingerprint to compare
+        with the database's open bids before computing the full drift."""
+        count = total = 0
+        for state in self.models.values():
+            ids = engine_bid_ids(state.book)
+            count += len(ids)
+            total += int(ids.sum(dtype=np.int64)) if len(ids) else 0
+        return count, total
+
+    async def book_drift(self, conn: asyncpg.Connection) -> tuple[list[int], list[int]]:
+        """(open bids in the database the engines do not hold, bids the engines hold that are not
+        open in the database), in one snapshot, ignoring bids whose latest change the last load
+        could not see (they are pending for the next load), and the bids of models waiting for a
+        rebuild. Sound only between ticks (during one, winners are out of the engine until their
+        leases are written)."""
+        if self.snapshot is None:
+            return [], sorted(self.engine_bids())
+        held = self.engine_bids()
+        rows = await conn.fetch(
+            "SELECT b.id, b.status = 'open' AS open, m.model,"
+            " pg_visible_in_snapshot(b.change_xid, $1::text::pg_snapshot) AS seen"
+            " FROM bids b JOIN markets m ON m.id = b.market"
+            " WHERE b.status = 'open' OR b.id = ANY($2::bigint[])", self.snapshot, list(held))
+        found = {r["id"]: r for r in rows}
+        missing = sorted(r["id"] for r in rows
+                         if r["open"] and r["seen"] and r["model"] not in self.rebuild and r["id"] not in held)
+        extra = sorted(bid_id for bid_id in held
+                       if bid_id not in found or (found[bid_id]["seen"] and not found[bid_id]["open"]))
+        return missing, extra
+
     async def load_blocks(self, conn: asyncpg.Connection, now: datetime) -> None:
         """Refresh every live offer as a block: what is free changes with every lease, so blocks are
         re-sent each tick (there are far fewer of them than bids)."""
         rows = await conn.fetch(
-            "SELECT o.id, o.host_id, h.fabric, o.model, o.gpus, o.floor_price, o.available_until, o.firm_until,"
-            " o.reclaim_notice_s, o.reclaim_rate_per_h,"
+            "SELECT o.id, o.host_id, h.fabric, h.health, o.model, o.gpus, o.floor_price, o.available_until,"
+            " o.firm_until, o.reclaim_notice_s, o.reclaim_rate_per_h,"
             " (SELECT count(*) FROM gpus g WHERE g.host_id = o.host_id AND g.present AND g.model = o.model) AS host_gpus,"
-            " (SELECT coalesce(sum(l.gpus), 0) FROM leases l WHERE l.offer_id = o.id"
-            "   AND l.status IN ('active', 'ending')) AS leased,"
+            # What live leases hold on the host, whichever offer sold them: an offer withdrawn and
+            # republished while its leases run must not look free.
+            " (SELECT count(*) FROM gpus g JOIN lease_gpus lg ON lg.uuid = g.uuid AND lg.live"
+            "   WHERE g.host_id = o.host_id AND g.present AND g.model = o.model) AS leased,"
             # The owner's own demand comes first: GPUs reclaimed now are not for sale...
             " (SELECT coalesce(sum(rg.gpus), 0) FROM reclaim_gpus rg JOIN reclaims r ON r.id = rg.reclaim_id"
             "   WHERE rg.host_id = o.host_id AND r.status = 'active' AND r.model = o.model) AS reclaimed,"
@@ -115,8 +224,8 @@ class BookSync:
                 fabric_id=np.array([self.fabric_id(r["fabric"]) for r in live], dtype=np.int64),
                 host_gpus=np.array([max(r["host_gpus"], r["gpus"]) for r in live], dtype=np.int32),
                 gpus=np.array([r["gpus"] for r in live], dtype=np.int32),
-                free=np.array([max(0, min(r["gpus"], r["host_gpus"]) - r["leased"] - r["reclaimed"]) for r in live],
-                              dtype=np.int32),
+                free=np.array([free_gpus(r["gpus"], r["host_gpus"], r["leased"], r["reclaimed"], r["health"])
+                               for r in live], dtype=np.int32),
                 floor=np.array([r["floor_price"] for r in live], dtype=np.int64),
                 available_until=np.array([epoch(r["available_until"]) for r in live], dtype=np.int64),
                 firm_until=np.array([epoch(r["firm_until"]) for r in live], dtype=np.int64),
@@ -136,3 +245,11 @@ class BookSync:
             group = by_model.get(model, [])
             state.book.set_incumbents(np.array([r["id"] for r in group], dtype=np.int64),
                                       np.array([r["limit_price"] for r in group], dtype=np.int64))
+
+
+def free_gpus(offer_gpus: int, host_gpus: int, leased_on_host: int, reclaimed_on_host: int, health: str) -> int:
+    """GPUs of an offer for sale now: the offered GPUs the host still has, less those live leases
+    and the owner's reclaims hold on the host; none on a host that is not reporting."""
+    if health != "ok":
+        return 0
+    return max(0, min(offer_gpus, host_gpus) - leased_on_host - reclaimed_on_host)
