@@ -92,17 +92,20 @@ def demo(seconds: float, port: int | None, home: str | None, seed: int) -> None:
 
 @main.command()
 def audit() -> None:
-    """Check the ledger's invariants against the database; exit 1 on any breach."""
+    """Check the exchange's invariants (ledger, leases, hosts, bids) against the database at its
+    clock now, with this environment's settlement and host settings; exit 1 on any breach."""
     import asyncpg
 
     from exchange.ledger.audit import format_report, run_audit
 
-    url, server = _database_url(Settings.from_env())
+    settings = Settings.from_env()
+    url, server = _database_url(settings)
 
     async def check() -> list:
         conn = await asyncpg.connect(url)
         try:
-            return await run_audit(conn)
+            return await run_audit(conn, close_after_s=settings.settle_close_after_s, settle_s=settings.settle_s,
+                                   host_grace_s=settings.host_grace_s)
         finally:
             await conn.close()
 

@@ -1,38 +1,250 @@
-"""`gpux audit`: the ledger's invariants, checked against the database itself."""
+"""`gpux audit`: the exchange's invariants, checked against the database itself.
+
+One module for every check (the ledger's, the leases', the hosts', the bids'), because they only
+mean something together: all of them read one repeatable-read snapshot, so the money in the books,
+the leases' billing columns and the GPUs they hold are compared at one instant, and one report says
+which invariant broke. It sits by the ledger because most of them are about money following the
+leases, and every caller already imports it from here.
+
+Each check is a query that returns the rows breaching it (none when it holds), with the named
+parameters it needs: `now` (default: the database's now(); a simulation passes its injected clock),
+`close_window_s` (how long after its end a lease may stay unclosed: the settlement's close delay
+plus a slack, by default two settlement intervals, for the run that closes it to come round),
+`host_grace_s` (silence after which a host is silent) and `preemption_reasons`.
+
+What the health checks can see: the database keeps no history of a host's health, only its state
+now and its last sample. Any report sets a host 'ok' and raises `last_sample_at`, so a host that is
+not 'ok' has not reported since it was marked, and its `last_sample_at` is still its last sign of
+life: a lease that started more than `host_grace_s` after it started on a host that was silent (the
+definition of silent). And the failure job fails every live lease of a host it marks failed in the
+same transaction (when the host ever reported), so a live lease on such a host started after it.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
-CHECKS: list[tuple[str, str]] = [
-    ("every transfer sums to zero",
-     "SELECT transfer_id, sum(amount) AS total FROM postings GROUP BY transfer_id HAVING sum(amount) <> 0"),
-    ("no negative balance outside the world book",
-     "SELECT id, account_id, kind, balance FROM ledger_accounts WHERE NOT may_go_negative AND balance < 0"),
-    ("each balance equals the sum of its postings",
-     "SELECT la.id, la.kind, la.balance, coalesce(p.total, 0) AS postings_total FROM ledger_accounts la"
-     " LEFT JOIN (SELECT ledger_account_id, sum(amount) AS total FROM postings GROUP BY ledger_account_id) p"
-     " ON p.ledger_account_id = la.id WHERE la.balance <> coalesce(p.total, 0)"),
-    ("all books together sum to zero",
-     "SELECT sum(balance) AS total FROM ledger_accounts HAVING sum(balance) <> 0"),
-    ("held funds equal what open orders and leases reserve",
-     "SELECT la.account_id, la.balance AS held, coalesce(r.reserved, 0) AS reserved FROM ledger_accounts la"
-     " LEFT JOIN reservations r ON r.account_id = la.account_id"
-     " WHERE la.kind = 'held' AND la.balance <> coalesce(r.reserved, 0)"),
-    ("no reservation without a held book covering it",
-     "SELECT r.account_id, r.reserved FROM reservations r LEFT JOIN ledger_accounts la"
-     " ON la.account_id = r.account_id AND la.kind = 'held' WHERE la.id IS NULL AND r.reserved <> 0"),
+from exchange.core.settings import Settings
+from exchange.leases.lifecycle import PREEMPTION_REASONS
+
+MAX_ROWS = 20
+
+# A lease's effective end: its end (or planned end), never after its planned end (what is billed).
+_STOP = "least(coalesce({l}.end_at, {l}.planned_end_at), {l}.planned_end_at)"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    sql: str
+    # Names of run_audit's values bound to $1, $2, … in this order.
+    params: tuple[str, ...] = ()
+
+
+# The ledger on its own.
+LEDGER_CHECKS = [
+    Check("every transfer sums to zero",
+          "SELECT transfer_id, sum(amount) AS total FROM postings GROUP BY transfer_id HAVING sum(amount) <> 0"),
+    Check("no negative balance outside the world book",
+          "SELECT id, account_id, kind, balance FROM ledger_accounts WHERE NOT may_go_negative AND balance < 0"),
+    Check("each balance equals the sum of its postings",
+          "SELECT la.id, la.kind, la.balance, coalesce(p.total, 0) AS postings_total FROM ledger_accounts la"
+          " LEFT JOIN (SELECT ledger_account_id, sum(amount) AS total FROM postings GROUP BY ledger_account_id) p"
+          " ON p.ledger_account_id = la.id WHERE la.balance <> coalesce(p.total, 0)"),
+    Check("all books together sum to zero",
+          "SELECT sum(balance) AS total FROM ledger_accounts HAVING sum(balance) <> 0"),
+    Check("held funds equal what open orders and leases reserve",
+          "SELECT la.account_id, la.balance AS held, coalesce(r.reserved, 0) AS reserved FROM ledger_accounts la"
+          " LEFT JOIN reservations r ON r.account_id = la.account_id"
+          " WHERE la.kind = 'held' AND la.balance <> coalesce(r.reserved, 0)"),
+    Check("no reservation without a held book covering it",
+          "SELECT r.account_id, r.reserved FROM reservations r LEFT JOIN ledger_accounts la"
+          " ON la.account_id = r.account_id AND la.kind = 'held' WHERE la.id IS NULL AND r.reserved <> 0"),
 ]
 
+# Settlement postings of each lease: transfers 'settle' and 'refund' referencing it, leg by leg.
+_LEASE_LEGS = """
+    SELECT t.ref_id AS lease_id, t.id AS transfer_id, t.kind, p.ledger_account_id, p.amount
+    FROM transfers t JOIN postings p ON p.transfer_id = t.id
+    WHERE t.ref_type = 'lease' AND t.kind IN ('settle', 'refund')
+"""
 
-async def run_audit(conn: asyncpg.Connection) -> list[tuple[str, list[dict]]]:
-    """Returns the breached checks with their offending rows; empty when the ledger is sound.
-    Runs in one repeatable-read snapshot so that concurrent traffic cannot fake a breach."""
+# Per account: its books, what came in from outside (postings to its books in transfers with a
+# world leg: deposits less withdrawals), what the leases on its hosts earned (billed less fees) and
+# what its own leases were billed. Every other movement of its money stays between its own books.
+_ACCOUNT_MONEY = """
+    WITH world AS (SELECT id FROM ledger_accounts WHERE account_id IS NULL AND kind = 'world'),
+    deposits AS (
+        SELECT la.account_id, sum(p.amount) AS net FROM postings p
+        JOIN ledger_accounts la ON la.id = p.ledger_account_id AND la.account_id IS NOT NULL
+        WHERE p.transfer_id IN (SELECT transfer_id FROM postings WHERE ledger_account_id = (SELECT id FROM world))
+        GROUP BY la.account_id),
+    books AS (
+        SELECT account_id, sum(balance) FILTER (WHERE kind = 'available') AS available,
+               sum(balance) FILTER (WHERE kind = 'held') AS held
+        FROM ledger_accounts WHERE account_id IS NOT NULL GROUP BY account_id),
+    earned AS (
+        SELECT h.owner_id AS account_id, sum(l.billed_amount - l.fees_amount) AS earned
+        FROM leases l JOIN hosts h ON h.id = l.host_id GROUP BY h.owner_id),
+    spent AS (SELECT account_id, sum(billed_amount) AS spent FROM leases GROUP BY account_id)
+    SELECT a.id AS account_id, a.role, coalesce(b.available, 0) AS available, coalesce(b.held, 0) AS held,
+           coalesce(d.net, 0) AS deposits, coalesce(e.earned, 0) AS earned, coalesce(s.spent, 0) AS spent,
+           EXISTS (SELECT 1 FROM hosts h WHERE h.owner_id = a.id) AS owns_hosts
+    FROM accounts a LEFT JOIN books b ON b.account_id = a.id LEFT JOIN deposits d ON d.account_id = a.id
+    LEFT JOIN earned e ON e.account_id = a.id LEFT JOIN spent s ON s.account_id = a.id
+"""
+
+MARKET_CHECKS = [
+    Check("closed bids and closed leases hold nothing",
+          "SELECT 'bid' AS holder, id, status, hold_amount FROM bids WHERE status <> 'open' AND hold_amount <> 0"
+          " UNION ALL"
+          " SELECT 'lease', id, status, hold_amount FROM leases WHERE closed AND hold_amount <> 0"),
+    Check("no ended lease left unclosed past its close window",
+          f"SELECT l.id, l.status, l.end_reason, {_STOP.format(l='l')} AS stop, l.settled_at FROM leases l"
+          " WHERE l.status IN ('ended', 'failed') AND NOT l.closed"
+          f" AND {_STOP.format(l='l')} + make_interval(secs => $2) < coalesce($1::timestamptz, now())"
+          " ORDER BY l.id",
+          ("now", "close_window_s")),
+    Check("billed GPU-seconds within the lease's GPUs times its duration",
+          f"SELECT l.id, l.gpus, l.start_at, {_STOP.format(l='l')} AS stop, l.billed_gpu_s FROM leases l"
+          f" WHERE l.billed_gpu_s > l.gpus * extract(epoch FROM {_STOP.format(l='l')} - l.start_at) ORDER BY l.id"),
+    # Spot leases pay the spot price clamped to their limit; firm leases their cleared price.
+    Check("billed amount within the rate allowed times the time billed",
+          "SELECT id, tier, price, limit_price, billed_gpu_s, billed_value, billed_amount FROM leases"
+          " WHERE billed_amount::numeric * 3600"
+          "   > (CASE tier WHEN 'spot' THEN limit_price ELSE price END)::numeric * billed_gpu_s"
+          " OR billed_value > (CASE tier WHEN 'spot' THEN limit_price ELSE price END)::numeric * billed_gpu_s"
+          " ORDER BY id"),
+    Check("billed amount is floor(billed value / 3600), nothing when free of charge",
+          "SELECT id, free_of_charge, billed_value, billed_amount FROM leases"
+          " WHERE billed_amount <> CASE WHEN free_of_charge THEN 0 ELSE floor(billed_value / 3600) END ORDER BY id"),
+    Check("each lease's settlement postings match its billed and fee columns",
+          f"""WITH legs AS ({_LEASE_LEGS}),
+          fees AS (SELECT id FROM ledger_accounts WHERE account_id IS NULL AND kind = 'fees')
+          SELECT l.id, l.billed_amount, l.fees_amount,
+                 coalesce(sum(g.amount) FILTER (WHERE g.ledger_account_id = oa.id), 0) AS owner_leg,
+                 coalesce(sum(g.amount) FILTER (WHERE g.ledger_account_id = (SELECT id FROM fees)), 0) AS fees_leg,
+                 coalesce(sum(g.amount) FILTER (WHERE g.ledger_account_id = th.id), 0) AS tenant_leg
+          FROM leases l JOIN hosts h ON h.id = l.host_id
+          JOIN ledger_accounts oa ON oa.account_id = h.owner_id AND oa.kind = 'available'
+          JOIN ledger_accounts th ON th.account_id = l.account_id AND th.kind = 'held'
+          LEFT JOIN legs g ON g.lease_id = l.id
+          GROUP BY l.id, l.billed_amount, l.fees_amount
+          HAVING coalesce(sum(g.amount) FILTER (WHERE g.ledger_account_id = oa.id), 0)
+                     <> l.billed_amount - l.fees_amount
+              OR coalesce(sum(g.amount) FILTER (WHERE g.ledger_account_id = (SELECT id FROM fees)), 0)
+                     <> l.fees_amount
+              OR coalesce(sum(g.amount) FILTER (WHERE g.ledger_account_id = th.id), 0) <> -l.billed_amount
+          ORDER BY l.id"""),
+    Check("a lease's settlement postings land only in its tenant's, its host owner's and the fees books",
+          f"""WITH legs AS ({_LEASE_LEGS})
+          SELECT g.lease_id, g.transfer_id, g.kind, g.ledger_account_id, la.account_id AS book_of, la.kind AS book,
+                 g.amount, h.owner_id AS host_owner, l.account_id AS tenant
+          FROM legs g JOIN ledger_accounts la ON la.id = g.ledger_account_id
+          LEFT JOIN leases l ON l.id = g.lease_id LEFT JOIN hosts h ON h.id = l.host_id
+          WHERE l.id IS NULL
+             OR NOT ((la.kind = 'available' AND la.account_id = h.owner_id)
+                     OR (la.kind = 'held' AND la.account_id = l.account_id)
+                     OR (la.kind = 'fees' AND la.account_id IS NULL))
+          ORDER BY g.transfer_id"""),
+    # An owner that also rents GPUs holds and spends like a tenant: hence available + held, less spent.
+    Check("each owner's balance equals its deposits plus what its hosts earned",
+          f"SELECT * FROM ({_ACCOUNT_MONEY}) m WHERE owns_hosts"
+          " AND available + held <> deposits + earned - spent ORDER BY account_id"),
+    Check("the fees book equals the fees of all leases",
+          "SELECT la.balance AS fees_book, (SELECT coalesce(sum(fees_amount), 0) FROM leases) AS lease_fees"
+          " FROM ledger_accounts la WHERE la.account_id IS NULL AND la.kind = 'fees'"
+          " AND la.balance <> (SELECT coalesce(sum(fees_amount), 0) FROM leases)"),
+    Check("each tenant's available plus held equals its deposits less what its leases were billed",
+          f"SELECT * FROM ({_ACCOUNT_MONEY}) m WHERE NOT owns_hosts"
+          " AND available + held <> deposits - spent ORDER BY account_id"),
+    Check("an ending or ended lease has its end, never before its start nor after its planned end",
+          "SELECT id, status, end_reason, start_at, end_at, planned_end_at FROM leases"
+          " WHERE (status <> 'active' AND end_at IS NULL) OR end_at > planned_end_at OR end_at < start_at"
+          " ORDER BY id"),
+    # GPUs of a lease ending for an active reclaim are counted by the reclaim (it took them), not twice.
+    Check("leased and reclaimed GPUs within each host's present GPUs",
+          """WITH present AS (SELECT host_id, count(*) FILTER (WHERE present) AS present FROM gpus GROUP BY host_id),
+          leased AS (
+              SELECT g.host_id, count(*) AS leased FROM lease_gpus lg JOIN gpus g ON g.uuid = lg.uuid
+              JOIN leases l ON l.id = lg.lease_id
+              WHERE lg.live AND NOT (l.status = 'ending' AND l.reclaim_id IS NOT NULL
+                                     AND EXISTS (SELECT 1 FROM reclaims r WHERE r.id = l.reclaim_id
+                                                 AND r.status = 'active'))
+              GROUP BY g.host_id),
+          reclaimed AS (
+              SELECT rg.host_id, sum(rg.gpus) AS reclaimed FROM reclaim_gpus rg
+              JOIN reclaims r ON r.id = rg.reclaim_id AND r.status = 'active' GROUP BY rg.host_id)
+          SELECT h.id AS host_id, coalesce(p.present, 0) AS present, coalesce(le.leased, 0) AS leased,
+                 coalesce(rc.reclaimed, 0) AS reclaimed
+          FROM hosts h LEFT JOIN present p ON p.host_id = h.id LEFT JOIN leased le ON le.host_id = h.id
+          LEFT JOIN reclaimed rc ON rc.host_id = h.id
+          WHERE coalesce(le.leased, 0) + coalesce(rc.reclaimed, 0) > coalesce(p.present, 0)
+          ORDER BY h.id"""),
+    # Each GPU's leases in start order: one starting before an earlier one's end overlaps it.
+    Check("no two leases hold one GPU at the same time",
+          f"""WITH spans AS (
+              SELECT u.uuid, l.id AS lease_id, l.start_at, {_STOP.format(l='l')} AS stop
+              FROM leases l, unnest(l.gpu_uuids) AS u(uuid)),
+          ordered AS (
+              SELECT *, max(stop) OVER w AS earlier_stop, last_value(lease_id) OVER w AS earlier_lease
+              FROM spans WINDOW w AS (PARTITION BY uuid ORDER BY start_at, lease_id
+                                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING))
+          SELECT uuid, lease_id, start_at, stop, earlier_lease, earlier_stop FROM ordered
+          WHERE earlier_stop > start_at ORDER BY uuid, start_at"""),
+    Check("no live lease on a failed host",
+          "SELECT l.id, l.status, l.start_at, h.id AS host_id, h.health, h.last_sample_at"
+          " FROM leases l JOIN hosts h ON h.id = l.host_id"
+          " WHERE l.status IN ('active', 'ending') AND h.health = 'failed' AND h.last_sample_at IS NOT NULL"
+          " ORDER BY l.id"),
+    Check("no lease starts on a silent or failed host",
+          "SELECT l.id, l.status, l.start_at, h.id AS host_id, h.health, h.last_sample_at"
+          " FROM leases l JOIN hosts h ON h.id = l.host_id"
+          " WHERE h.health <> 'ok' AND l.start_at > h.last_sample_at + make_interval(secs => $1)"
+          " ORDER BY l.id",
+          ("host_grace_s",)),
+    # The settlement puts such a bid back in the book in the transaction that closes its last lease.
+    Check("a preempted requeue bid whose leases are all closed is back in the book or says why not",
+          """SELECT b.id AS bid_id, b.status, b.unfilled_reason, array_agg(l.id ORDER BY l.id) AS latest_leases,
+                 array_agg(l.end_reason ORDER BY l.id) AS end_reasons
+          FROM bids b JOIN leases l ON l.bid_id = b.id
+           AND l.start_at = (SELECT max(start_at) FROM leases WHERE bid_id = b.id)
+          WHERE b.requeue_on_preempt AND b.status = 'filled' AND b.unfilled_reason IS NULL
+            AND NOT EXISTS (SELECT 1 FROM leases WHERE bid_id = b.id AND NOT closed)
+          GROUP BY b.id, b.status, b.unfilled_reason
+          HAVING bool_or(l.end_reason = ANY($1::text[]))
+          ORDER BY b.id""",
+          ("preemption_reasons",)),
+]
+
+CHECKS: list[Check] = LEDGER_CHECKS + MARKET_CHECKS
+
+_DEFAULTS = Settings()
+
+
+async def run_audit(conn: asyncpg.Connection, *, now: datetime | None = None,
+                    close_after_s: float = _DEFAULTS.settle_close_after_s, settle_s: float = _DEFAULTS.settle_s,
+                    host_grace_s: float = _DEFAULTS.host_grace_s,
+                    close_slack_s: float | None = None) -> list[tuple[str, list[dict]]]:
+    """Returns the breached checks with (up to MAX_ROWS + 1 of) their offending rows; empty when
+    every invariant holds. Runs in one repeatable-read snapshot so that concurrent traffic cannot
+    fake a breach. `now` defaults to the database's clock; a lease may stay unclosed for
+    `close_after_s` plus `close_slack_s` (default: two settlement intervals) after its end."""
+    values = {
+        "now": now,
+        "close_window_s": float(close_after_s + (2 * settle_s if close_slack_s is None else close_slack_s)),
+        "host_grace_s": float(host_grace_s),
+        "preemption_reasons": [str(reason) for reason in PREEMPTION_REASONS],
+    }
     breaches: list[tuple[str, list[dict]]] = []
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        for name, sql in CHECKS:
-            rows = await conn.fetch(sql)
+        for check in CHECKS:
+            rows = await conn.fetch(f"SELECT * FROM ({check.sql}) breach LIMIT {MAX_ROWS + 1}",
+                                    *(values[p] for p in check.params))
             if rows:
-                breaches.append((name, [dict(r) for r in rows[:20]]))
+                breaches.append((check.name, [dict(r) for r in rows]))
     return breaches
 
 
@@ -41,6 +253,7 @@ def format_report(breaches: list[tuple[str, list[dict]]]) -> str:
         return f"ledger audit passed: {len(CHECKS)} checks"
     lines = [f"ledger audit FAILED: {len(breaches)} of {len(CHECKS)} checks breached"]
     for name, rows in breaches:
-        lines.append(f"- {name}:")
-        lines.extend(f"    {row}" for row in rows)
+        more = len(rows) > MAX_ROWS
+        lines.append(f"- {name}: {'more than ' if more else ''}{min(len(rows), MAX_ROWS)} offending rows")
+        lines.extend(f"    {row}" for row in rows[:MAX_ROWS])
     return "\n".join(lines)
