@@ -198,9 +198,14 @@ class BookSync:
             # republished while its leases run must not look free.
             " (SELECT count(*) FROM gpus g JOIN lease_gpus lg ON lg.uuid = g.uuid AND lg.live"
             "   WHERE g.host_id = o.host_id AND g.present AND g.model = o.model) AS leased,"
-            # The owner's own demand comes first: GPUs reclaimed now are not for sale...
+            # The owner's own demand comes first: GPUs reclaimed now are not for sale, less those
+            # a lease under the reclaim's notice still holds (counted in `leased` already; the same
+            # rule as the tick's GPU assignment, auction/service._assignable_gpus)...
             " (SELECT coalesce(sum(rg.gpus), 0) FROM reclaim_gpus rg JOIN reclaims r ON r.id = rg.reclaim_id"
-            "   WHERE rg.host_id = o.host_id AND r.status = 'active' AND r.model = o.model) AS reclaimed,"
+            "   WHERE rg.host_id = o.host_id AND r.status = 'active' AND r.model = o.model)"
+            " - (SELECT coalesce(sum(l.gpus), 0) FROM leases l JOIN reclaims r ON r.id = l.reclaim_id"
+            "   WHERE l.host_id = o.host_id AND l.status = 'ending' AND r.status = 'active' AND r.model = o.model)"
+            " AS reclaimed,"
             # ...and no spot lease is placed across a reservation the owner scheduled on this host.
             " (SELECT min(r.at) FROM reclaims r WHERE r.status = 'scheduled' AND r.model = o.model"
             "   AND (r.host_id = o.host_id OR (r.host_id IS NULL AND r.owner_id = h.owner_id))) AS cut_at"
@@ -252,4 +257,4 @@ def free_gpus(offer_gpus: int, host_gpus: int, leased_on_host: int, reclaimed_on
     and the owner's reclaims hold on the host; none on a host that is not reporting."""
     if health != "ok":
         return 0
-    return max(0, min(offer_gpus, host_gpus) - leased_on_host - reclaimed_on_host)
+    return max(0, min(offer_gpus, host_gpus) - leased_on_host - max(0, reclaimed_on_host))
