@@ -1,0 +1,210 @@
+"""The lease lifecycle (exchange/leases/lifecycle.py): its table, the schema checked against it, and
+the defects of the review that were lifecycle bugs — each test here failed before its fix."""
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import pytest
+
+from exchange.core.auth import Principal
+from exchange.leases import lifecycle
+from exchange.leases.lifecycle import (PREEMPTION_REASONS, TERMINAL, TRANSITIONS, EndReason, LeaseEvent, LeaseStatus,
+                                       fail_silent_hosts, transition)
+from exchange.reclaims.schemas import ReclaimCreate
+from exchange.reclaims.service import create_reclaim
+from tests.integration.scenario import START, Scenario
+
+
+@pytest.fixture
+async def s(db_url: str):
+    scenario = await Scenario.create(db_url, fee_bps=0)
+    yield scenario
+    await scenario.close()
+
+
+def owner(s: Scenario) -> Principal:
+    return Principal(role="owner", account_id=s.owner_id)
+
+
+async def lease_rows(s: Scenario) -> list[dict]:
+    return [dict(r) for r in await s.ctx.pool.fetch("SELECT * FROM leases ORDER BY id")]
+
+
+def _quoted(text: str) -> set[str]:
+    return set(re.findall(r"'([a-z_]+)'", text))
+
+
+# --- the table and the schema -----------------------------------------------------------------------
+
+def test_terminal_statuses_take_no_event_and_notices_only_from_active() -> None:
+    for status in TERMINAL:
+        for event in LeaseEvent:
+            assert transition(status, event) is None
+    assert transition(LeaseStatus.ENDING, LeaseEvent.OUTBID) is None  # one notice only
+    assert transition(LeaseStatus.ENDING, LeaseEvent.RECLAIM) is None
+    assert transition(LeaseStatus.ENDING, LeaseEvent.DUE) == (LeaseStatus.ENDED, None)  # keeps its reason
+    assert transition(LeaseStatus.ACTIVE, LeaseEvent.DUE) == (LeaseStatus.ENDED, EndReason.COMPLETED)
+    reasons = {reason for _, reason in TRANSITIONS.values() if reason is not None}
+    assert reasons == set(EndReason)
+    assert EndReason.COMPLETED not in PREEMPTION_REASONS
+
+
+async def test_schema_checks_and_preemption_trigger_match_the_module(db) -> None:
+    end_reason = await db.fetchval("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'leases_end_reason'")
+    assert _quoted(end_reason) == {str(r) for r in EndReason}
+    status = await db.fetchval("SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+                               " WHERE conrelid = 'leases'::regclass AND pg_get_constraintdef(oid) LIKE '%status = ANY%'"
+                               " AND conname <> 'leases_status_shape'")
+    assert _quoted(status) == {str(s) for s in LeaseStatus}
+    trigger = await db.fetchval("SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'leases_preempted'")
+    when = trigger[trigger.index("WHEN"):]
+    assert _quoted(when) - {"spot"} == {str(r) for r in PREEMPTION_REASONS}
+    # Under notice only for the reasons a notice is given for.
+    shape = await db.fetchval("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'leases_status_shape'")
+    ending = shape[shape.index("'ending'"):shape.index("'ended'")]
+    notices = {TRANSITIONS[(LeaseStatus.ACTIVE, e)][1] for e in (LeaseEvent.OUTBID, LeaseEvent.RECLAIM)}
+    assert _quoted(ending) - {"ending"} == {str(r) for r in notices}
+
+
+async def test_triggers_stamp_events_with_the_injected_clock(s: Scenario) -> None:
+    await s.market(gpus=8)
+    s.clock.advance(86400)  # months away from the server's own time (2026-05 here)
+    await s.bid(market="H100-80GB/spot", gpus=2, duration_s=3600, limit="2.00")
+    await s.tick()
+    at = await s.ctx.pool.fetchval("SELECT max(at) FROM account_events")
+    assert at == s.clock()
+
+
+# --- defect 3: reclaims take leases that already completed ------------------------------------------
+
+async def test_scheduled_reclaim_never_takes_a_lease_that_completed(s: Scenario) -> None:
+    await s.market(gpus=8)
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=600, limit="2.00", requeue_on_preempt=True)
+    await s.tick()
+    # A reservation for the whole host, coming due after the lease's planned end.
+    await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=8, at=START + timedelta(seconds=620)))
+    s.clock.advance(650)  # one tick late: the lease is due and the reservation too
+    await s.tick()
+    (lease,) = await lease_rows(s)
+    assert (lease["status"], lease["end_reason"], lease["free_of_charge"]) == ("ended", "completed", False)
+    assert lease["end_at"] == lease["planned_end_at"] and lease["reclaim_id"] is None
+    assert await s.ctx.pool.fetchval("SELECT count(*) FROM market_preemptions") == 0
+
+
+async def test_api_reclaim_between_ticks_never_takes_a_lease_that_completed(s: Scenario) -> None:
+    await s.market(gpus=8)
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=600, limit="2.00", requeue_on_preempt=True)
+    await s.tick()
+    s.clock.advance(605)  # past its planned end; no tick has ended it yet
+    reclaim = await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=8))
+    (lease,) = await lease_rows(s)
+    assert (lease["status"], lease["end_reason"], lease["reclaim_id"]) == ("ended", "completed", None)
+    assert reclaim.leases == [] and reclaim.taken_free == 8 and reclaim.shortfall == 0
+
+
+# --- defect 5: an outbid notice can run past the lease's planned end --------------------------------
+
+async def test_outbid_notice_never_runs_past_the_planned_end(s: Scenario) -> None:
+    await s.market(gpus=8)  # the offer's reclaim notice: 120 s
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=600, limit="2.00")
+    await s.tick()
+    s.clock.advance(540)  # 60 s left: less than the notice
+    rich = await s.new_tenant("rich")
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=600, limit="5.00", tenant=rich, coid="rich")
+    await s.tick()
+    (lease,) = await lease_rows(s)
+    assert lease["status"] == "active" and lease["end_at"] is None  # it completes as planned
+    s.clock.advance(60)
+    await s.tick()
+    first, second = await lease_rows(s)
+    assert (first["status"], first["end_reason"], first["end_at"]) == ("ended", "completed", first["planned_end_at"])
+    assert second["account_id"] == rich and second["status"] == "active"
+
+
+async def test_outbid_with_time_left_gets_the_full_notice(s: Scenario) -> None:
+    await s.market(gpus=8)
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=3600, limit="2.00")
+    await s.tick()
+    rich = await s.new_tenant("rich")
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=600, limit="5.00", tenant=rich, coid="rich")
+    await s.tick()
+    (lease,) = await lease_rows(s)
+    assert (lease["status"], lease["end_reason"]) == ("ending", "outbid")
+    assert lease["end_at"] == s.clock() + timedelta(seconds=120) <= lease["planned_end_at"]
+
+
+# --- defect 10: host failure rewrites leases that already ended -------------------------------------
+
+async def test_host_failure_never_rewrites_a_lease_whose_notice_ran_out(s: Scenario) -> None:
+    await s.market(gpus=8)
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=3600, limit="2.00")
+    await s.tick()
+    (lease,) = await lease_rows(s)
+    await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=8))
+    s.clock.advance(300)
+    await s.report(1, lease["gpu_uuids"], START, 300)  # the host reports past the notice's end (120 s)...
+    s.clock.advance(400)  # ...then goes silent past the failure grace, with no tick in between
+    async with s.ctx.pool.acquire() as conn:
+        await fail_silent_hosts(conn, s.clock(), grace_s=30, fail_s=300)
+    (after,) = await lease_rows(s)
+    assert (after["status"], after["end_reason"]) == ("ended", "reclaimed")
+    assert after["end_at"] == START + timedelta(seconds=120)
+
+
+# --- defect 4 (second half): a lease that fails on one host of a gang leaves the others running ------
+
+async def test_a_gang_member_failing_ends_the_whole_gang(s: Scenario) -> None:
+    await s.market(gpus=4)
+    h2, uuids2 = await s.add_host("h2", gpus=4, floor="1.00")
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=3600, limit="2.00", requeue_on_preempt=True)
+    await s.tick()
+    assert len(await lease_rows(s)) == 2
+    s.clock.advance(500)
+    await s.report(1, s.uuids, START, 100)          # host 1 went silent after 100 s
+    await s.report(1, uuids2, START, 500, agent=h2)  # host 2 kept reporting
+    async with s.ctx.pool.acquire() as conn:
+        assert await fail_silent_hosts(conn, s.clock(), grace_s=30, fail_s=300) == 1
+    first, second = await lease_rows(s)
+    last_sample = START + timedelta(seconds=99)
+    assert (first["status"], first["end_reason"], first["end_at"]) == ("failed", "host_failed", last_sample)
+    assert (second["status"], second["end_reason"], second["end_at"]) == ("ended", "gang_failed", last_sample)
+    assert await s.ctx.pool.fetchval("SELECT count(*) FROM lease_gpus WHERE live") == 0
+
+
+# --- defect 7: a reclaim racing a tick takes the idle GPUs the tick is assigning ----------------------
+
+async def test_reclaim_committed_during_a_tick_keeps_its_gpus(s: Scenario) -> None:
+    await s.market(gpus=8)
+    bid = await s.bid(market="H100-80GB/spot", gpus=8, duration_s=3600, limit="2.00")
+    load_incumbents = s.sync.load_incumbents
+
+    async def reclaim_after_the_book_loaded(conn):
+        # The tick has read the blocks (8 free GPUs); the owner's reclaim commits before it persists.
+        await load_incumbents(conn)
+        await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=8))
+
+    s.sync.load_incumbents = reclaim_after_the_book_loaded
+    await s.tick()
+    s.sync.load_incumbents = load_incumbents
+    assert await lease_rows(s) == []
+    status = await s.ctx.pool.fetchval("SELECT status FROM bids WHERE id = $1", bid.id)
+    assert status == "open"
+    assert bid.id in s.sync.models["H100-80GB"].resting  # not vanished from the book either
+    s.clock.advance(10)
+    await s.tick()
+    assert await lease_rows(s) == []  # the GPUs stay the owner's
+
+
+async def test_lifecycle_writers_ignore_leases_they_do_not_apply_to(s: Scenario) -> None:
+    await s.market(gpus=8)
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=600, limit="2.00")
+    await s.tick()
+    (lease,) = await lease_rows(s)
+    s.clock.advance(700)
+    async with s.ctx.pool.acquire() as conn:
+        assert await lifecycle.end_due(conn, s.clock()) == [lease["id"]]
+        assert await lifecycle.end_due(conn, s.clock()) == []
+        assert await lifecycle.give_notice(conn, [lease["id"]], LeaseEvent.OUTBID, s.clock()) == []
+    (after,) = await lease_rows(s)
+    assert (after["status"], after["end_reason"]) == ("ended", "completed")
