@@ -9,6 +9,8 @@ BIDS_CLOSED = Counter("gpux_bids_closed_total", "Bids that left the book", ["sta
 DEPOSITS = Counter("gpux_deposits_total", "Deposits credited")
 TICKS = Counter("gpux_ticks_total", "Auction ticks run")
 TICK_PERSIST_FAILURES = Counter("gpux_tick_persist_failures_total", "Model ticks whose results could not be written")
+BOOK_DRIFT_BIDS = Gauge("gpux_book_drift_bids", "Bids on which the matching book and the database disagree after the"
+                        " last tick (missing: open but not in the book; extra: in the book, not open)", ["kind"])
 TICK_SECONDS = Histogram("gpux_tick_seconds", "Time to clear and persist one auction tick",
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 FILLS = Counter("gpux_fills_total", "Leases created by matching", ["market"])
