@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 from exchange.core.net import free_port, wait_healthy
+from exchange.leases.lifecycle import is_preemption
 
 HOSTS = [("h100-a1", "pod-a", "2.00", 0), ("h100-a2", "pod-a", "2.20", 3600), ("h100-b1", "pod-b", "1.80", 0),
          ("h100-b2", "pod-b", "2.40", 7200)]
@@ -164,8 +165,7 @@ async def _print_ticker(base: str, admin: Client, elapsed: float, out) -> None:
     leases = (await admin.call("GET", "/v1/leases", params={"limit": 500}))["items"]
     for market in markets:
         live = [le for le in leases if le["market"] == market["id"] and le["status"] in ("active", "ending")]
-        preempted = sum(1 for le in leases if le["market"] == market["id"] and le["end_reason"] in
-                        ("reclaimed", "outbid", "host_failed"))
+        preempted = sum(1 for le in leases if le["market"] == market["id"] and is_preemption(le["end_reason"]))
         out(f"{elapsed:5.0f}  {market['id']:<16}{market['last_price'] or '-':>8}{market['indicative_price'] or '-':>8}"
             f"{len(live):>8}{preempted:>10}")
 

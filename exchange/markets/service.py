@@ -13,6 +13,7 @@ import asyncpg
 from exchange.core.context import AppContext
 from exchange.core.errors import InvalidField, NotFound
 from exchange.core.money import format_money
+from exchange.leases.lifecycle import PREEMPTION_REASONS
 from exchange.markets.schemas import (INTERVAL_SECONDS, TIERS, Book, Candle, CandleList, Level, Market, Preemption,
                                       RiskIndex, Ticker, Trade, TradeList)
 
@@ -20,7 +21,6 @@ Db = asyncpg.Connection | asyncpg.Pool
 # A book side as the feed keeps it: price (micro-dollars per GPU-hour) -> GPUs.
 Side = dict[int, int]
 RISK_WINDOW_H = 24
-PREEMPT_REASONS = ("outbid", "reclaimed", "reclaim", "preempted")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -186,7 +186,7 @@ async def compute_risk(db: Db, now: datetime, markets: list[str]) -> dict[str, R
         " sum(CASE WHEN end_reason = ANY($3::text[]) THEN gpus * greatest(0, extract(epoch FROM"
         "   planned_end_at - coalesce(end_at, planned_end_at))) ELSE 0 END)::float8 AS lost_s"
         " FROM leases WHERE tier = 'spot' AND start_at >= $1 AND market = ANY($2::text[]) GROUP BY market",
-        since, markets, list(PREEMPT_REASONS))}
+        since, markets, [str(r) for r in PREEMPTION_REASONS])}
     exposure = {r["market"]: r["lease_s"] for r in await db.fetch(
         "SELECT market, sum(extract(epoch FROM least(coalesce(CASE WHEN status IN ('ended', 'failed') THEN end_at END,"
         "   $2), $2) - greatest(start_at, $1)))::float8 AS lease_s"
