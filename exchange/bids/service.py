@@ -10,6 +10,7 @@ from exchange.core.context import AppContext, request_hash
 from exchange.core import metrics
 from exchange.core.errors import ApiError, Conflict, InvalidField, NotFound
 from exchange.core.money import cost_micros, format_money, parse_money
+from exchange.leases.lifecycle import PREEMPTION_REASONS
 from exchange.ledger import service as ledger
 
 _bid_encoder = msgspec.json.Encoder()
@@ -194,8 +195,9 @@ async def bid_cost(ctx: AppContext, account_id: int, bid_id: int) -> BidCost:
     if await ctx.pool.fetchval("SELECT account_id FROM bids WHERE id = $1", bid_id) != account_id:
         raise NotFound(f"bid {bid_id}")
     row = await ctx.pool.fetchrow(
-        "SELECT count(*) AS leases, count(*) FILTER (WHERE end_reason IN ('reclaimed', 'outbid', 'host_failed'))"
+        "SELECT count(*) AS leases, count(*) FILTER (WHERE end_reason = ANY($2::text[]))"
         " AS preempted, coalesce(sum(billed_gpu_s), 0)::bigint AS gpu_s,"
-        " coalesce(sum(billed_amount), 0)::bigint AS charged FROM leases WHERE bid_id = $1", bid_id)
+        " coalesce(sum(billed_amount), 0)::bigint AS charged FROM leases WHERE bid_id = $1", bid_id,
+        [str(r) for r in PREEMPTION_REASONS])
     return BidCost(bid_id=bid_id, leases=row["leases"], preemptions=row["preempted"],
                    billed_gpu_hours=hours(row["gpu_s"]), charged=format_money(row["charged"]))
