@@ -18,3 +18,5 @@ METER_SAMPLES = Counter("gpux_meter_samples_total", "Metering samples stored")
 METER_REFUSED = Counter("gpux_meter_refused_total", "Metering reports refused", ["reason"])
 SETTLED_MICROS = Counter("gpux_settled_micros_total", "Micro-dollars moved from tenants by settlement")
 OPEN_BIDS = Gauge("gpux_open_bids", "Open bids in the book at the last tick", ["market"])
+SETTLE_FAILURES = Counter("gpux_settle_failures_total",
+                          "Leases whose settlement failed in a run (rolled back alone, retried next run)")
