@@ -50,6 +50,9 @@ class TickResult:
     fill_gpus: np.ndarray  # int32
     price: int  # -1 when nothing traded
     indicative: int  # == price when something traded
+    # Highest limit among this tier's losing, structurally eligible bids (-1 when none): the
+    # competing bid that outbids incumbents below it, and the most they pay when nothing trades.
+    competing_limit: int
     loser_bid_id: np.ndarray  # int64, ascending
     loser_reason: np.ndarray  # int8, matching.reasons.Reason values
     loser_shortfall: np.ndarray  # int64, > 0 only for LIMIT_BELOW_PRICE
@@ -69,6 +72,7 @@ class TickResult:
             ),
             "price": int(self.price),
             "indicative": int(self.indicative),
+            "competing_limit": int(self.competing_limit),
             "losers": list(
                 zip(
                     self.loser_bid_id.tolist(),
@@ -558,8 +562,8 @@ class ModelBook:
         # Every fill takes at least one GPU: the free GPUs bound the fills.
         cap = int(self._blocks.cols["free"].sum(dtype=np.int64)) + 1
         fill_bid, fill_block, fill_gpus, fill_tier, ts = self._allocate(now, idx, cap, cls_t)
-        # Prices per tier (docs/matching.md, Price); losers and incumbents are measured against
-        # `indicative`, which is the price when something traded.
+        # Prices per tier (docs/matching.md, Price); losers are measured against `indicative`,
+        # which is the price when something traded, incumbents against the competing limit.
         price = np.full(2, -1, np.int64)
         indicative = np.zeros(2, np.int64)
         for t in range(2):
@@ -588,13 +592,16 @@ class ModelBook:
         results = []
         for t in (Tier.FIRM, Tier.SPOT):
             n = nl[t]
+            competing = int(ts[t, K.S_HIGHEST_LOSE])
             if t == Tier.SPOT:
-                outbid = np.ascontiguousarray(self._inc_ids[self._inc_lim < indicative[t]])
+                # Only a competing bid that lost and pays more ends a running lease (SPEC §4):
+                # never a floor, so neither `indicative` nor a price raised to a floor counts.
+                outbid = np.ascontiguousarray(self._inc_ids[self._inc_lim < competing])
             else:
                 outbid = _EMPTY_I64
             results.append(TickResult(
                 fill_bid_id=fills[t][0], fill_block_id=fills[t][1], fill_gpus=fills[t][2],
-                price=int(price[t]), indicative=int(indicative[t]),
+                price=int(price[t]), indicative=int(indicative[t]), competing_limit=competing,
                 loser_bid_id=l_bid[t, :n], loser_reason=l_code[t, :n],
                 loser_shortfall=l_short[t, :n],
                 outbid_lease_id=outbid, state_hash=int(K.hash_tail(hs[t], outbid)),

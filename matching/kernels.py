@@ -924,7 +924,7 @@ def lowest_free_floor(lf, size, dyn):
 S_WINNERS = 0
 S_MAX_FLOOR = 1
 S_LOWEST_WIN = 2
-S_HIGHEST_LOSE = 3  # highest losing structurally eligible limit, or -1
+S_HIGHEST_LOSE = 3  # highest losing structurally eligible limit, or -1 (TickResult.competing_limit)
 NS = 4
 
 

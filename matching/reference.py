@@ -180,7 +180,8 @@ def _allocate(blocks, tagged_bids, now, max_host):
 
 
 def _price_tier(tier, blocks, fills, winners, losers, max_floor, incumbents, now, max_host) -> dict:
-    """Price, indicative price, reasons and outbid incumbents of one tier, after the walk."""
+    """Price, indicative price, competing limit, reasons and outbid incumbents of one tier,
+    after the walk."""
     structural = {b["bid_id"]: _structural(tier, b, blocks, now, max_host) for b in losers}
     eligible_limits = [b["limit"] for b in losers if structural[b["bid_id"]][0] == 0]
     highest_losing = max(eligible_limits, default=-1)
@@ -207,11 +208,14 @@ def _price_tier(tier, blocks, fills, winners, losers, max_floor, incumbents, now
                 code = Reason.NO_CAPACITY
         reasons.append((bid["bid_id"], int(code), shortfall))
 
-    outbid = sorted(i["lease_id"] for i in incumbents if i["limit"] < reference_price)
+    # Only a competing bid that lost and pays more ends a running lease (SPEC §4): never a floor,
+    # accepted or not, so neither the indicative price nor a price raised to a floor counts.
+    outbid = sorted(i["lease_id"] for i in incumbents if i["limit"] < highest_losing)
     return {
         "fills": fills,
         "price": price,
         "indicative": indicative,
+        "competing_limit": highest_losing,
         "losers": reasons,
         "outbid": outbid,
         "state_hash": state_hash(fills, price, indicative, reasons, outbid),

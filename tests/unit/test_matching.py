@@ -203,6 +203,24 @@ def test_invariants_hold(market):
         assert np.all(np.diff(res.loser_bid_id) > 0)
         assert np.all((res.loser_shortfall > 0) == (res.loser_reason == Reason.LIMIT_BELOW_PRICE))
     assert len(result.firm.outbid_lease_id) == 0
+    # SPEC §4: an incumbent is outbid only by a losing spot bid that pays more.
+    losing_limits = [b["limit"] for b in spot if b["bid_id"] in set(result.spot.loser_bid_id.tolist())]
+    assert result.spot.competing_limit in [-1, *losing_limits]
+    limit_of = {i["lease_id"]: i["limit"] for i in incumbents}
+    for lease_id in result.spot.outbid_lease_id.tolist():
+        assert any(lim > limit_of[lease_id] for lim in losing_limits)
+
+
+@PROPERTY
+@given(market_st())
+def test_without_competing_spot_bids_no_incumbent_is_outbid(market):
+    # SPEC §4: asks (floors) and firm bids never end a running spot lease, whatever the floors.
+    blocks, firm, _, incumbents = market
+
+    _, result = engine_tick(blocks, firm, [], incumbents)
+
+    assert result.spot.competing_limit == -1
+    assert result.spot.outbid_lease_id.tolist() == []
 
 
 @PROPERTY
@@ -467,7 +485,7 @@ def test_survival_counts_exposure_after_the_firm_window_only():
     assert res.fill_block_id.tolist() == [1]
 
 
-def test_incumbents_below_the_price_are_outbid():
+def test_incumbents_below_the_competing_limit_are_outbid():
     blocks = [block(1, gpus=1, host_gpus=8)]
     bids = [bid(1, limit=500), bid(2, limit=300)]
     incumbents = [{"lease_id": 9, "limit": 200}, {"lease_id": 4, "limit": 250},
@@ -475,8 +493,39 @@ def test_incumbents_below_the_price_are_outbid():
 
     res = check_spot(blocks, bids, incumbents)
 
-    assert res.price == 300
+    assert res.price == res.competing_limit == 300
     assert res.outbid_lease_id.tolist() == [4, 9]
+
+
+def test_only_a_losing_competing_bid_above_its_limit_outbids_an_incumbent():
+    # SPEC §4: an ask that is not accepted never ends a running lease; only a competing bid that
+    # needs GPUs and pays more does.  A 700 floor with no bid sets the indicative price, not the
+    # incumbent's fate.
+    blocks = [block(1, floor=700)]
+    incumbents = [{"lease_id": 7, "limit": 200}]
+
+    alone = check_spot(blocks, [], incumbents)
+    above = check_spot(blocks, [bid(1, limit=300)], incumbents)  # loses: below the floor
+    below = check_spot(blocks, [bid(1, limit=150)], incumbents)
+
+    assert (alone.indicative, alone.competing_limit, alone.outbid_lease_id.tolist()) == (700, -1, [])
+    assert above.loser_reason.tolist() == [Reason.LIMIT_BELOW_PRICE]
+    assert (above.competing_limit, above.outbid_lease_id.tolist()) == (300, [7])
+    assert (below.competing_limit, below.outbid_lease_id.tolist()) == (150, [])
+
+
+def test_a_price_raised_to_an_accepted_floor_does_not_outbid_an_incumbent():
+    # The winner pays the 400 floor; the incumbent at 300 is not outbid by a floor, and no losing
+    # bid pays more than it.  A loser that is not structurally eligible (too large) competes for
+    # no GPUs, so its limit does not count either.
+    blocks = [block(1, floor=400, gpus=1, host_gpus=8)]
+    bids = [bid(1, limit=500), bid(2, limit=900, gpus=9)]
+
+    res = check_spot(blocks, bids, [{"lease_id": 3, "limit": 300}])
+
+    assert res.price == 400
+    assert res.loser_reason.tolist() == [Reason.TOO_LARGE]
+    assert (res.competing_limit, res.outbid_lease_id.tolist()) == (-1, [])
 
 
 def test_indicative_price_when_nothing_trades():
