@@ -11,7 +11,7 @@ from exchange.core.auth import Principal
 from exchange.core.errors import ApiError
 from exchange.ledger.audit import run_audit
 from exchange.reclaims.schemas import ReclaimCreate
-from exchange.reclaims.service import create_reclaim
+from exchange.reclaims.service import create_reclaim, release_reclaim
 from exchange.settlement.service import settle
 from tests.integration.scenario import START, Scenario
 
@@ -36,34 +36,116 @@ async def _settle(s: Scenario):
         return await settle(conn, s.clock(), fee_bps=0, max_gap_s=5.0, close_after_s=30)
 
 
+async def by_coid(s: Scenario) -> dict[str, dict]:
+    """Each lease, keyed by its bid's client order id (each bid here fills as one lease)."""
+    rows = await s.ctx.pool.fetch("SELECT b.client_order_id AS coid, l.* FROM leases l JOIN bids b ON b.id = l.bid_id"
+                                  " ORDER BY l.id")
+    out: dict[str, dict] = {}
+    for row in rows:
+        assert row["coid"] not in out, f"bid {row['coid']} has more than one lease"
+        out[row["coid"]] = dict(row)
+    return out
+
+
+def ending(leases: dict[str, dict]) -> set[str]:
+    return {coid for coid, le in leases.items() if le["status"] == "ending"}
+
+
 async def test_reclaim_takes_idle_gpus_then_the_cheapest_spot_lease_after_notice(s: Scenario) -> None:
-    # Arrange: one 8-GPU host; a firm lease (2 GPUs) and two spot leases (2 @ 3.00, 2 @ 2.00) at
-    # different prices (placed in separate ticks); 2 GPUs idle.
+    # Arrange: one 8-GPU host, all of it leased: a firm lease (2 GPUs), then the oldest spot lease
+    # "cheap" (2 GPUs, alone in its tick: the floor, 1.00), then "dear" and "dear-2" (2 GPUs each)
+    # in a tick where a 4-GPU ioc bid at 2.50 loses for lack of GPUs and so sets the price at 2.50.
     await s.market(floor="1.00", firm_hours=24)
     rich = await s.new_tenant("rich")
     await s.bid(market="H100-80GB/firm", gpus=2, duration_s=3600, limit="5.00", coid="firm")
     await s.tick()
-    await s.bid(market="H100-80GB/spot", gpus=2, duration_s=3600, limit="3.00", coid="dear", tenant=rich)
-    await s.bid(market="H100-80GB/spot", gpus=2, duration_s=3600, limit="3.00", coid="dear-2", tenant=rich)
+    await s.bid(market="H100-80GB/spot", gpus=2, duration_s=3600, limit="3.00", coid="cheap")
     await s.tick()
     s.clock.advance(10)
-    await s.bid(market="H100-80GB/spot", gpus=2, duration_s=3600, limit="2.00", coid="cheap")
-    # The cheap bid is alone in its tick, at the floor; the others paid the tick's price.
+    await s.bid(market="H100-80GB/spot", gpus=2, duration_s=3600, limit="3.00", coid="dear", tenant=rich)
+    await s.bid(market="H100-80GB/spot", gpus=2, duration_s=3600, limit="3.00", coid="dear-2", tenant=rich)
+    await s.bid(market="H100-80GB/spot", gpus=4, duration_s=3600, limit="2.50", coid="pricer", tenant=rich,
+                time_in_force="ioc")
     await s.tick()
-    before = {le["id"]: le for le in await leases(s)}
-    assert len(before) == 4 and sum(le["gpus"] for le in before.values()) == 8
+    before = await by_coid(s)
+    assert {coid: (le["price"], le["gpus"]) for coid, le in before.items()} == {
+        "firm": (1_000_000, 2), "cheap": (1_000_000, 2), "dear": (2_500_000, 2), "dear-2": (2_500_000, 2)}
 
-    # Act: the owner wants 2 GPUs back now (none idle: all 8 leased) -> the cheapest spot lease ends.
+    # Act: the owner wants 2 GPUs back now (none idle: all 8 leased).
     reclaim = await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=2))
 
-    # Assert
-    after = {le["id"]: le for le in await leases(s)}
-    ending = [le for le in after.values() if le["status"] == "ending"]
-    cheapest = min((le for le in before.values() if le["tier"] == "spot"), key=lambda le: (le["price"], -le["id"]))
-    assert [le["id"] for le in ending] == [cheapest["id"]] and reclaim.leases[0].id == cheapest["id"]
-    assert ending[0]["end_reason"] == "reclaimed" and ending[0]["end_at"] == s.clock() + timedelta(seconds=120)
-    assert all(le["status"] == "active" for le in after.values() if le["tier"] == "firm")
+    # Assert: the cheapest spot lease ends (though it is the oldest), after the offer's 120 s notice.
+    after = await by_coid(s)
+    assert ending(after) == {"cheap"} and [le.id for le in reclaim.leases] == [before["cheap"]["id"]]
+    assert after["cheap"]["end_reason"] == "reclaimed" and after["cheap"]["end_at"] == s.clock() + timedelta(
+        seconds=120)
+    assert {coid: le["status"] for coid, le in after.items() if coid != "cheap"} == {
+        "firm": "active", "dear": "active", "dear-2": "active"}
     assert reclaim.taken_free == 0 and reclaim.shortfall == 0 and reclaim.status == "active"
+
+
+async def _three_hosts_three_prices(s: Scenario) -> None:
+    """h1: 2 GPUs at floor 1.00, h2: 4 GPUs at 2.00, h3: 2 GPUs at 3.00, each filled by one bid
+    alone in its tick, so each lease pays its host's floor: "a" 2 GPUs at 1.00, "b" 4 GPUs at 2.00,
+    "c" 2 GPUs at 3.00. Every GPU is leased: a reclaim has no idle GPU to take."""
+    await s.market(floor="1.00", gpus=2)
+    await s.add_host("h2", gpus=4, floor="2.00")
+    await s.add_host("h3", gpus=2, floor="3.00")
+    for coid, gpus in (("a", 2), ("b", 4), ("c", 2)):
+        await s.bid(market="H100-80GB/spot", gpus=gpus, duration_s=3600, limit="9.00", coid=coid)
+        await s.tick()
+        s.clock.advance(1)
+    leases = await by_coid(s)
+    assert {coid: (le["price"], le["gpus"]) for coid, le in leases.items()} == {
+        "a": (1_000_000, 2), "b": (2_000_000, 4), "c": (3_000_000, 2)}
+
+
+async def test_cheapest_first_spares_a_cheaper_lease_the_others_already_cover(s: Scenario) -> None:
+    await _three_hosts_three_prices(s)
+
+    # Need 4: the cheapest first are a (2 @ 1.00) then b (4 @ 2.00), 6 GPUs; b alone covers 4, so
+    # a does not end for nothing. Then need 2 more: of a (1.00) and c (3.00), a.
+    first = await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=4))
+    after_first = ending(await by_coid(s))
+    second = await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=2))
+    after_second = await by_coid(s)
+
+    assert after_first == {"b"} and [le.gpus for le in first.leases] == [4]
+    assert ending(after_second) == {"a", "b"} and after_second["c"]["status"] == "active"
+    assert [le.id for le in second.leases] == [after_second["a"]["id"]]
+    assert (first.taken_free, first.shortfall, second.taken_free, second.shortfall) == (0, 0, 0, 0)
+
+
+async def test_fewest_leases_takes_the_largest_gang_whatever_its_price(s: Scenario) -> None:
+    await _three_hosts_three_prices(s)
+
+    # Need 2: cheapest_first would end a (1.00); fewest_leases takes the largest gang first: b.
+    reclaim = await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=2,
+                                                                 strategy="fewest_leases"))
+
+    assert ending(await by_coid(s)) == {"b"} and reclaim.strategy == "fewest_leases"
+
+
+async def test_at_one_price_the_larger_gang_then_the_youngest_bid_ends(s: Scenario) -> None:
+    # One 8-GPU host; "big" (4 GPUs), "old" (2) and "young" (2), placed in that order, fill in one
+    # tick at the floor: one price, 1.00, for all three.
+    await s.market(floor="1.00", gpus=8)
+    for coid, gpus in (("big", 4), ("old", 2), ("young", 2)):
+        await s.bid(market="H100-80GB/spot", gpus=gpus, duration_s=3600, limit="9.00", coid=coid)
+    await s.tick()
+    leases = await by_coid(s)
+    assert {coid: (le["price"], le["gpus"]) for coid, le in leases.items()} == {
+        "big": (1_000_000, 4), "old": (1_000_000, 2), "young": (1_000_000, 2)}
+
+    # Need 4: "big" alone (one lease ends), though the oldest bid, rather than "old" and "young" (two).
+    await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=4))
+    after_first = ending(await by_coid(s))
+    # Need 2: "old" and "young" tie on price and size: the youngest bid goes.
+    await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=2))
+    after_second = await by_coid(s)
+
+    assert after_first == {"big"}
+    assert ending(after_second) == {"big", "young"} and after_second["old"]["status"] == "active"
 
 
 async def test_idle_gpus_go_first_and_firm_leases_are_never_taken(s: Scenario) -> None:
@@ -133,29 +215,49 @@ async def test_reclaim_inside_the_free_window_costs_the_tenant_nothing(s: Scenar
 
 
 async def test_requeued_bid_keeps_its_priority_and_its_cost_is_one_query_away(s: Scenario) -> None:
-    # Two hosts; a requeueing bid lands on h1 (the cheaper); h1 is reclaimed; a later bid takes h2;
-    # when the reclaimed lease closes, the first bid is back in the book under its original id.
+    # Arrange: one 4-GPU host. Bid X (requeue_on_preempt) fills; the later bid Y, same size and
+    # limit, rests in the book for lack of GPUs.
     await s.market(floor="1.00", gpus=4)
-    await s.add_host("h2", gpus=4, floor="2.00")
-    first = await s.bid(market="H100-80GB/spot", gpus=4, duration_s=3600, limit="3.00", requeue_on_preempt=True)
+    x = await s.bid(market="H100-80GB/spot", gpus=4, duration_s=7200, limit="3.00", coid="x",
+                    requeue_on_preempt=True)
     await s.tick()
-    s.clock.advance(4000)  # past the free window: the first lease is billed
+    y = await s.bid(market="H100-80GB/spot", gpus=4, duration_s=7200, limit="3.00", coid="y")
+    await s.tick()
+    assert y.id > x.id
+    assert dict(await s.ctx.pool.fetchrow("SELECT status, unfilled_reason FROM bids WHERE id = $1", y.id)) == {
+        "status": "open", "unfilled_reason": "no_capacity"}
+
+    # Act 1: past the free window X's lease is reclaimed; it ends after its notice; the settlement
+    # that closes it puts X back in the book. The reclaim holds the GPUs all along, so Y cannot
+    # take them in the meantime.
+    s.clock.advance(4000)
     lease = (await leases(s))[0]
     await s.report(1, lease["gpu_uuids"], s.clock() - timedelta(seconds=3000), 3000)
-    await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=4, host_id=lease["host_id"]))
-    later = await s.bid(market="H100-80GB/spot", gpus=4, duration_s=3600, limit="3.00", coid="later")
-    await s.tick()  # the later bid takes h2
-    s.clock.advance(130)
-    await s.tick()  # the notice ran out: lease 1 ends
+    reclaim = await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=4,
+                                                                 host_id=lease["host_id"]))
+    s.clock.advance(121)
+    await s.tick()  # the notice ran out: X's lease ends
     s.clock.advance(60)
-    await _settle(s)  # closes lease 1 and requeues its bid
+    await _settle(s)  # closes X's lease and requeues X
 
-    bid = await s.ctx.pool.fetchrow("SELECT id, status FROM bids WHERE id = $1", first.id)
-    assert bid["status"] == "open" and later.id > first.id
+    closed = (await leases(s))[0]
+    bids = {r["id"]: r["status"] for r in await s.ctx.pool.fetch("SELECT id, status FROM bids")}
+    assert (closed["status"], closed["end_reason"], closed["closed"]) == ("ended", "reclaimed", True)
+    assert bids == {x.id: "open", y.id: "open"}
     from exchange.bids.service import bid_cost
 
-    cost = await bid_cost(s.ctx, s.tenant_id, first.id)
-    assert cost.leases == 1 and cost.preemptions == 1 and cost.charged != "0.00"
+    cost = await bid_cost(s.ctx, s.tenant_id, x.id)
+    assert (cost.leases, cost.preemptions) == (1, 1) and closed["billed_amount"] > 0
+
+    # Act 2: the owner gives the GPUs back: room for one of X and Y.
+    await release_reclaim(s.ctx, owner(s), reclaim.id)
+    await s.tick()
+
+    # Assert: X, the earlier bid, fills; Y still waits.
+    rows = await leases(s)
+    bids = {r["id"]: r["status"] for r in await s.ctx.pool.fetch("SELECT id, status FROM bids")}
+    assert [le["bid_id"] for le in rows] == [x.id, x.id] and rows[1]["status"] == "active"
+    assert bids == {x.id: "filled", y.id: "open"}
     async with s.ctx.pool.acquire() as conn:
         assert await run_audit(conn) == []
 
