@@ -107,9 +107,13 @@ MARKET_CHECKS = [
           f" AND {_STOP.format(l='l')} + make_interval(secs => $2) < coalesce($1::timestamptz, now())"
           " ORDER BY l.id",
           ("now", "close_window_s")),
+    # Settlement bills up to its `now`: a given clock bounds the time billed too. The database's own
+    # clock does not (an injected clock may run ahead of it).
     Check("billed GPU-seconds within the lease's GPUs times its duration",
           f"SELECT l.id, l.gpus, l.start_at, {_STOP.format(l='l')} AS stop, l.billed_gpu_s FROM leases l"
-          f" WHERE l.billed_gpu_s > l.gpus * extract(epoch FROM {_STOP.format(l='l')} - l.start_at) ORDER BY l.id"),
+          f" WHERE l.billed_gpu_s > l.gpus * greatest(0, extract(epoch FROM"
+          f"   least({_STOP.format(l='l')}, coalesce($1::timestamptz, 'infinity')) - l.start_at)) ORDER BY l.id",
+          ("now",)),
     # Spot leases pay the spot price clamped to their limit; firm leases their cleared price.
     Check("billed amount within the rate allowed times the time billed",
           "SELECT id, tier, price, limit_price, billed_gpu_s, billed_value, billed_amount FROM leases"

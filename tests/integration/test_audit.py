@@ -258,3 +258,15 @@ async def test_cli_reports_the_breach_and_exits_1(copy) -> None:
     assert cli.returncode == 1, cli.stdout + cli.stderr
     assert "FAILED" in cli.stdout and "- no two leases hold one GPU at the same time: 2 offending rows" in cli.stdout
 
+
+
+async def test_time_billed_never_runs_past_the_given_clock(copy) -> None:
+    # The last firm lease started at 890 s and was billed 60 s on 4 GPUs by 950 s: at 900 s it could
+    # not have been. Without a clock, the database's own (which may lag an injected one) bounds nothing.
+    conn, _ = copy
+    name = "billed GPU-seconds within the lease's GPUs times its duration"
+
+    early = dict(await run_audit(conn, now=START + timedelta(seconds=900), **SETTINGS))
+    unbounded = dict(await run_audit(conn, **SETTINGS))
+
+    assert name in early and name not in unbounded
