@@ -11,6 +11,8 @@ import asyncpg
 import numpy as np
 
 from exchange.auction.book_sync import BookSync, ModelState
+from exchange.bids import lifecycle as bid_lifecycle
+from exchange.bids.lifecycle import BidEvent
 from exchange.bids.service import close_bid, expire_bids
 from exchange.core import metrics
 from exchange.core.money import cost_micros, split_hold
@@ -192,9 +194,7 @@ async def _open_leases(conn: asyncpg.Connection, bid_id: int, blocks: list[tuple
                                    " VALUES ($1, $2, $3, $4, $5, $6, $7)",
                                    market, tick_id, lease_id, price, gpus, bid["duration_s"], now)
                 lease_ids.append(lease_id)
-            await conn.execute(
-                "UPDATE bids SET status = 'filled', hold_amount = 0, filled_at = $2, updated_at = $2,"
-                " unfilled_reason = NULL, unfilled_shortfall = NULL WHERE id = $1", bid_id, now)
+            await bid_lifecycle.apply(conn, bid_id, BidEvent.FILL, now)
             await ledger.release_hold(conn, account_id=bid["account_id"], amount=bid["hold_amount"] - lease_hold_total,
                                       now=now, ref_type="bid", ref_id=bid_id, kind="narrow")
     except _Unassignable as missing:

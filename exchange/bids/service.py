@@ -10,10 +10,13 @@ from exchange.core.context import AppContext, request_hash
 from exchange.core import metrics
 from exchange.core.errors import ApiError, Conflict, InvalidField, NotFound
 from exchange.core.money import cost_micros, format_money, parse_money
+from exchange.bids import lifecycle as bid_lifecycle
+from exchange.bids.lifecycle import BidEvent
 from exchange.leases.lifecycle import PREEMPTION_REASONS
 from exchange.ledger import service as ledger
 
 _bid_encoder = msgspec.json.Encoder()
+CLOSE_EVENTS = {"cancelled": BidEvent.CANCEL, "expired": BidEvent.EXPIRE}
 BID_COLUMNS = ("id, account_id, market, gpus, duration_s, limit_price, client_order_id, min_survival, min_notice_s,"
                " time_in_force, expire_at, requeue_on_preempt, status, hold_amount, unfilled_reason,"
                " unfilled_shortfall, created_at, updated_at, request_hash")
@@ -131,7 +134,8 @@ async def close_bid(conn: asyncpg.Connection, bid_id: int, status: str, now: dat
         "SELECT id, account_id, hold_amount FROM bids WHERE id = $1 AND status = 'open' FOR UPDATE", bid_id)
     if row is None:
         return None
-    await conn.execute("UPDATE bids SET status = $2, hold_amount = 0, updated_at = $3 WHERE id = $1", bid_id, status, now)
+    moved = await bid_lifecycle.apply(conn, bid_id, CLOSE_EVENTS[status], now)
+    assert moved, f"bid {bid_id} was locked open"
     await ledger.release_hold(conn, account_id=row["account_id"], amount=row["hold_amount"], now=now,
                               ref_type="bid", ref_id=bid_id)
     metrics.BIDS_CLOSED.labels(status).inc()
@@ -179,9 +183,7 @@ async def requeue_bid(conn: asyncpg.Connection, bid_id: int, now: datetime) -> b
         async with conn.transaction():
             await ledger.place_hold(conn, account_id=bid["account_id"], amount=hold, now=now, ref_type="bid",
                                     ref_id=bid_id)
-            await conn.execute(
-                "UPDATE bids SET status = 'open', hold_amount = $2, updated_at = $3, unfilled_reason = NULL,"
-                " unfilled_shortfall = NULL WHERE id = $1", bid_id, hold, now)
+            await bid_lifecycle.apply(conn, bid_id, BidEvent.REQUEUE, now, hold_amount=hold)
     except ApiError:
         await conn.execute("UPDATE bids SET unfilled_reason = 'requeue_insufficient_funds' WHERE id = $1", bid_id)
         return False

@@ -208,3 +208,12 @@ async def test_lifecycle_writers_ignore_leases_they_do_not_apply_to(s: Scenario)
         assert await lifecycle.give_notice(conn, [lease["id"]], LeaseEvent.OUTBID, s.clock()) == []
     (after,) = await lease_rows(s)
     assert (after["status"], after["end_reason"]) == ("ended", "completed")
+
+
+async def test_bid_statuses_match_the_bid_lifecycle(db) -> None:
+    from exchange.bids.lifecycle import TRANSITIONS as BID_TRANSITIONS, BidStatus
+
+    check = await db.fetchval("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'bids'::regclass"
+                              " AND pg_get_constraintdef(oid) LIKE '%status = ANY%'")
+    assert _quoted(check) == {str(s) for s in BidStatus}
+    assert {s for s, _ in BID_TRANSITIONS} | set(BID_TRANSITIONS.values()) == set(BidStatus)
