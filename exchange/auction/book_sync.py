@@ -191,25 +191,27 @@ class BookSync:
         """Refresh every live offer as a block: what is free changes with every lease, so blocks are
         re-sent each tick (there are far fewer of them than bids)."""
         rows = await conn.fetch(
-            "SELECT o.id, o.host_id, h.fabric, h.health, o.model, o.gpus, o.floor_price, o.available_until,"
-            " o.firm_until, o.reclaim_notice_s, o.reclaim_rate_per_h,"
-            " (SELECT count(*) FROM gpus g WHERE g.host_id = o.host_id AND g.present AND g.model = o.model) AS host_gpus,"
-            # What live leases hold on the host, whichever offer sold them: an offer withdrawn and
-            # republished while its leases run must not look free.
-            " (SELECT count(*) FROM gpus g JOIN lease_gpus lg ON lg.uuid = g.uuid AND lg.live"
-            "   WHERE g.host_id = o.host_id AND g.present AND g.model = o.model) AS leased,"
-            # The owner's own demand comes first: GPUs reclaimed now are not for sale, less those
-            # a lease under the reclaim's notice still holds (counted in `leased` already; the same
-            # rule as the tick's GPU assignment, auction/service._assignable_gpus)...
-            " (SELECT coalesce(sum(rg.gpus), 0) FROM reclaim_gpus rg JOIN reclaims r ON r.id = rg.reclaim_id"
-            "   WHERE rg.host_id = o.host_id AND r.status = 'active' AND r.model = o.model)"
-            " - (SELECT coalesce(sum(l.gpus), 0) FROM leases l JOIN reclaims r ON r.id = l.reclaim_id"
-            "   WHERE l.host_id = o.host_id AND l.status = 'ending' AND r.status = 'active' AND r.model = o.model)"
-            " AS reclaimed,"
+            # The owner's own demand comes first: GPUs an active reclaim takes are not for sale,
+            # less those a lease under the reclaim's notice still holds (counted as leased already;
+            # the same rule as the tick's GPU assignment, auction/service._assignable_gpus).
+            "WITH reclaimed AS (SELECT rg.host_id, r.model, sum(rg.gpus) AS gpus FROM reclaims r"
+            "   JOIN reclaim_gpus rg ON rg.reclaim_id = r.id WHERE r.status = 'active' GROUP BY 1, 2),"
+            " noticed AS (SELECT l.host_id, r.model, sum(l.gpus) AS gpus FROM reclaims r"
+            "   JOIN leases l ON l.reclaim_id = r.id WHERE r.status = 'active' AND l.status = 'ending' GROUP BY 1, 2)"
+            " SELECT o.id, o.host_id, h.fabric, h.health, o.model, o.gpus, o.floor_price, o.available_until,"
+            " o.firm_until, o.reclaim_notice_s, o.reclaim_rate_per_h, hg.host_gpus, hg.leased,"
+            " coalesce(rc.gpus, 0) - coalesce(nt.gpus, 0) AS reclaimed,"
             # ...and no spot lease is placed across a reservation the owner scheduled on this host.
             " (SELECT min(r.at) FROM reclaims r WHERE r.status = 'scheduled' AND r.model = o.model"
             "   AND (r.host_id = o.host_id OR (r.host_id IS NULL AND r.owner_id = h.owner_id))) AS cut_at"
             " FROM offers o JOIN hosts h ON h.id = o.host_id"
+            # What live leases hold on the host, whichever offer sold them: an offer withdrawn and
+            # republished while its leases run must not look free.
+            " CROSS JOIN LATERAL (SELECT count(*) AS host_gpus, count(*) FILTER (WHERE EXISTS"
+            "   (SELECT 1 FROM lease_gpus lg WHERE lg.uuid = g.uuid AND lg.live)) AS leased"
+            "   FROM gpus g WHERE g.host_id = o.host_id AND g.present AND g.model = o.model) hg"
+            " LEFT JOIN reclaimed rc ON rc.host_id = o.host_id AND rc.model = o.model"
+            " LEFT JOIN noticed nt ON nt.host_id = o.host_id AND nt.model = o.model"
             " WHERE o.status = 'live' AND o.available_from <= $1 AND o.available_until > $1 ORDER BY o.id", now)
         by_model: dict[str, list[asyncpg.Record]] = {}
         for row in rows:
