@@ -1,0 +1,154 @@
+"""Checks after every step of the simulation: the database audit (`gpux audit`'s invariants: money,
+billing, GPUs, host health, requeues), the book against the database right after a tick, and the
+simulation's own checks that a snapshot of the database cannot make alone: what the exchange
+acknowledged (bids, deposits) is never lost, a bid's status moves only forward, an ended lease stays
+ended as it ended (history), and a few shape checks of fills and live GPUs."""
+from __future__ import annotations
+
+import inspect
+from datetime import datetime
+
+import asyncpg
+
+from exchange.ledger.audit import run_audit
+from exchange.leases.lifecycle import PREEMPTION_REASONS
+from exchange.sim.driver import Driver, SimFailure, acknowledged_deposits
+
+# run_audit grows keyword arguments (the time, the settlement and host graces); pass those it takes.
+_AUDIT_PARAMS = set(inspect.signature(run_audit).parameters)
+_PREEMPTIONS = [str(r) for r in PREEMPTION_REASONS]
+
+# (check, SQL returning the offending rows), beside the audit's. Parameters by name, if ever needed:
+# :now the simulation's time, :mark the largest lease id before this step, :preempt the preemption reasons.
+SQL_CHECKS: list[tuple[str, str]] = [
+    ("a filled bid has its whole gang leased in one tick",
+     "SELECT b.id, b.gpus, g.tick_id, g.gpus AS leased FROM bids b LEFT JOIN LATERAL"
+     " (SELECT l.tick_id, sum(l.gpus) AS gpus FROM leases l WHERE l.bid_id = b.id GROUP BY l.tick_id"
+     "  ORDER BY l.tick_id DESC LIMIT 1) g ON true"
+     " WHERE b.status = 'filled' AND g.gpus IS DISTINCT FROM b.gpus"),
+    ("an open bid has no live lease",
+     "SELECT b.id, l.id AS lease_id, l.status FROM bids b JOIN leases l ON l.bid_id = b.id"
+     " WHERE b.status = 'open' AND l.status IN ('active', 'ending')"),
+    ("a live lease holds exactly its GPUs, an ended one none",
+     "SELECT l.id, l.status, l.gpus, count(lg.uuid) FILTER (WHERE lg.live) AS live_gpus FROM leases l"
+     " LEFT JOIN lease_gpus lg ON lg.lease_id = l.id GROUP BY l.id"
+     " HAVING count(lg.uuid) FILTER (WHERE lg.live) <> CASE WHEN l.status IN ('active', 'ending') THEN l.gpus ELSE 0 END"),
+]
+
+# A bid's status may move only along these edges (filled -> open: a preempted bid requeued).
+BID_MOVES = {("open", "filled"), ("open", "cancelled"), ("open", "expired"), ("filled", "open")}
+
+
+class Auditor:
+    def __init__(self, conn: asyncpg.Connection, driver: Driver) -> None:
+        self.conn = conn
+        self.driver = driver
+        self.lease_mark = 0           # leases with larger ids started in the current step
+        self.bid_status: dict[int, str] = {}
+        self.ended: dict[int, tuple] = {}  # lease id -> (status, end_reason, end_at) once terminal
+
+    async def before_step(self) -> None:
+        self.lease_mark = await self.conn.fetchval("SELECT coalesce(max(id), 0) FROM leases")
+
+    async def check(self) -> None:
+        """Raise SimFailure on the first breached check."""
+        driver = self.driver
+        now = driver.clock()
+        breaches = await run_audit(self.conn, **self._audit_kwargs(now))
+        if breaches:
+            name, rows = breaches[0]
+            raise SimFailure(f"audit: {name}", rows[:5] + ([f"(+{len(breaches) - 1} more breached checks: "
+                                                          + ", ".join(n for n, _ in breaches[1:]) + ")"]
+                                                         if len(breaches) > 1 else []))
+        if driver.book_fresh and driver.sync is not None:
+            await self._check_book(driver.sync)
+        for name, sql in SQL_CHECKS:
+            bound, args = self._bind(sql, now)
+            rows = await self.conn.fetch(bound, *args)
+            if rows:
+                raise SimFailure(name, [dict(r) for r in rows[:5]])
+        await self._check_bids()
+        await self._check_ended_leases()
+        await self._check_deposits()
+
+    def _audit_kwargs(self, now: datetime) -> dict:
+        settings = self.driver.settings
+        offered = {"now": now, "close_after_s": settings.settle_close_after_s, "settle_s": settings.settle_s,
+                   "host_grace_s": settings.host_grace_s, "host_fail_s": settings.host_fail_s,
+                   "fee_bps": settings.fee_bps, "max_gap_s": settings.meter_max_gap_s}
+        return {k: v for k, v in offered.items() if k in _AUDIT_PARAMS}
+
+    def _bind(self, sql: str, now: datetime) -> tuple[str, list]:
+        """Named parameters to asyncpg's numbered ones, each with its type."""
+        values = {":now": ("timestamptz", now), ":mark": ("bigint", self.lease_mark), ":preempt": ("text[]", _PREEMPTIONS)}
+        args: list = []
+        for name, (kind, value) in values.items():
+            if name in sql:
+                args.append(value)
+                sql = sql.replace(name, f"${len(args)}::{kind}")
+        return sql, args
+
+    async def _check_book(self, sync) -> None:
+        """Right after a tick the book holds exactly the open bids."""
+        if hasattr(sync, "book_drift"):
+            missing, extra = await sync.book_drift(self.conn)
+        else:
+            resting = {bid_id for state in sync.models.values() for bid_id in state.resting}
+            open_ids = {r["id"] for r in await self.conn.fetch("SELECT id FROM bids WHERE status = 'open'")}
+            missing, extra = open_ids - resting, resting - open_ids
+        if missing or extra:
+            raise SimFailure("after a tick the book holds exactly the open bids",
+                             {"open but not in the book": sorted(missing)[:10],
+                              "in the book but not open": sorted(extra)[:10]})
+
+    async def _check_bids(self) -> None:
+        """Every acknowledged bid is stored as acknowledged; statuses move only along allowed edges."""
+        rows = {r["id"]: r for r in await self.conn.fetch(
+            "SELECT id, account_id, client_order_id, gpus, status, requeue_on_preempt FROM bids")}
+        model = self.driver.model
+        for acked in model.bids.values():
+            row = rows.get(acked.bid_id)
+            if (row is None or row["client_order_id"] != acked.coid
+                    or row["account_id"] != model.tenant_ids[acked.tenant] or row["gpus"] != acked.body["gpus"]):
+                raise SimFailure("an acknowledged bid is never lost",
+                                 f"{acked.coid} acknowledged as bid {acked.bid_id}; stored: {dict(row) if row else None}")
+            acked.status = row["status"]
+        for bid_id, row in rows.items():
+            before = self.bid_status.get(bid_id)
+            status = row["status"]
+            if before is not None and before != status:
+                if (before, status) not in BID_MOVES or (before == "filled" and not row["requeue_on_preempt"]):
+                    raise SimFailure("a bid's status moves only forward (filled -> open only to requeue)",
+                                     f"bid {bid_id}: {before} -> {status}")
+            self.bid_status[bid_id] = status
+
+    async def _check_ended_leases(self) -> None:
+        """A lease that ended or failed never changes its status, reason or end again."""
+        rows = await self.conn.fetch(
+            "SELECT id, status, end_reason, end_at FROM leases WHERE status IN ('ended', 'failed')")
+        seen = set()
+        for r in rows:
+            seen.add(r["id"])
+            now_is = (r["status"], r["end_reason"], r["end_at"])
+            was = self.ended.setdefault(r["id"], now_is)
+            if was != now_is:
+                raise SimFailure("a lease that ended stays ended as it ended",
+                                 f"lease {r['id']}: was {was}, now {now_is}")
+        gone = set(self.ended) - seen
+        if gone:
+            lease_id = min(gone)
+            row = await self.conn.fetchrow("SELECT status, end_reason, end_at FROM leases WHERE id = $1", lease_id)
+            raise SimFailure("a lease that ended stays ended as it ended",
+                             f"lease {lease_id}: was {self.ended[lease_id]}, now {dict(row) if row else None}")
+
+    async def _check_deposits(self) -> None:
+        """Every acknowledged deposit is in its tenant's books, once."""
+        expected = acknowledged_deposits(self.driver.model)
+        rows = await self.conn.fetch(
+            "SELECT t.account_id, sum(p.amount)::bigint AS total FROM transfers t JOIN postings p ON p.transfer_id = t.id"
+            " JOIN ledger_accounts la ON la.id = p.ledger_account_id AND la.account_id = t.account_id"
+            " AND la.kind = 'available' WHERE t.kind = 'deposit' GROUP BY t.account_id")
+        stored = {r["account_id"]: r["total"] for r in rows}
+        if stored != {k: v for k, v in expected.items() if v}:
+            raise SimFailure("every acknowledged deposit is in the books, once",
+                             {"acknowledged": expected, "stored": stored})

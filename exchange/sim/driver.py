@@ -1,0 +1,428 @@
+"""Executes the workload's steps against the real services on a real PostgreSQL database, on an
+injected ManualClock. No HTTP: the services are called as the controllers call them. A refusal the
+services raise as an ApiError is an expected answer; any other exception is a failure.
+
+Time passes only in `advance` steps; while it passes, the agents that are not silent report their
+samples (as a running agent would), and the exchange's periodic jobs run when due (a tick every
+`tick_s`, settlement every `settle_s`, as the scheduler would), so time-based invariants hold
+between steps. Ticks go through the MatchingLeader, which also fails silent hosts."""
+from __future__ import annotations
+
+import asyncio
+import traceback
+from datetime import datetime, timedelta
+
+import asyncpg
+
+from exchange.accounts.schemas import AccountCreate, DepositCreate
+from exchange.accounts.service import create_account, deposit
+from exchange.auction.leader import MatchingLeader
+from exchange.bids.schemas import BidCreate
+from exchange.bids.service import cancel_bid, cancel_bid_on, insert_bid, place_bid
+from exchange.core.auth import Principal
+from exchange.core.clock import ManualClock
+from exchange.core.context import AppContext
+from exchange.core.errors import ApiError
+from exchange.core.money import parse_money
+from exchange.core.settings import Settings
+from exchange.db.pool import create_pool
+from exchange.hosts.schemas import HostCreate, Inventory, InventoryGpu
+from exchange.hosts.service import create_host, put_inventory
+from exchange.metering.schemas import MeterReport, MeterSample
+from exchange.metering.service import ingest_report
+from exchange.offers.schemas import OfferCreate
+from exchange.offers.service import create_offer, withdraw_offer
+from exchange.reclaims.schemas import ReclaimCreate
+from exchange.reclaims.service import create_reclaim, release_reclaim
+from exchange.settlement.service import settle
+from exchange.sim.workload import (GPUS_PER_HOST, MODEL, START, AckedBid, HostState, SimModel, Step, Workload)
+
+SAMPLE_EVERY_S = 10
+
+
+class SimFailure(Exception):
+    """A breach found while executing a step (the auditor raises the same after it)."""
+
+    def __init__(self, check: str, detail: object = None) -> None:
+        super().__init__(check)
+        self.check = check
+        self.detail = detail
+
+
+def sim_settings(workload: Workload) -> Settings:
+    # Small graces so that a silent host is marked silent and then failed within a few steps.
+    return Settings.from_env({}, fee_bps=workload.fee_bps, host_grace_s=30.0, host_fail_s=90.0, tick_s=2.0,
+                             settle_s=60.0, settle_close_after_s=30.0, meter_max_gap_s=float(SAMPLE_EVERY_S),
+                             min_duration_s=60, run_scheduler=False, log_level="WARNING")
+
+
+class Driver:
+    def __init__(self, url: str, workload: Workload) -> None:
+        self.url = url
+        self.workload = workload
+        self.settings = sim_settings(workload)
+        self.clock = ManualClock(START)
+        self.model = SimModel(now=START)
+        self.pool: asyncpg.Pool | None = None
+        self.ctx: AppContext | None = None
+        self.leader: MatchingLeader | None = None
+        self.side: asyncpg.Connection | None = None  # the connection that holds transactions open
+        # True right after a tick that saw every commit: the book must equal the open bids then.
+        self.book_fresh = False
+        self.ticked = False
+        self.last_tick_at = START
+        self.last_settle_at = START
+
+    async def open(self) -> None:
+        self.pool = await create_pool(self.url, min_size=1, max_size=2)
+        self.ctx = AppContext(settings=self.settings, pool=self.pool, clock=self.clock)
+        self.leader = MatchingLeader(self.ctx, self.url)
+        self.side = await asyncpg.connect(self.url)
+
+    async def close(self) -> None:
+        if self.leader is not None:
+            await self.leader.close()
+        if self.side is not None:
+            await self.side.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+    @property
+    def sync(self):
+        return self.leader.sync if self.leader is not None else None
+
+    async def run(self, step: Step) -> str:
+        """Execute one step; returns a short outcome. ApiError: an expected refusal."""
+        self.book_fresh = False
+        self.ticked = False
+        try:
+            return await getattr(self, "_" + step.kind)(step)
+        except SimFailure:
+            raise
+        except ApiError as refusal:
+            return f"refused {refusal.code}"
+        except Exception as error:  # a 500: the services must never raise anything else
+            raise SimFailure("no step raises an unexpected exception",
+                             "".join(traceback.format_exception(error)).strip()) from error
+
+    # --- principals -------------------------------------------------------------------------------
+
+    def _owner(self, index: int) -> Principal:
+        return Principal(role="owner", account_id=self.model.owner_ids[index])
+
+    def _agent(self, host: HostState) -> Principal:
+        return Principal(role="agent", account_id=self.model.owner_ids[host.owner], host_id=host.host_id)
+
+    # --- setup ------------------------------------------------------------------------------------
+
+    async def _account(self, step: Step) -> str:
+        role, index = step.arg("role"), step.arg("index")
+        created = await create_account(self.ctx, AccountCreate(name=f"{role}{index}", role=role))
+        (self.model.owner_ids if role == "owner" else self.model.tenant_ids).append(created.id)
+        return f"id={created.id}"
+
+    async def _host(self, step: Step) -> str:
+        index, owner = step.arg("host"), step.arg("owner")
+        created = await create_host(self.ctx, self.model.owner_ids[owner],
+                                    HostCreate(name=f"h{index}", fabric=step.arg("fabric")))
+        host = HostState(name=f"h{index}", owner=owner, fabric=step.arg("fabric"),
+                         uuids=[f"GPU-{created.id:04d}-{i:04d}-0000-0000" for i in range(GPUS_PER_HOST)],
+                         present=[True] * GPUS_PER_HOST, host_id=created.id)
+        self.model.hosts.append(host)
+        await self._put_inventory(host)
+        return f"id={created.id}"
+
+    async def _put_inventory(self, host: HostState) -> None:
+        await put_inventory(self.ctx, self._agent(host), Inventory(gpus=[
+            InventoryGpu(uuid=u, model=MODEL, memory_mb=81559, index=i)
+            for i, (u, p) in enumerate(zip(host.uuids, host.present)) if p]))
+
+    # --- tenants ----------------------------------------------------------------------------------
+
+    def _bid_create(self, step: Step) -> BidCreate:
+        body = {k: v for k, v in step.args if k not in ("tenant", "coid", "retry", "conflict")}
+        return BidCreate(client_order_id=step.arg("coid"), **body)
+
+    def _body(self, step: Step) -> dict:
+        return {k: v for k, v in step.args if k not in ("tenant", "coid", "retry", "conflict")}
+
+    def _acknowledge(self, step: Step, bid_id: int) -> None:
+        self.model.bids[step.arg("coid")] = AckedBid(coid=step.arg("coid"), tenant=step.arg("tenant"),
+                                                     body=self._body(step), bid_id=bid_id)
+
+    async def _bid(self, step: Step) -> str:
+        coid = step.arg("coid")
+        known = self.model.bids.get(coid)
+        tenant_id = self.model.tenant_ids[step.arg("tenant")]
+        try:
+            bid, replayed = await place_bid(self.ctx, tenant_id, self._bid_create(step))
+        except ApiError as refusal:
+            if step.arg("conflict") and refusal.code != "idempotency_conflict":
+                raise SimFailure("a client_order_id reused for another bid is refused as a conflict",
+                                 f"got {refusal.code}: {refusal.message}") from None
+            raise
+        if step.arg("conflict"):
+            raise SimFailure("a client_order_id reused for another bid is refused as a conflict",
+                             f"answered bid {bid.id} replayed={replayed}")
+        if known is not None:
+            if not replayed or bid.id != known.bid_id:
+                raise SimFailure("a retried bid returns the acknowledged bid",
+                                 f"{coid}: acknowledged {known.bid_id}, retry answered {bid.id} replayed={replayed}")
+            return f"replayed id={bid.id} {bid.status}"
+        if replayed:
+            raise SimFailure("a new client_order_id places a new bid", f"{coid} answered as a replay of {bid.id}")
+        self._acknowledge(step, bid.id)
+        return f"id={bid.id}"
+
+    async def _cancel(self, step: Step) -> str:
+        known = self.model.bids[step.arg("coid")]
+        bid = await cancel_bid(self.ctx, self.model.tenant_ids[known.tenant], known.bid_id)
+        if bid.status != "cancelled":
+            raise SimFailure("a cancel that succeeds leaves the bid cancelled", f"bid {bid.id} is {bid.status}")
+        return f"id={bid.id} cancelled"
+
+    async def _held_bid_tick(self, step: Step) -> str:
+        """BEGIN; insert the bid and its hold; tick while it is open; COMMIT (when the tick ends, or
+        as soon as it waits on this transaction's locks)."""
+        tenant_id = self.model.tenant_ids[step.arg("tenant")]
+        tx = self.side.transaction()
+        await tx.start()
+        try:
+            row, _ = await insert_bid(self.side, self.ctx, tenant_id, self._bid_create(step), self.clock())
+        except BaseException:
+            await tx.rollback()
+            raise
+        how = await self._tick_racing(tx)
+        self._acknowledge(step, row["id"])
+        return f"id={row['id']} committed {how}"
+
+    async def _held_cancel_tick(self, step: Step) -> str:
+        known = self.model.bids[step.arg("coid")]
+        tx = self.side.transaction()
+        await tx.start()
+        try:
+            await cancel_bid_on(self.side, self.model.tenant_ids[known.tenant], known.bid_id, self.clock())
+        except BaseException:
+            await tx.rollback()
+            raise
+        how = await self._tick_racing(tx)
+        return f"id={known.bid_id} cancelled, committed {how}"
+
+    async def _tick_racing(self, tx) -> str:
+        side_pid = self.side.get_server_pid()
+        task = asyncio.ensure_future(self.leader.tick())
+        how = "after the tick"
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.003)
+                if done:
+                    break
+                waiting = await self.pool.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND $1 = ANY(pg_blocking_pids(pid)))", side_pid)
+                if waiting:
+                    how = "while the tick waited on it"
+                    break
+        finally:
+            await tx.commit()
+        summary = await task
+        if summary is None:
+            raise SimFailure("every tick runs", "the leader gave up its tick")
+        self._after_tick()
+        return how
+
+    async def _deposit(self, step: Step) -> str:
+        tenant, key, amount = step.arg("tenant"), step.arg("key"), step.arg("amount")
+        known = self.model.deposits.get((tenant, key))
+        try:
+            made, replayed = await deposit(self.ctx, self.model.tenant_ids[tenant],
+                                           DepositCreate(amount=amount, idempotency_key=key))
+        except ApiError as refusal:
+            if step.arg("conflict") and refusal.code != "idempotency_conflict":
+                raise SimFailure("a deposit key reused for another amount is refused as a conflict",
+                                 f"got {refusal.code}") from None
+            raise
+        if step.arg("conflict"):
+            raise SimFailure("a deposit key reused for another amount is refused as a conflict",
+                             f"answered deposit {made.id} replayed={replayed}")
+        if known is not None:
+            if not replayed or made.id != known[1]:
+                raise SimFailure("a retried deposit returns the first deposit and moves nothing",
+                                 f"key {key}: first {known[1]}, retry answered {made.id} replayed={replayed}")
+            return f"replayed id={made.id}"
+        if replayed:
+            raise SimFailure("a new deposit key credits", f"key {key} answered as a replay")
+        self.model.deposits[(tenant, key)] = (amount, made.id)
+        return f"id={made.id}"
+
+    # --- owners -----------------------------------------------------------------------------------
+
+    async def _offer_publish(self, step: Step) -> str:
+        host = self.model.hosts[step.arg("host")]
+        offer = await create_offer(self.ctx, self._owner(host.owner), OfferCreate(
+            host_id=host.host_id, gpus=step.arg("gpus"), floor_price=step.arg("floor"),
+            available_until=step.arg("until"), available_from=step.arg("from"), firm_until=step.arg("firm_until"),
+            reclaim_notice_s=step.arg("notice_s"), reclaim_rate_per_h=step.arg("rate_per_h", 0.0), model=MODEL))
+        host.offer_id, host.offer_until = offer.id, offer.available_until
+        return f"id={offer.id}"
+
+    async def _offer_withdraw(self, step: Step) -> str:
+        host = self.model.hosts[step.arg("host")]
+        offer = await withdraw_offer(self.ctx, self._owner(host.owner), host.offer_id)
+        host.offer_id = None
+        return f"id={offer.id} {offer.status}"
+
+    async def _inventory(self, step: Step) -> str:
+        """The agent reports its GPUs with one dropped or one restored. A plain drop takes a GPU no
+        live lease holds (the `drop`-th such, counting round); `leased=True` drops the `drop`-th
+        present GPU whatever holds it (a GPU failing under a lease)."""
+        host = self.model.hosts[step.arg("host")]
+        if step.arg("drop") is None:
+            host.present[step.arg("restore")] = True
+        else:
+            present = [i for i, p in enumerate(host.present) if p]
+            if not step.arg("leased"):
+                held = {r["uuid"] for r in await self.pool.fetch(
+                    "SELECT uuid FROM lease_gpus WHERE live AND uuid = ANY($1::text[])", host.uuids)}
+                present = [i for i in present if host.uuids[i] not in held]
+            if not present:
+                return "no GPU to drop"
+            host.present[present[step.arg("drop") % len(present)]] = False
+        await self._put_inventory(host)
+        return f"{sum(host.present)} GPUs present"
+
+    async def _reclaim(self, step: Step) -> str:
+        owner = step.arg("owner")
+        host = step.arg("host")
+        reclaim = await create_reclaim(self.ctx, self._owner(owner), ReclaimCreate(
+            model=MODEL, gpus=step.arg("gpus"), host_id=None if host is None else self.model.hosts[host].host_id,
+            at=step.arg("at"), until=step.arg("until")))
+        self.model.reclaims.append((owner, reclaim.id))
+        return f"id={reclaim.id} {reclaim.status} leases={len(reclaim.leases)} shortfall={reclaim.shortfall}"
+
+    async def _release(self, step: Step) -> str:
+        owner, reclaim_id = self.model.reclaims[step.arg("index")]
+        reclaim = await release_reclaim(self.ctx, self._owner(owner), reclaim_id)
+        return f"id={reclaim.id} {reclaim.status}"
+
+    # --- agents -----------------------------------------------------------------------------------
+
+    def _report(self, host: HostState, until: datetime, healthy: bool = True) -> MeterReport | None:
+        """The agent's next report: samples every SAMPLE_EVERY_S from where it stopped up to `until`."""
+        agent = host.agent
+        samples = []
+        ts = agent.sampled_until
+        while ts <= until:
+            elapsed = int((ts - START).total_seconds())
+            samples.extend(MeterSample(uuid=u, ts=ts, util=90, mem_used_mb=70_000, power_mw=650_000,
+                                       energy_mj=1_000_000 + elapsed * 650_000, temp_c=70, healthy=healthy)
+                           for u, present in zip(host.uuids, host.present) if present)
+            ts += timedelta(seconds=SAMPLE_EVERY_S)
+        agent.sampled_until = ts
+        if not samples:
+            return None
+        report = MeterReport(seq=agent.next_seq, samples=samples)
+        agent.next_seq += 1
+        return report
+
+    async def _send(self, host: HostState, report: MeterReport, *, duplicate: bool = False) -> str:
+        ack = await ingest_report(self.ctx, self._agent(host), report)
+        if ack.duplicate != duplicate:
+            raise SimFailure("a report is stored once: its resend is a duplicate, a new one is not",
+                             f"host {host.name} seq {report.seq}: duplicate={ack.duplicate}")
+        host.agent.last_sent = report
+        return f"seq {report.seq}: {ack.accepted}"
+
+    async def _meter(self, step: Step) -> str:
+        host = self.model.hosts[step.arg("host")]
+        mode, now = step.arg("mode"), self.clock()
+        if mode == "swap":  # two reports of halves of the window, the later one delivered first
+            middle = host.agent.sampled_until + (now - host.agent.sampled_until) / 2
+            first = self._report(host, middle, step.arg("healthy"))
+            second = self._report(host, now, step.arg("healthy"))
+            sent = [await self._send(host, r) for r in (second, first) if r is not None]
+            return "; ".join(sent) or "nothing to report"
+        report = self._report(host, now, step.arg("healthy"))
+        if report is None:
+            return "nothing to report"
+        if mode == "hold":
+            host.agent.held.append(report)
+            return f"seq {report.seq} held back"
+        outcome = await self._send(host, report)
+        if mode == "duplicate":
+            outcome += "; resent: " + await self._send(host, report, duplicate=True)
+        return outcome
+
+    async def _deliver_held(self, step: Step) -> str:
+        host = self.model.hosts[step.arg("host")]
+        return "late " + await self._send(host, host.agent.held.pop(0))
+
+    async def _host_silent(self, step: Step) -> str:
+        self.model.hosts[step.arg("host")].agent.silent = True
+        return "silent"
+
+    async def _host_returns(self, step: Step) -> str:
+        host = self.model.hosts[step.arg("host")]
+        host.agent.silent = False
+        if not step.arg("backfill"):  # the host was down: no samples for the outage exist
+            host.agent.sampled_until = max(host.agent.sampled_until, self.clock())
+        report = self._report(host, self.clock())
+        return await self._send(host, report) if report is not None else "nothing to report"
+
+    # --- the exchange's jobs ----------------------------------------------------------------------
+
+    def _after_tick(self) -> None:
+        self.ticked = True
+        self.last_tick_at = self.clock()
+
+    async def _do_tick(self) -> str:
+        summary = await self.leader.tick()
+        if summary is None:
+            raise SimFailure("every tick runs", "the leader gave up its tick")
+        self._after_tick()
+        self.book_fresh = True
+        return f"fills={summary.fills} leases={summary.leases} ended={summary.ended} outbid={summary.outbid}"
+
+    async def _do_settle(self) -> str:
+        async with self.pool.acquire() as conn:
+            summary = await settle(conn, self.clock(), fee_bps=self.settings.fee_bps,
+                                   max_gap_s=self.settings.meter_max_gap_s,
+                                   close_after_s=self.settings.settle_close_after_s)
+        self.last_settle_at = self.clock()
+        return f"settled {summary.leases} billed {summary.billed} charged {summary.charged_micros} closed {summary.closed}"
+
+    async def _tick(self, step: Step) -> str:
+        return await self._do_tick()
+
+    async def _settle(self, step: Step) -> str:
+        return await self._do_settle()
+
+    async def _advance(self, step: Step) -> str:
+        self.clock.advance(step.arg("s"))
+        now = self.model.now = self.clock()
+        outcomes = []
+        for host in self.model.hosts:  # running agents report what they sampled meanwhile, less
+            if not host.agent.silent:  # their last batch (left for the meter steps)
+                report = self._report(host, now - timedelta(seconds=SAMPLE_EVERY_S))
+                if report is not None:
+                    await self._send(host, report)
+        if (now - self.last_tick_at).total_seconds() >= self.settings.tick_s:
+            outcomes.append("tick " + await self._do_tick())
+        if (now - self.last_settle_at).total_seconds() >= self.settings.settle_s:
+            outcomes.append(await self._do_settle())
+            self.book_fresh = False  # settlement may requeue bids after the tick
+        return "; ".join(outcomes) or "quiet"
+
+    async def _restart_leader(self, step: Step) -> str:
+        await self.leader.close()
+        self.leader = MatchingLeader(self.ctx, self.url)
+        return "new leader (book rebuilt at its first tick)"
+
+
+def acknowledged_deposits(model: SimModel) -> dict[int, int]:
+    """Per tenant account id: the micro-dollars of every deposit the exchange acknowledged."""
+    totals: dict[int, int] = {}
+    for (tenant, _), (amount, _) in model.deposits.items():
+        account = model.tenant_ids[tenant]
+        totals[account] = totals.get(account, 0) + parse_money(amount)
+    return totals
