@@ -1,4 +1,4 @@
-"""`gpux`: serve, agent, demo, audit, bench, watch."""
+"""`gpux`: serve, agent, demo, audit, sim, bench, watch."""
 from __future__ import annotations
 
 import asyncio
@@ -112,6 +112,30 @@ def audit() -> None:
     breaches = asyncio.run(check())
     click.echo(format_report(breaches))
     sys.exit(1 if breaches else 0)
+
+
+@main.command()
+@click.option("--seed", default=1, show_default=True, type=int, help="the first seed")
+@click.option("--steps", default=200, show_default=True, type=int, help="workload steps per seed (after its setup)")
+@click.option("--seeds", default=1, show_default=True, type=int, help="how many consecutive seeds, from --seed")
+@click.option("--verbose", is_flag=True, help="print every step of every seed")
+@click.option("-x", "--stop-on-failure", is_flag=True, help="stop at the first failing seed")
+def sim(seed: int, steps: int, seeds: int, verbose: bool, stop_on_failure: bool) -> None:
+    """Deterministic simulation: seeded tenants, owners, agents and faults against the real services,
+    every invariant checked after every step. Each seed runs in a new database (DATABASE_URL's
+    server, else the embedded one); a failing seed keeps it. Exit 1 on any failure."""
+    from exchange.sim.runner import run_seeds
+
+    url, server = _database_url(Settings.from_env())
+    try:
+        results = asyncio.run(run_seeds(url, seed, steps, seeds, click.echo, verbose=verbose,
+                                        stop_on_failure=stop_on_failure))
+    finally:
+        if server is not None:
+            from exchange.db.embedded import stop_embedded
+
+            stop_embedded(server)
+    sys.exit(0 if all(r.ok for r in results) else 1)
 
 
 def _run_bench(module: str, as_json: bool, **options: object) -> None:

@@ -126,12 +126,16 @@ def format_failure(result: SeedResult, last: int = 30) -> str:
 
 
 async def run_seeds(server_url: str, first: int, steps: int, count: int, echo: Callable[[str], None], *,
-                    verbose: bool = False, stop_on_failure: bool = False) -> list[SeedResult]:
-    """Run seeds first .. first + count - 1; print one line per seed and a summary."""
-    # The services log refusals and races they handle; the simulation reports what matters itself.
-    logging.getLogger("exchange").setLevel(logging.ERROR)
+                    verbose: bool = False, stop_on_failure: bool = False,
+                    template: str | None = None) -> list[SeedResult]:
+    """Run seeds first .. first + count - 1; print one line per seed and a summary. `template`: a
+    migrated database to clone (default: one made and dropped here)."""
+    # The services log the races they handle and the breaches they see; the simulation reports them.
+    logging.getLogger("exchange").setLevel(logging.CRITICAL)
     started = time.perf_counter()
-    template = await create_template(server_url)
+    own_template = template is None
+    if own_template:
+        template = await create_template(server_url)
     results: list[SeedResult] = []
     # A passed seed's database is dropped while the next seed runs (a drop waits on the server's disk).
     dropping: asyncio.Task | None = None
@@ -156,7 +160,8 @@ async def run_seeds(server_url: str, first: int, steps: int, count: int, echo: C
     finally:
         if dropping is not None:
             await dropping
-        await drop_database(server_url, template)
+        if own_template:
+            await drop_database(server_url, template)
     elapsed = time.perf_counter() - started
     failed = [r.seed for r in results if not r.ok]
     total_steps = sum(len(r.log) for r in results)
