@@ -10,7 +10,6 @@ import pytest
 
 from exchange.auction.book_sync import BookSync, engine_bid_ids
 from exchange.auction.leader import MatchingLeader
-from exchange.auction.service import run_tick
 from exchange.bids.schemas import BidCreate
 from exchange.bids.service import cancel_bid_on, insert_bid
 from exchange.core import metrics
@@ -18,6 +17,7 @@ from exchange.core.auth import Principal
 from exchange.leases.lifecycle import fail_silent_hosts
 from exchange.offers.schemas import OfferCreate
 from exchange.offers.service import create_offer, withdraw_offer
+from matching import Tier
 from tests.integration.scenario import START, Scenario
 
 MODEL = "H100-80GB"
@@ -165,7 +165,7 @@ async def test_reload_bids_puts_open_winners_back_and_leaves_closed_ones_out(s: 
     gone = await s.bid(market=SPOT, gpus=1, duration_s=3600, limit="2.00", coid="gone")
     await s.tick()
     book = s.sync.models[MODEL].book
-    book.remove_bids(1, [keep.id, gone.id])  # as the engine does with winners
+    book.remove_bids(Tier.SPOT, [keep.id, gone.id])  # as the engine does with winners
     async with s.ctx.pool.acquire() as conn:
         await cancel_bid_on(conn, s.tenant_id, gone.id, s.clock())
         assert await s.sync.book_drift(conn) == ([keep.id], [])
@@ -206,7 +206,7 @@ async def test_reset_model_rebuilds_the_model_from_the_database(s: Scenario) -> 
     bids = [await s.bid(market=SPOT, gpus=1, duration_s=3600, limit="2.00", coid=f"b{i}") for i in range(3)]
     await s.tick()
     state = s.sync.models[MODEL]
-    state.book.remove_bids(1, [bids[0].id])  # a winner the engine took out, never written
+    state.book.remove_bids(Tier.SPOT, [bids[0].id])  # a winner the engine took out, never written
     assert (await drift(s))[0] == [bids[0].id]
 
     s.sync.reset_model(MODEL)
