@@ -524,6 +524,12 @@ class ModelBook:
         b = self._bids
         return b.main.live_count(Tier(tier)) + b.pend.live_count(Tier(tier))
 
+    def live_bid_ids(self) -> np.ndarray:
+        """The bid ids the book holds live, both tiers (winners leave during `tick`): what the
+        service compares with the open bids in its database (book drift)."""
+        runs = (self._bids.main, self._bids.pend)
+        return np.concatenate([run.ids[run.id_state == K.STATE_LIVE] for run in runs]) // 2
+
     def set_incumbents(self, lease_id, limit) -> None:
         """Running spot leases (replaces the previous set)."""
         ids = np.asarray(lease_id, np.int64).reshape(-1)

@@ -16,7 +16,6 @@ import asyncpg
 import numpy as np
 
 from matching import ModelBook, Tier, hazard_budget_from_survival, rate_mph_from_per_hour
-from matching import kernels as K
 
 INT64_MAX = np.iinfo(np.int64).max
 TIER_OF = {"spot": Tier.SPOT, "firm": Tier.FIRM}
@@ -36,11 +35,8 @@ def snapshot_xmin(snapshot: str) -> int:
 
 def engine_bid_ids(book: ModelBook) -> np.ndarray:
     """The bids the engine itself holds live (both tiers), which is what it will match: winners
-    leave it during `tick`, before the database knows. Reads the engine's runs (internal id =
-    bid id * 2 + tier, see matching/book.py) because ModelBook offers only counts."""
-    runs = (book._bids.main, book._bids.pend)
-    live = [run.ids[run.id_state == K.STATE_LIVE] for run in runs]
-    return np.concatenate(live) // 2
+    leave it during `tick`, before the database knows."""
+    return book.live_bid_ids()
 
 
 @dataclass
