@@ -13,6 +13,8 @@ from exchange.accounts.schemas import AccountCreate
 from exchange.accounts.service import create_account
 from exchange.bids.service import cancel_bid
 from exchange.core.auth import Principal
+from exchange.hosts.schemas import Inventory, InventoryGpu
+from exchange.hosts.service import put_inventory
 from exchange.ledger.audit import CHECKS, format_report, run_audit
 from exchange.leases.lifecycle import fail_silent_hosts
 from exchange.reclaims.schemas import ReclaimCreate
@@ -270,3 +272,47 @@ async def test_time_billed_never_runs_past_the_given_clock(copy) -> None:
     unbounded = dict(await run_audit(conn, **SETTINGS))
 
     assert name in early and name not in unbounded
+
+
+async def test_a_gpu_falling_off_under_a_lease_is_no_oversale(copy) -> None:
+    # The agent reports h1 without one of the running firm lease's GPUs: 4 leased + 4 reclaimed on
+    # 7 present now, but nothing was sold after that report, so nothing was oversold.
+    conn, url = copy
+    s = await Scenario.create(url)
+    try:
+        s.clock.now = END + timedelta(seconds=10)
+        host_id, owner_id, lost = await conn.fetchrow(
+            f"SELECT l.host_id, h.owner_id, l.gpu_uuids[1] FROM leases l JOIN hosts h ON h.id = l.host_id"
+            f" WHERE l.id = {FIRM_2}")
+        kept = await conn.fetch("SELECT uuid, model, memory_mb FROM gpus WHERE host_id = $1 AND uuid <> $2"
+                                " ORDER BY idx", host_id, lost)
+        await put_inventory(s.ctx, Principal(role="agent", account_id=owner_id, host_id=host_id), Inventory(gpus=[
+            InventoryGpu(uuid=g["uuid"], model=g["model"], memory_mb=g["memory_mb"]) for g in kept]))
+    finally:
+        await s.close()
+
+    breaches = await run_audit(conn, now=s.clock(), **SETTINGS)
+
+    assert breaches == [], format_report(breaches)
+
+
+async def test_a_reclaim_taking_a_lease_that_completes_within_its_notice_is_no_oversale(db_url: str) -> None:
+    # A 2-minute spot lease on all 4 GPUs; the owner reclaims them at once. The lease would end
+    # before a 120 s notice runs out, so it gets none and completes as planned, while the reclaim
+    # already counts its GPUs: 4 leased + 4 reclaimed on 4 GPUs, and no oversale.
+    s = await Scenario.create(db_url)
+    try:
+        await s.market(gpus=4)
+        s.clock.advance(10)  # after the inventory report: the host is audited
+        await s.bid(market="H100-80GB/spot", gpus=4, duration_s=120, limit="3.00")
+        await s.tick()
+        await create_reclaim(s.ctx, Principal(role="owner", account_id=s.owner_id),
+                             ReclaimCreate(model="H100-80GB", gpus=4))
+        async with s.ctx.pool.acquire() as conn:
+            lease = await conn.fetchrow("SELECT status, reclaim_id FROM leases")
+            breaches = await run_audit(conn, now=s.clock(), **SETTINGS)
+    finally:
+        await s.close()
+
+    assert (lease["status"], lease["reclaim_id"]) == ("active", None)
+    assert breaches == [], format_report(breaches)
