@@ -114,10 +114,12 @@ def _stop(lease: asyncpg.Record, now: datetime) -> datetime:
 
 
 async def spot_prices(conn: asyncpg.Connection) -> dict[str, int]:
-    """The spot price in force per market: the last tick's clearing price, else its indicative.
-    The one place settlement reads it."""
+    """The spot price in force per market: the last tick's clearing price, else its highest
+    competing limit (a losing bid's), else 0 (no demand: running leases pay their floor). Never the
+    indicative price: an ask nobody accepted never sets what a running lease pays (SPEC §4). The one
+    place settlement reads it."""
     rows = await conn.fetch(
-        "SELECT DISTINCT ON (market) market, coalesce(price, indicative) AS price FROM market_ticks"
+        "SELECT DISTINCT ON (market) market, coalesce(price, competing_limit, 0) AS price FROM market_ticks"
         " WHERE market LIKE '%/spot' ORDER BY market, id DESC")
     return {r["market"]: r["price"] for r in rows}
 

@@ -63,3 +63,27 @@ async def test_a_competing_bid_that_pays_more_and_cannot_be_placed_outbids_it(s:
     assert [r["status"] for r in rows] == ["open"]
     assert summary.outbid == 1 and summary.fills == 0
     assert after["status"] == "ending" and after["end_reason"] == "outbid"
+
+
+async def test_an_unaccepted_ask_never_sets_the_price_a_running_lease_pays(s: Scenario) -> None:
+    # Arrange: the lease (floor 1.00, limit 2.00) and owner B's unaccepted 5.00 ask; the tick
+    # publishes an indicative 5.00, nothing trades, no bid competes.
+    from datetime import timedelta
+
+    from exchange.settlement.service import settle
+    from tests.integration.scenario import START
+
+    lease = await lease_with_dear_offer_of_another_owner(s)
+    await s.tick()
+    s.clock.advance(95)
+
+    # Act: the lease's first 100 s are metered and settled.
+    await s.report(1, list(lease["gpu_uuids"]), START, 100)
+    async with s.ctx.pool.acquire() as conn:
+        await settle(conn, s.clock(), fee_bps=0, max_gap_s=5.0, close_after_s=30)
+
+    # Assert: it pays its floor (no competing demand), not the ask clamped to its limit (2.00).
+    after = await s.ctx.pool.fetchrow("SELECT billed_gpu_s, billed_amount FROM leases WHERE id = $1", lease["id"])
+    assert after["billed_gpu_s"] == 8 * 99  # the last sample has no successor to bound it yet
+    assert after["billed_amount"] == 8 * 99 * 1_000_000 // 3600
+    assert lease["start_at"] + timedelta(seconds=100) == s.clock()

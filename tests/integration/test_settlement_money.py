@@ -56,10 +56,12 @@ def _money(lease: dict) -> tuple[int, int, int, int]:
 
 
 async def _tick_price(s: Scenario, *, price: int | None, indicative: int) -> None:
-    """A spot tick recorded by hand: moves the spot price in force (read by `spot_prices`)."""
+    """A spot tick recorded by hand: moves the spot price in force (read by `spot_prices`). With no
+    trade, `indicative` stands for the highest competing limit."""
     await s.ctx.pool.execute(
-        "INSERT INTO market_ticks (market, at, price, indicative, volume_gpus, open_bids, state_hash)"
-        " VALUES ('H100-80GB/spot', $1, $2, $3, 0, 0, 0)", s.clock(), price, indicative)
+        "INSERT INTO market_ticks (market, at, price, indicative, volume_gpus, open_bids, state_hash, competing_limit)"
+        " VALUES ('H100-80GB/spot', $1, $2, $3, 0, 0, 0, $4)", s.clock(), price, indicative,
+        None if price is not None else indicative)
 
 
 async def _payout(s: Scenario, account_id: int) -> int:
@@ -108,7 +110,7 @@ async def test_a_moving_spot_price_is_clamped_to_the_floor_and_the_limit(s: Scen
     uuids = (await _leases(s))[0]["gpu_uuids"]
 
     # Act: 100 s at each spot price in force: 1.20 (the tick), 2.00, 5.00 (over the limit) and an
-    # indicative 0.50 (under the floor).
+    # competing limit of 0.50 with no trade (under the floor).
     for k, tick in enumerate([None, (2_000_000, 2_000_000), (5_000_000, 5_000_000), (None, 500_000)]):
         if tick:
             await _tick_price(s, price=tick[0], indicative=tick[1])
