@@ -180,9 +180,10 @@ MARKET_CHECKS = [
     # host, which the reclaim takes without telling them (they complete as planned) and so without
     # reclaim_id; the latter rule can go once such victims carry reclaim_id.
     # A host's inventory may shrink under its leases and reclaims (a GPU falls off the bus): that is
-    # the hardware, not an oversale. So a host is checked when its latest live lease or active reclaim
-    # came after its last inventory report (max reported_at of its GPUs): every commitment alive now
-    # was alive then, against the GPUs present now.
+    # the hardware, not an oversale. A leased GPU that is gone takes nothing from the present ones
+    # (not counted); a reclaim counts GPUs, not which ones, so a host is checked when its latest live
+    # lease or active reclaim came after its last inventory report (max reported_at of its GPUs):
+    # every commitment alive now was alive then, against the GPUs present now.
     Check("leased and reclaimed GPUs within each host's present GPUs",
           """WITH inventory AS (
               SELECT host_id, count(*) FILTER (WHERE present) AS present, max(reported_at) AS reported_at
@@ -190,6 +191,7 @@ MARKET_CHECKS = [
           leased AS (
               SELECT l.host_id, count(*) AS leased, max(l.start_at) AS latest FROM lease_gpus lg
               JOIN leases l ON l.id = lg.lease_id
+              JOIN gpus g ON g.uuid = lg.uuid AND g.host_id = l.host_id AND g.present
               WHERE lg.live
                 AND NOT EXISTS (SELECT 1 FROM reclaims r WHERE r.id = l.reclaim_id AND r.status = 'active')
                 AND NOT (l.tier = 'spot' AND l.status = 'active' AND EXISTS (

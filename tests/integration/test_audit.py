@@ -187,8 +187,9 @@ CORRUPTIONS: dict[str, str] = {
     "an ending or ended lease has its end, never before its start nor after its planned end":
         BEHIND_TRIGGERS + "ALTER TABLE leases DROP CONSTRAINT IF EXISTS leases_status_shape;"
         f" UPDATE leases SET status = 'ending', end_reason = 'reclaimed' WHERE id = {FIRM_2}",
+    # The active reclaim takes one GPU more than the leases left free.
     "leased and reclaimed GPUs within each host's present GPUs":
-        f"UPDATE gpus SET present = false WHERE uuid = (SELECT gpu_uuids[1] FROM leases WHERE id = {FIRM_2})",
+        "UPDATE reclaim_gpus SET gpus = gpus + 1 WHERE reclaim_id = (SELECT id FROM reclaims WHERE status = 'active')",
     "no two leases hold one GPU at the same time":
         f"UPDATE leases SET gpu_uuids = (SELECT gpu_uuids FROM leases WHERE id = {SPOT_1}) WHERE id = {FIRM}",
     "no live lease on a failed host":
@@ -274,18 +275,21 @@ async def test_time_billed_never_runs_past_the_given_clock(copy) -> None:
     assert name in early and name not in unbounded
 
 
-async def test_a_gpu_falling_off_under_a_lease_is_no_oversale(copy) -> None:
-    # The agent reports h1 without one of the running firm lease's GPUs: 4 leased + 4 reclaimed on
-    # 7 present now, but nothing was sold after that report, so nothing was oversold.
+async def test_gpus_falling_off_under_a_lease_and_a_reclaim_are_no_oversale(copy) -> None:
+    # The agent reports h1 without one of the running firm lease's GPUs and without one of the idle
+    # GPUs the active reclaim holds: 3 leased + 4 reclaimed on 6 present now, but nothing was sold
+    # or reclaimed after that report, so nothing was oversold.
     conn, url = copy
     s = await Scenario.create(url)
     try:
         s.clock.now = END + timedelta(seconds=10)
-        host_id, owner_id, lost = await conn.fetchrow(
+        host_id, owner_id, leased = await conn.fetchrow(
             f"SELECT l.host_id, h.owner_id, l.gpu_uuids[1] FROM leases l JOIN hosts h ON h.id = l.host_id"
             f" WHERE l.id = {FIRM_2}")
-        kept = await conn.fetch("SELECT uuid, model, memory_mb FROM gpus WHERE host_id = $1 AND uuid <> $2"
-                                " ORDER BY idx", host_id, lost)
+        idle = await conn.fetchval("SELECT min(uuid) FROM gpus g WHERE host_id = $1 AND NOT EXISTS"
+                                   " (SELECT 1 FROM lease_gpus lg WHERE lg.uuid = g.uuid AND lg.live)", host_id)
+        kept = await conn.fetch("SELECT uuid, model, memory_mb FROM gpus WHERE host_id = $1"
+                                " AND uuid <> ALL($2::text[]) ORDER BY idx", host_id, [leased, idle])
         await put_inventory(s.ctx, Principal(role="agent", account_id=owner_id, host_id=host_id), Inventory(gpus=[
             InventoryGpu(uuid=g["uuid"], model=g["model"], memory_mb=g["memory_mb"]) for g in kept]))
     finally:
@@ -293,6 +297,7 @@ async def test_a_gpu_falling_off_under_a_lease_is_no_oversale(copy) -> None:
 
     breaches = await run_audit(conn, now=s.clock(), **SETTINGS)
 
+    assert len(kept) == 6
     assert breaches == [], format_report(breaches)
 
 
