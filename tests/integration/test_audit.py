@@ -212,8 +212,9 @@ def test_every_check_has_a_corruption() -> None:
 async def test_audit_passes_on_a_market_built_by_the_services(copy) -> None:
     conn, url = copy
     shape = await conn.fetchrow(
-        "SELECT count(*) FILTER (WHERE status = 'active') AS active, count(*) FILTER (WHERE status = 'ending') AS ending,"
-        " count(*) FILTER (WHERE status = 'ended') AS ended, count(*) FILTER (WHERE status = 'failed') AS failed,"
+        "SELECT count(*) FILTER (WHERE status = 'active') AS active,"
+        " count(*) FILTER (WHERE status = 'ending') AS ending, count(*) FILTER (WHERE status = 'ended') AS ended,"
+        " count(*) FILTER (WHERE status = 'failed') AS failed,"
         " count(*) FILTER (WHERE free_of_charge) AS free, sum(fees_amount) AS fees FROM leases")
     assert dict(shape) == {"active": 1, "ending": 1, "ended": 2, "failed": 1, "free": 2, "fees": shape["fees"]}
     assert shape["fees"] > 0
