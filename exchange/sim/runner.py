@@ -20,6 +20,8 @@ from exchange.sim.driver import Driver, SimFailure
 from exchange.sim.workload import Step, Workload
 
 STEP_TIMEOUT_S = 60.0
+# Failing seeds whose databases are kept for inspection; later failures drop theirs (a replay remakes it).
+KEEP_FAILED = 5
 
 
 @dataclass
@@ -32,6 +34,7 @@ class SeedResult:
     seconds: float = 0.0
     database: str = ""                           # its database's name (dropped when the seed passed)
     database_url: str = ""
+    kept: bool = False                           # its database was kept after a failure
 
     @property
     def ok(self) -> bool:
@@ -121,7 +124,8 @@ def format_failure(result: SeedResult, last: int = 30) -> str:
         mark = ">>" if index == result.failed_at else "  "
         lines.append(f"  {mark} #{index} {step} -> {outcome or '(failed)'}")
     lines.append(f"  replay: gpux sim --seed {result.seed} --steps {result.steps}")
-    lines.append(f"  its database is kept: {result.database_url}")
+    if result.kept:
+        lines.append(f"  its database is kept: {result.database_url}")
     return "\n".join(lines)
 
 
@@ -146,7 +150,8 @@ async def run_seeds(server_url: str, first: int, steps: int, count: int, echo: C
             if dropping is not None:
                 await dropping
                 dropping = None
-            if result.ok:
+            result.kept = not result.ok and sum(r.kept for r in results) < KEEP_FAILED
+            if not result.kept:
                 dropping = asyncio.ensure_future(drop_database(server_url, result.database))
             if verbose:
                 for index, (step, outcome) in enumerate(result.log):
