@@ -130,13 +130,14 @@ class Workload:
     def _bid_body(self, model: SimModel) -> dict:
         rng = self.rng
         tier = "spot" if rng.random() < 0.65 else "firm"
-        if rng.random() < 0.12:
-            gpus = rng.choice((12, 16, 24))  # more than one host: several whole hosts of one fabric
+        multi_host = rng.random() < 0.12
+        if multi_host:  # more than one host: several whole hosts of one fabric, bid high enough to win them
+            gpus = rng.choice((12, 16, 16, 24))
         else:
             gpus = rng.choice((1, 1, 2, 2, 4, 4, 8, rng.randint(1, GPUS_PER_HOST)))
         body: dict = {"market": f"{MODEL}/{tier}", "gpus": gpus,
                       "duration_s": rng.choice((60, 120, 300, 600, 1800, 3600, 7200)),
-                      "limit_price": self._money(0.4, 5.0)}
+                      "limit_price": self._money(3.0, 6.0) if multi_host else self._money(0.4, 5.0)}
         tif = rng.choices(("gtc", "ioc", "gtd"), weights=(70, 15, 15))[0]
         if tif == "gtd":
             body["expire_at"] = model.now + timedelta(seconds=rng.choice((5, 30, 120, 600, 1800)))
