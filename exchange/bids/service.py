@@ -80,11 +80,19 @@ async def insert_bid(conn: asyncpg.Connection, ctx: AppContext, account_id: int,
     """Validate a bid, INSERT it and hold its funds on `conn`, inside the caller's transaction (the
     simulation holds such a transaction open across a tick). Returns (row, replayed): a retry with
     the same client_order_id and body returns the stored bid and moves nothing."""
-    limit = validate_bid(ctx, data, now)
+    fingerprint = request_hash(_bid_encoder.encode(data))
+    try:
+        limit = validate_bid(ctx, data, now)
+    except InvalidField:
+        # A retry of a stored bid answers with it even when its body no longer validates now (a
+        # good-till-date bid retried after its expire_at): the check costs a query only on refusal.
+        existing = await _stored_retry(conn, account_id, data.client_order_id, fingerprint)
+        if existing is None:
+            raise
+        return existing, True
     # expire_at given with the default tif means good-till-date.
     tif = "gtd" if data.expire_at is not None else data.time_in_force
     hold = cost_micros(limit, data.gpus, data.duration_s)
-    fingerprint = request_hash(_bid_encoder.encode(data))
     try:
         row = await conn.fetchrow(
             f"INSERT INTO bids (account_id, market, gpus, duration_s, limit_price, min_survival, min_notice_s,"
@@ -107,6 +115,13 @@ async def insert_bid(conn: asyncpg.Connection, ctx: AppContext, account_id: int,
         raise Conflict("idempotency_conflict", "this client_order_id was used for a different bid",
                        field="client_order_id")
     return existing, True
+
+
+async def _stored_retry(conn: asyncpg.Connection, account_id: int, client_order_id: str,
+                        fingerprint: bytes) -> asyncpg.Record | None:
+    row = await conn.fetchrow(f"SELECT {BID_COLUMNS} FROM bids WHERE account_id = $1 AND client_order_id = $2",
+                              account_id, client_order_id)
+    return row if row is not None and row["request_hash"] == fingerprint else None
 
 
 async def get_bid(ctx: AppContext, account_id: int, bid_id: int) -> Bid:

@@ -136,8 +136,9 @@ async def give_notice(conn: asyncpg.Connection, lease_ids: list[int], event: Lea
                       reclaim_id: int | None = None) -> list[int]:
     """Outbid or reclaimed: each active lease ends after its offer's reclaim notice. A lease whose
     planned end comes before the notice would run out gets none: it completes as planned (so a
-    notice never runs past the planned end, and finished work is never called preempted). A reclaim
-    within the offer's free window makes the lease free of charge. Returns the leases told."""
+    notice never runs past the planned end, and finished work is never called preempted), though a
+    reclaim still ties it to itself. A reclaim within the offer's free window makes the lease free of
+    charge. Returns the leases told."""
     assert event in (LeaseEvent.OUTBID, LeaseEvent.RECLAIM), event
     if not lease_ids:
         return []
@@ -152,7 +153,19 @@ async def give_notice(conn: asyncpg.Connection, lease_ids: list[int], event: Lea
         " AND l.planned_end_at > $2::timestamptz + make_interval(secs => o.reclaim_notice_s)"
         " RETURNING l.id",
         lease_ids, now, str(status), str(reason), reclaim_id, event == LeaseEvent.RECLAIM, sources(event))
+    if reclaim_id is not None:
+        # The reclaim's victims that complete within their notice run on untold, but their GPUs are
+        # the reclaim's when they end: tie them to it, so what a host has leased and reclaimed counts
+        # each GPU once (the book, the tick's assignment and the audit read it this way).
+        await conn.execute("UPDATE leases SET reclaim_id = $2 WHERE id = ANY($1::bigint[]) AND status = 'active'"
+                           " AND reclaim_id IS NULL", lease_ids, reclaim_id)
     return sorted(r["id"] for r in rows)
+
+
+# Never end a lease before the time already billed (settlement may have billed a sample's coverage
+# past the host's last sample, or a gang sibling's metered time past its partner's failure): what
+# is billed stays billed, so the end moves no earlier than that.
+_BILLED_UNTIL = "l.start_at + make_interval(secs => ceil(l.billed_gpu_s::numeric / l.gpus)::float8)"
 
 
 async def fail_silent_hosts(conn: asyncpg.Connection, now: datetime, *, grace_s: float, fail_s: float) -> int:
@@ -176,7 +189,7 @@ async def fail_silent_hosts(conn: asyncpg.Connection, now: datetime, *, grace_s:
         # Also leases on hosts already failed (a lease may have started before the host was marked).
         rows = await conn.fetch(
             "UPDATE leases l SET status = $3, end_reason = $4,"
-            " end_at = least(greatest(coalesce(h.last_sample_at, l.start_at), l.start_at),"
+            f" end_at = least(greatest(coalesce(h.last_sample_at, l.start_at), l.start_at, {_BILLED_UNTIL}),"
             "   coalesce(l.end_at, l.planned_end_at))"
             " FROM hosts h WHERE h.id = l.host_id AND l.status = ANY($5::text[])"
             " AND (h.id = ANY($1::bigint[]) OR h.health = 'failed')"
@@ -186,7 +199,7 @@ async def fail_silent_hosts(conn: asyncpg.Connection, now: datetime, *, grace_s:
         status, reason = TRANSITIONS[(LeaseStatus.ACTIVE, LeaseEvent.GANG_FAILED)]
         siblings = await conn.fetch(
             "UPDATE leases l SET status = $3, end_reason = $4,"
-            " end_at = greatest(l.start_at, least(coalesce(l.end_at, l.planned_end_at), f.end_at))"
+            f" end_at = least(coalesce(l.end_at, l.planned_end_at), greatest(l.start_at, f.end_at, {_BILLED_UNTIL}))"
             " FROM (SELECT bid_id, min(end_at) AS end_at FROM leases WHERE id = ANY($1::bigint[]) GROUP BY bid_id) f"
             " WHERE l.bid_id = f.bid_id AND l.status = ANY($2::text[]) RETURNING l.id",
             failed, sources(LeaseEvent.GANG_FAILED), str(status), str(reason))

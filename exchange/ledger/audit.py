@@ -101,10 +101,15 @@ MARKET_CHECKS = [
           "SELECT 'bid' AS holder, id, status, hold_amount FROM bids WHERE status <> 'open' AND hold_amount <> 0"
           " UNION ALL"
           " SELECT 'lease', id, status, hold_amount FROM leases WHERE closed AND hold_amount <> 0"),
+    # A lease's window opens when it stops or, if later, when its end was decided (a failed host is
+    # found out `GPUX_HOST_FAIL_S` after its last sample, where its leases stop): the time of its
+    # `lease_ended` event, which the lifecycle's trigger stamps with the (injected) clock.
     Check("no ended lease left unclosed past its close window",
-          f"SELECT l.id, l.status, l.end_reason, {_STOP.format(l='l')} AS stop, l.settled_at FROM leases l"
+          f"SELECT l.id, l.status, l.end_reason, {_STOP.format(l='l')} AS stop, e.at AS ended_at, l.settled_at"
+          " FROM leases l LEFT JOIN LATERAL (SELECT max(at) AS at FROM account_events ae"
+          "   WHERE ae.lease_id = l.id AND ae.kind = 'lease_ended') e ON true"
           " WHERE l.status IN ('ended', 'failed') AND NOT l.closed"
-          f" AND {_STOP.format(l='l')} + make_interval(secs => $2) < coalesce($1::timestamptz, now())"
+          f" AND greatest({_STOP.format(l='l')}, e.at) + make_interval(secs => $2) < coalesce($1::timestamptz, now())"
           " ORDER BY l.id",
           ("now", "close_window_s")),
     # Settlement bills up to its `now`: a given clock bounds the time billed too. The database's own
@@ -175,10 +180,8 @@ MARKET_CHECKS = [
           " WHERE (status <> 'active' AND end_at IS NULL) OR end_at > planned_end_at OR end_at < start_at"
           " ORDER BY id"),
     # A reclaim counts the GPUs of the spot leases it takes from (victims) while they run out: those
-    # are not counted twice. Victims are the leases tied to an active reclaim (reclaim_id), and the
-    # active spot leases whose planned end came within their notice of an active reclaim on their
-    # host, which the reclaim takes without telling them (they complete as planned) and so without
-    # reclaim_id; the latter rule can go once such victims carry reclaim_id.
+    # are not counted twice. Victims are the live leases tied to an active reclaim (reclaim_id), told
+    # (ending) or not (they complete within their notice).
     # A host's inventory may shrink under its leases and reclaims (a GPU falls off the bus): that is
     # the hardware, not an oversale. A leased GPU that is gone takes nothing from the present ones
     # (not counted); a reclaim counts GPUs, not which ones, so a host is checked when its latest live
@@ -194,11 +197,6 @@ MARKET_CHECKS = [
               JOIN gpus g ON g.uuid = lg.uuid AND g.host_id = l.host_id AND g.present
               WHERE lg.live
                 AND NOT EXISTS (SELECT 1 FROM reclaims r WHERE r.id = l.reclaim_id AND r.status = 'active')
-                AND NOT (l.tier = 'spot' AND l.status = 'active' AND EXISTS (
-                    SELECT 1 FROM reclaim_gpus rg JOIN reclaims r ON r.id = rg.reclaim_id AND r.status = 'active'
-                    JOIN offers o ON o.id = l.offer_id
-                    WHERE rg.host_id = l.host_id AND r.executed_at >= l.start_at
-                      AND l.planned_end_at <= r.executed_at + make_interval(secs => o.reclaim_notice_s)))
               GROUP BY l.host_id),
           reclaimed AS (
               SELECT rg.host_id, sum(rg.gpus) AS reclaimed, max(r.executed_at) AS latest FROM reclaim_gpus rg

@@ -98,7 +98,7 @@ async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: dateti
             " o.free_reclaim_window_s FROM leases l JOIN offers o ON o.id = l.offer_id"
             " WHERE l.bid_id IN (SELECT bid_id FROM leases WHERE host_id = ANY($1::bigint[]) AND tier = 'spot'"
             "   AND status = 'active' AND market = $2)"
-            " AND l.status = 'active' AND l.planned_end_at > $3 ORDER BY l.id", hosts, reclaim["model"] + "/spot", now)
+            " AND l.status = 'active' AND l.planned_end_at > $3 AND l.reclaim_id IS NULL ORDER BY l.id", hosts, reclaim["model"] + "/spot", now)
         by_bid: dict[int, list[asyncpg.Record]] = {}
         for row in rows:
             by_bid.setdefault(row["bid_id"], []).append(row)
@@ -149,7 +149,9 @@ def _reclaim_view(row: asyncpg.Record, leases: list[asyncpg.Record]) -> Reclaim:
                    created_at=row["created_at"])
 
 
-_RECLAIMED_LEASES = ("SELECT reclaim_id, id, host_id, gpus, end_at, free_of_charge FROM leases"
+# A victim that completes within its notice is not told; its GPUs come back at its planned end.
+_RECLAIMED_LEASES = ("SELECT reclaim_id, id, host_id, gpus, coalesce(end_at, planned_end_at) AS end_at, free_of_charge"
+                     " FROM leases"
                      " WHERE reclaim_id = ANY($1::bigint[]) ORDER BY id")
 
 
@@ -171,6 +173,8 @@ async def list_reclaims(ctx: AppContext, principal: Principal) -> list[Reclaim]:
 async def release_reclaim(ctx: AppContext, principal: Principal, reclaim_id: int) -> Reclaim:
     """The owner gives the GPUs back to the market (or cancels a reservation)."""
     await _visible(ctx.pool, principal, reclaim_id)
-    await ctx.pool.execute("UPDATE reclaims SET status = 'released', until = coalesce(until, $2)"
+    # A reservation released before its time never ran: it keeps its own window (`until` stays after `at`).
+    await ctx.pool.execute("UPDATE reclaims SET status = 'released',"
+                           " until = CASE WHEN at < $2 THEN least(coalesce(until, $2), $2) ELSE until END"
                            " WHERE id = $1 AND status <> 'released'", reclaim_id, ctx.clock())
     return await get_reclaim(ctx, principal, reclaim_id)

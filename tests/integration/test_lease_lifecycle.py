@@ -217,3 +217,72 @@ async def test_bid_statuses_match_the_bid_lifecycle(db) -> None:
                               " AND pg_get_constraintdef(oid) LIKE '%status = ANY%'")
     assert _quoted(check) == {str(s) for s in BidStatus}
     assert {s for s, _ in BID_TRANSITIONS} | set(BID_TRANSITIONS.values()) == set(BidStatus)
+
+
+# --- found by the simulation (gpux sim) ---------------------------------------------------------------
+
+async def test_releasing_a_reservation_before_its_time_cancels_it(s: Scenario) -> None:
+    from exchange.reclaims.service import release_reclaim
+
+    await s.market(gpus=8)
+    reclaim = await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=4,
+                                                                  at=START + timedelta(hours=1)))
+    released = await release_reclaim(s.ctx, owner(s), reclaim.id)  # failed with a CHECK violation (500)
+    assert released.status == "released" and released.until is None
+
+
+async def test_a_reclaim_victim_that_completes_within_its_notice_is_counted_once(s: Scenario) -> None:
+    from exchange.ledger.audit import run_audit
+
+    await s.market(gpus=8)
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=600, limit="2.00")
+    await s.tick()
+    s.clock.advance(550)  # 50 s left, the notice is 120 s
+    reclaim = await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=8))
+    (lease,) = await lease_rows(s)
+    assert (lease["status"], lease["reclaim_id"]) == ("active", reclaim.id)  # untold, but the reclaim's
+    assert [le.end_at for le in reclaim.leases] == [lease["planned_end_at"]] and reclaim.shortfall == 0
+    async with s.ctx.pool.acquire() as conn:
+        assert await run_audit(conn, now=s.clock()) == []
+    await s.bid(market="H100-80GB/spot", gpus=1, duration_s=600, limit="9.00", coid="later")
+    await s.tick()
+    s.clock.advance(60)
+    await s.tick()  # the victim completed: its GPUs are the owner's, not for sale
+    statuses = [(le["status"], le["end_reason"]) for le in await lease_rows(s)]
+    assert statuses == [("ended", "completed")]
+    async with s.ctx.pool.acquire() as conn:
+        assert await run_audit(conn, now=s.clock()) == []
+
+
+async def test_a_gang_sibling_never_ends_before_what_it_was_billed(s: Scenario) -> None:
+    from exchange.ledger.audit import run_audit
+    from exchange.settlement.service import settle
+
+    await s.market(gpus=4)
+    h2, uuids2 = await s.add_host("h2", gpus=4, floor="1.00")
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=3600, limit="2.00")
+    await s.tick()
+    s.clock.advance(250)
+    await s.report(1, s.uuids, START, 100)          # host 1 went silent after 100 s
+    await s.report(1, uuids2, START, 250, agent=h2)  # host 2 kept reporting, and was billed for it
+    async with s.ctx.pool.acquire() as conn:
+        await settle(conn, s.clock(), fee_bps=0, max_gap_s=5.0, close_after_s=30)
+    s.clock.advance(200)
+    async with s.ctx.pool.acquire() as conn:
+        assert await fail_silent_hosts(conn, s.clock(), grace_s=30, fail_s=300) == 1
+        failed, sibling = await lease_rows(s)
+        assert (sibling["status"], sibling["end_reason"]) == ("ended", "gang_failed")
+        assert sibling["billed_gpu_s"] == 4 * 249
+        assert sibling["end_at"] == START + timedelta(seconds=249)  # not back at its partner's 99 s
+        assert await run_audit(conn, now=s.clock()) == []
+
+
+async def test_a_gtd_bid_retried_after_its_expiry_answers_with_the_stored_bid(s: Scenario) -> None:
+    await s.market(gpus=8)
+    first = await s.bid(market="H100-80GB/spot", gpus=8, duration_s=600, limit="0.50", coid="gtd",
+                        expire_at=START + timedelta(seconds=30))
+    s.clock.advance(60)
+    await s.tick()
+    again = await s.bid(market="H100-80GB/spot", gpus=8, duration_s=600, limit="0.50", coid="gtd",
+                        expire_at=START + timedelta(seconds=30))
+    assert again.id == first.id and again.status == "expired"
