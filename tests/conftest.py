@@ -7,7 +7,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from exchange.db.migrate import apply_migrations
+from exchange.db.databases import clone_database, create_template
 from tests.support import with_database
 
 _db_counter = itertools.count()
@@ -30,29 +30,11 @@ def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 async def template_db(pg_server_url: str) -> str:
     """A database with every migration applied, cloned for each test (cheap: a file copy)."""
-    name = f"gpux_template_{os.getpid()}"
-    admin = await asyncpg.connect(pg_server_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name}")
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(with_database(pg_server_url, name))
-    try:
-        await apply_migrations(conn)
-    finally:
-        await conn.close()
-    return name
+    return await create_template(pg_server_url, f"gpux_template_{os.getpid()}")
 
 
 async def create_database(pg_server_url: str, template: str) -> str:
-    name = f"gpux_t_{os.getpid()}_{next(_db_counter)}"
-    admin = await asyncpg.connect(pg_server_url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
-    finally:
-        await admin.close()
-    return with_database(pg_server_url, name)
+    return await clone_database(pg_server_url, template, f"gpux_t_{os.getpid()}_{next(_db_counter)}")
 
 
 @pytest.fixture

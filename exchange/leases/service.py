@@ -21,9 +21,6 @@ def kwh(millijoules: int) -> str:
     return f"{millijoules / 3.6e9:.6f}"
 
 
-from exchange.leases.lifecycle import lock_lease_changes  # noqa: E402,F401 (re-exported)
-
-
 def to_lease(row: asyncpg.Record) -> Lease:
     return Lease(id=row["id"], bid_id=row["bid_id"], market=row["market"], tier=row["tier"], host_id=row["host_id"],
                  offer_id=row["offer_id"], gpus=row["gpus"], gpu_uuids=list(row["gpu_uuids"]),

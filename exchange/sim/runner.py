@@ -14,7 +14,8 @@ from typing import Callable
 import asyncpg
 
 from exchange.core.net import with_database
-from exchange.db.migrate import apply_migrations
+from exchange.db import databases
+from exchange.db.databases import drop_database  # noqa: F401 (the runner's callers drop seeds' databases)
 from exchange.sim.auditor import Auditor
 from exchange.sim.driver import Driver, SimFailure
 from exchange.sim.workload import Step, Workload
@@ -42,27 +43,7 @@ class SeedResult:
 
 
 async def create_template(server_url: str) -> str:
-    name = f"gpux_sim_template_{os.getpid()}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name}")
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(with_database(server_url, name))
-    try:
-        await apply_migrations(conn)
-    finally:
-        await conn.close()
-    return name
-
-
-async def drop_database(server_url: str, name: str) -> None:
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    return await databases.create_template(server_url, f"gpux_sim_template_{os.getpid()}")
 
 
 async def run_seed(server_url: str, template: str, seed: int, steps: int) -> SeedResult:
@@ -70,13 +51,7 @@ async def run_seed(server_url: str, template: str, seed: int, steps: int) -> See
     started = time.perf_counter()
     name = f"gpux_sim_{os.getpid()}_{seed}"
     result = SeedResult(seed=seed, steps=steps, database=name, database_url=with_database(server_url, name))
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
-    finally:
-        await admin.close()
-    url = result.database_url
+    url = await databases.clone_database(server_url, template, name)
     workload = Workload(seed)
     driver = Driver(url, workload)
     audit_conn: asyncpg.Connection | None = None

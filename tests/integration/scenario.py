@@ -92,3 +92,8 @@ class Scenario:
     async def balances(self, account_id: int) -> dict[str, int]:
         rows = await self.ctx.pool.fetch("SELECT kind, balance FROM ledger_accounts WHERE account_id = $1", account_id)
         return {r["kind"]: r["balance"] for r in rows}
+
+
+def owner(s: Scenario) -> Principal:
+    """The scenario's current owner, as the API would see it."""
+    return Principal(role="owner", account_id=s.owner_id)

@@ -6,29 +6,20 @@ from __future__ import annotations
 from datetime import timedelta
 
 import numpy as np
-import pytest
 
 from exchange.auction.book_sync import BookSync, engine_bid_ids
 from exchange.auction.leader import MatchingLeader
 from exchange.bids.schemas import BidCreate
 from exchange.bids.service import cancel_bid_on, insert_bid
 from exchange.core import metrics
-from exchange.core.auth import Principal
 from exchange.leases.lifecycle import fail_silent_hosts
 from exchange.offers.schemas import OfferCreate
 from exchange.offers.service import create_offer, withdraw_offer
 from matching import Tier
-from tests.integration.scenario import START, Scenario
+from tests.integration.scenario import START, Scenario, owner
 
 MODEL = "H100-80GB"
 SPOT, FIRM = f"{MODEL}/spot", f"{MODEL}/firm"
-
-
-@pytest.fixture
-async def s(db_url: str):
-    scenario = await Scenario.create(db_url, fee_bps=0)
-    yield scenario
-    await scenario.close()
 
 
 async def status(s: Scenario, bid_id: int) -> str:
@@ -42,10 +33,6 @@ async def drift(s: Scenario, sync: BookSync | None = None) -> tuple[list[int], l
 
 def in_engine(s: Scenario, bid_id: int) -> bool:
     return bid_id in s.sync.engine_bids()
-
-
-def owner(s: Scenario) -> Principal:
-    return Principal(role="owner", account_id=s.owner_id)
 
 
 async def test_book_drift_is_empty_after_ticks_and_names_a_bid_missing_from_the_book(s: Scenario) -> None:

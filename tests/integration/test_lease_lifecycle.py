@@ -5,26 +5,13 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-import pytest
 
-from exchange.core.auth import Principal
 from exchange.leases import lifecycle
 from exchange.leases.lifecycle import (PREEMPTION_REASONS, TERMINAL, TRANSITIONS, EndReason, LeaseEvent, LeaseStatus,
                                        fail_silent_hosts, transition)
 from exchange.reclaims.schemas import ReclaimCreate
 from exchange.reclaims.service import create_reclaim
-from tests.integration.scenario import START, Scenario
-
-
-@pytest.fixture
-async def s(db_url: str):
-    scenario = await Scenario.create(db_url, fee_bps=0)
-    yield scenario
-    await scenario.close()
-
-
-def owner(s: Scenario) -> Principal:
-    return Principal(role="owner", account_id=s.owner_id)
+from tests.integration.scenario import START, Scenario, owner
 
 
 async def lease_rows(s: Scenario) -> list[dict]:

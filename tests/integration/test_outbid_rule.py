@@ -2,20 +2,12 @@
 GPUs and pays more; another owner's ask (offer floor) that nobody accepts never ends it."""
 from __future__ import annotations
 
-import pytest
 
 from exchange.accounts.schemas import AccountCreate
 from exchange.accounts.service import create_account
 from tests.integration.scenario import Scenario
 
 SPOT = "H100-80GB/spot"
-
-
-@pytest.fixture
-async def s(db_url: str):
-    scenario = await Scenario.create(db_url, fee_bps=0)
-    yield scenario
-    await scenario.close()
 
 
 async def lease_with_dear_offer_of_another_owner(s: Scenario) -> dict:

@@ -7,24 +7,12 @@ from datetime import timedelta
 
 import pytest
 
-from exchange.core.auth import Principal
 from exchange.core.errors import ApiError
 from exchange.ledger.audit import run_audit
 from exchange.reclaims.schemas import ReclaimCreate
 from exchange.reclaims.service import create_reclaim, release_reclaim
 from exchange.settlement.service import settle
-from tests.integration.scenario import START, Scenario
-
-
-@pytest.fixture
-async def s(db_url: str):
-    scenario = await Scenario.create(db_url, fee_bps=0)
-    yield scenario
-    await scenario.close()
-
-
-def owner(s: Scenario) -> Principal:
-    return Principal(role="owner", account_id=s.owner_id)
+from tests.integration.scenario import START, Scenario, owner
 
 
 async def leases(s: Scenario) -> list[dict]:
