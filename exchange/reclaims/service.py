@@ -94,8 +94,11 @@ async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: dateti
     idle_taken = reclaim["gpus"] - need
     if need > 0:
         rows = await conn.fetch(
-            "SELECT l.id, l.bid_id, l.host_id, l.gpus, l.price, l.start_at, o.reclaim_notice_s,"
-            " o.free_reclaim_window_s FROM leases l JOIN offers o ON o.id = l.offer_id"
+            # A victim gives back only the GPUs its host still has (one may have left the inventory).
+            "SELECT l.id, l.bid_id, l.host_id, l.price, l.start_at, o.reclaim_notice_s, o.free_reclaim_window_s,"
+            " (SELECT count(*) FROM gpus g WHERE g.uuid = ANY(l.gpu_uuids) AND g.host_id = l.host_id"
+            "   AND g.present)::int AS gpus"
+            " FROM leases l JOIN offers o ON o.id = l.offer_id"
             " WHERE l.bid_id IN (SELECT bid_id FROM leases WHERE host_id = ANY($1::bigint[]) AND tier = 'spot'"
             "   AND status = 'active' AND market = $2)"
             " AND l.status = 'active' AND l.planned_end_at > $3 AND l.reclaim_id IS NULL ORDER BY l.id", hosts, reclaim["model"] + "/spot", now)

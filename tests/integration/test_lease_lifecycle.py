@@ -273,3 +273,24 @@ async def test_a_gtd_bid_retried_after_its_expiry_answers_with_the_stored_bid(s:
     again = await s.bid(market="H100-80GB/spot", gpus=8, duration_s=600, limit="0.50", coid="gtd",
                         expire_at=START + timedelta(seconds=30))
     assert again.id == first.id and again.status == "expired"
+
+
+async def test_a_reclaim_counts_only_the_gpus_its_victims_host_still_has(s: Scenario) -> None:
+    from exchange.hosts.schemas import Inventory, InventoryGpu
+    from exchange.hosts.service import put_inventory
+    from exchange.ledger.audit import run_audit
+
+    await s.market(gpus=5)
+    await s.bid(market="H100-80GB/spot", gpus=4, duration_s=3600, limit="2.00", coid="a")  # GPUs 0-3
+    await s.tick()
+    await s.bid(market="H100-80GB/spot", gpus=1, duration_s=3600, limit="2.00", coid="b")  # GPU 4
+    await s.tick()
+    s.clock.advance(10)
+    await put_inventory(s.ctx, s.agent, Inventory(gpus=[  # one of a's GPUs falls off the bus
+        InventoryGpu(uuid=u, model="H100-80GB", memory_mb=81559) for u in s.uuids[1:]]))
+    s.clock.advance(10)
+    reclaim = await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=4))
+    # a gives back the 3 GPUs that exist, so b goes too (was: a counted as 4, b kept: 5 on 4 GPUs).
+    assert (len(reclaim.leases), reclaim.shortfall) == (2, 0)
+    async with s.ctx.pool.acquire() as conn:
+        assert await run_audit(conn, now=s.clock()) == []
