@@ -165,7 +165,9 @@ async def give_notice(conn: asyncpg.Connection, lease_ids: list[int], event: Lea
 # Never end a lease before the time already billed (settlement may have billed a sample's coverage
 # past the host's last sample, or a gang sibling's metered time past its partner's failure): what
 # is billed stays billed, so the end moves no earlier than that.
-_BILLED_UNTIL = "l.start_at + make_interval(secs => ceil(l.billed_gpu_s::numeric / l.gpus)::float8)"
+# Rounded up to the microsecond, the precision of a timestamp.
+_BILLED_UNTIL = ("l.start_at + make_interval(secs => (ceil(l.billed_gpu_s::numeric * 1000000 / l.gpus)"
+                 " / 1000000)::float8)")
 
 
 async def fail_silent_hosts(conn: asyncpg.Connection, now: datetime, *, grace_s: float, fail_s: float) -> int:

@@ -186,7 +186,9 @@ MARKET_CHECKS = [
     # the hardware, not an oversale. A leased GPU that is gone takes nothing from the present ones
     # (not counted); a reclaim counts GPUs, not which ones, so a host is checked when its latest live
     # lease or active reclaim came after its last inventory report (max reported_at of its GPUs):
-    # every commitment alive now was alive then, against the GPUs present now.
+    # every commitment alive now was alive then, against the GPUs present now. A reclaim that took no
+    # idle GPU only moved its victims' GPUs from leased to reclaimed (they are tied to it): it adds
+    # nothing, so it does not make a host that lost GPUs earlier count as oversold now.
     Check("leased and reclaimed GPUs within each host's present GPUs",
           """WITH inventory AS (
               SELECT host_id, count(*) FILTER (WHERE present) AS present, max(reported_at) AS reported_at
@@ -199,7 +201,8 @@ MARKET_CHECKS = [
                 AND NOT EXISTS (SELECT 1 FROM reclaims r WHERE r.id = l.reclaim_id AND r.status = 'active')
               GROUP BY l.host_id),
           reclaimed AS (
-              SELECT rg.host_id, sum(rg.gpus) AS reclaimed, max(r.executed_at) AS latest FROM reclaim_gpus rg
+              SELECT rg.host_id, sum(rg.gpus) AS reclaimed,
+                     max(r.executed_at) FILTER (WHERE r.idle_gpus > 0) AS latest FROM reclaim_gpus rg
               JOIN reclaims r ON r.id = rg.reclaim_id AND r.status = 'active' GROUP BY rg.host_id)
           SELECT h.id AS host_id, i.present, coalesce(le.leased, 0) AS leased,
                  coalesce(rc.reclaimed, 0) AS reclaimed, i.reported_at AS inventory_at,

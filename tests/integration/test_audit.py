@@ -326,3 +326,38 @@ async def test_a_reclaim_taking_a_lease_that_completes_within_its_notice_is_no_o
 
     assert (lease["status"], lease["reclaim_id"]) == ("active", 1)  # untold, but tied to the reclaim
     assert breaches == [], format_report(breaches)
+
+
+async def test_a_reclaim_of_leases_only_on_a_host_that_lost_a_gpu_is_no_oversale(db_url: str) -> None:
+    # 6 GPUs: lease a (1 GPU, 1.00), lease b (3 GPUs, 2.00: a 6-GPU rival lost at 2.00), a reclaim of
+    # the 2 idle ones; then an unleased GPU falls off the bus (5 left for 6 committed: the hardware,
+    # not an oversale). A second reclaim of 1 GPU takes no idle GPU, only lease a (the cheapest):
+    # it adds nothing, and must not make the host count as oversold (gpux sim seed 2433).
+    s = await Scenario.create(db_url)
+    try:
+        await s.market(gpus=6)
+        await s.bid(market="H100-80GB/spot", gpus=1, duration_s=3600, limit="3.00", coid="a")
+        await s.tick()
+        await s.bid(market="H100-80GB/spot", gpus=3, duration_s=3600, limit="3.00", coid="b")
+        rival = await s.bid(market="H100-80GB/spot", gpus=6, duration_s=3600, limit="2.00", coid="rival")
+        await s.tick()
+        await cancel_bid(s.ctx, s.tenant_id, rival.id)
+        prices = [r["price"] for r in await s.ctx.pool.fetch("SELECT price FROM leases ORDER BY id")]
+        assert prices == [1_000_000, 2_000_000]
+        the_owner = Principal(role="owner", account_id=s.owner_id)
+        first = await create_reclaim(s.ctx, the_owner, ReclaimCreate(model="H100-80GB", gpus=2))
+        assert first.taken_free == 2
+        s.clock.advance(10)
+        leased = {u for r in await s.ctx.pool.fetch("SELECT gpu_uuids FROM leases") for u in r["gpu_uuids"]}
+        gone = next(u for u in s.uuids if u not in leased)
+        await put_inventory(s.ctx, s.agent, Inventory(gpus=[
+            InventoryGpu(uuid=u, model="H100-80GB", memory_mb=81559) for u in s.uuids if u != gone]))
+        s.clock.advance(10)
+        second = await create_reclaim(s.ctx, the_owner, ReclaimCreate(model="H100-80GB", gpus=1))
+        async with s.ctx.pool.acquire() as conn:
+            breaches = await run_audit(conn, now=s.clock(), **SETTINGS)
+    finally:
+        await s.close()
+
+    assert (second.taken_free, [le.gpus for le in second.leases]) == (0, [1])
+    assert breaches == [], format_report(breaches)
