@@ -108,13 +108,15 @@ async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: dateti
         gangs = [Gang(bid_id=bid, lease_ids=tuple(r["id"] for r in leases),
                       gpus=sum(r["gpus"] for r in leases if r["host_id"] in hosts), price=leases[0]["price"])
                  for bid, leases in by_bid.items()]
+        # A gang whose GPUs here have all left the inventory gives nothing back: it is not ended for nothing.
+        gangs = [gang for gang in gangs if gang.gpus > 0]
         victims = VICTIM_STRATEGIES[reclaim["strategy"]].choose(gangs, need)
         ending = {lease_id for gang in victims for lease_id in gang.lease_ids}
         # A victim whose planned end comes within its notice gets none (it completes as planned);
         # its GPUs come back to the owner no later than a notice would bring them.
         await lifecycle.give_notice(conn, sorted(ending), LeaseEvent.RECLAIM, now, reclaim_id=reclaim_id)
         for row in rows:
-            if row["id"] in ending and row["host_id"] in hosts and need > 0:
+            if row["id"] in ending and row["host_id"] in hosts and need > 0 and row["gpus"] > 0:
                 take = min(row["gpus"], need)
                 taking[row["host_id"]] = taking.get(row["host_id"], 0) + take
                 need -= take

@@ -294,3 +294,23 @@ async def test_a_reclaim_counts_only_the_gpus_its_victims_host_still_has(s: Scen
     assert (len(reclaim.leases), reclaim.shortfall) == (2, 0)
     async with s.ctx.pool.acquire() as conn:
         assert await run_audit(conn, now=s.clock()) == []
+
+
+async def test_a_reclaim_of_a_gang_whose_gpus_left_one_host_takes_from_the_other(s: Scenario) -> None:
+    from exchange.hosts.schemas import Inventory, InventoryGpu
+    from exchange.hosts.service import put_inventory
+
+    await s.market(gpus=4, floor="1.50")
+    h2, _ = await s.add_host("h2", gpus=4, floor="1.00")  # cheaper: the gang's first lease lands here
+    await s.bid(market="H100-80GB/spot", gpus=8, duration_s=3600, limit="3.00")
+    await s.tick()
+    s.clock.advance(10)
+    await put_inventory(s.ctx, h2, Inventory(gpus=[  # the gang's GPUs on h2 all leave; a new one comes
+        InventoryGpu(uuid="GPU-new", model="H100-80GB", memory_mb=81559)]))
+    await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=1, host_id=h2.host_id))  # GPU-new
+    s.clock.advance(10)
+    # Was a 500: the lease on h2 gave 0 GPUs, written as a reclaim_gpus row of 0 (gpux sim seed 831).
+    reclaim = await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=4))
+    assert reclaim.shortfall == 0 and reclaim.taken_free == 0 and len(reclaim.leases) == 2
+    assert await s.ctx.pool.fetchval("SELECT array_agg(gpus) FROM reclaim_gpus WHERE reclaim_id = $1",
+                                     reclaim.id) == [4]
