@@ -33,12 +33,6 @@ def snapshot_xmin(snapshot: str) -> int:
     return int(snapshot.split(":", 1)[0])
 
 
-def engine_bid_ids(book: ModelBook) -> np.ndarray:
-    """The bids the engine itself holds live (both tiers), which is what it will match: winners
-    leave it during `tick`, before the database knows."""
-    return book.live_bid_ids()
-
-
 @dataclass
 class ModelState:
     """The engine's book for one GPU model, plus what the service needs to act on its results."""
@@ -149,7 +143,7 @@ class BookSync:
         """bid id -> model, for every bid the engines hold live."""
         held: dict[int, str] = {}
         for model, state in self.models.items():
-            held.update(dict.fromkeys(engine_bid_ids(state.book).tolist(), model))
+            held.update(dict.fromkeys(state.book.live_bid_ids().tolist(), model))
         return held
 
     def engine_totals(self) -> tuple[int, int]:
@@ -157,7 +151,7 @@ class BookSync:
         with the database's open bids before computing the full drift."""
         count = total = 0
         for state in self.models.values():
-            ids = engine_bid_ids(state.book)
+            ids = state.book.live_bid_ids()
             count += len(ids)
             total += int(ids.sum(dtype=np.int64)) if len(ids) else 0
         return count, total

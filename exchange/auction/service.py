@@ -111,7 +111,7 @@ async def _persist_tier(conn: asyncpg.Connection, state: ModelState, tier: Tier,
         state.markets.add(market)
     price = int(result.price)
     indicative = int(result.indicative)
-    competing = int(getattr(result, "competing_limit", -1))
+    competing = int(result.competing_limit)
     volume = int(np.sum(result.fill_gpus)) if len(result.fill_gpus) else 0
     open_bids = sum(1 for t in state.resting.values() if t == tier)
     tick_id = await conn.fetchval(

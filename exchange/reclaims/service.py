@@ -95,13 +95,14 @@ async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: dateti
     if need > 0:
         rows = await conn.fetch(
             # A victim gives back only the GPUs its host still has (one may have left the inventory).
-            "SELECT l.id, l.bid_id, l.host_id, l.price, l.start_at, o.reclaim_notice_s, o.free_reclaim_window_s,"
+            "SELECT l.id, l.bid_id, l.host_id, l.price,"
             " (SELECT count(*) FROM gpus g WHERE g.uuid = ANY(l.gpu_uuids) AND g.host_id = l.host_id"
             "   AND g.present)::int AS gpus"
-            " FROM leases l JOIN offers o ON o.id = l.offer_id"
+            " FROM leases l"
             " WHERE l.bid_id IN (SELECT bid_id FROM leases WHERE host_id = ANY($1::bigint[]) AND tier = 'spot'"
             "   AND status = 'active' AND market = $2)"
-            " AND l.status = 'active' AND l.planned_end_at > $3 AND l.reclaim_id IS NULL ORDER BY l.id", hosts, reclaim["model"] + "/spot", now)
+            " AND l.status = 'active' AND l.planned_end_at > $3 AND l.reclaim_id IS NULL ORDER BY l.id",
+            hosts, reclaim["model"] + "/spot", now)
         by_bid: dict[int, list[asyncpg.Record]] = {}
         for row in rows:
             by_bid.setdefault(row["bid_id"], []).append(row)

@@ -9,7 +9,8 @@ samples and bills only what was not billed yet, so a second run at the same mome
   goes silent therefore stops earning at its last sample, and samples that arrive late (from an
   agent's spool after an outage) are billed when they arrive.
 - Firm leases pay their cleared price; spot leases pay the market's spot price at each settlement
-  (the last tick's clearing price, else its indicative price), clamped to [their floor, their limit].
+  (the last tick's clearing price, else its highest competing limit, never an unaccepted ask:
+  `spot_prices`), clamped to [their floor, their limit].
 - Money is exact: `billed_value` accumulates price × GPU-seconds, and the amount billed so far is
   floor(billed_value / 3600) micro-dollars, and the fee floor(billed × fee_bps / 10 000), so
   rounding never accumulates across runs (the arithmetic: `exchange.settlement.billing`).

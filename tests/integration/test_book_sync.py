@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import numpy as np
 
-from exchange.auction.book_sync import BookSync, engine_bid_ids
+from exchange.auction.book_sync import BookSync
 from exchange.auction.leader import MatchingLeader
 from exchange.bids.schemas import BidCreate
 from exchange.bids.service import cancel_bid_on, insert_bid
@@ -162,7 +162,7 @@ async def test_reload_bids_puts_open_winners_back_and_leaves_closed_ones_out(s: 
         assert in_engine(s, keep.id) and not in_engine(s, gone.id)
         await s.sync.load_bid_changes(conn)
         assert await s.sync.book_drift(conn) == ([], [])
-        assert sorted(engine_bid_ids(book).tolist()) == [keep.id]
+        assert sorted(book.live_bid_ids().tolist()) == [keep.id]
 
 
 async def test_a_model_whose_tick_could_not_be_written_is_rebuilt_and_its_winner_fills_later(s: Scenario) -> None:
