@@ -6,10 +6,10 @@ import logging
 import os
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import asyncpg
-from litestar import Litestar, get
+from litestar import Litestar, Response, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.logging import LoggingConfig
@@ -24,6 +24,7 @@ from exchange.core.auth import ApiKeyAuthentication, hash_secret, new_api_key, r
 from exchange.core.clock import Clock, system_clock
 from exchange.core.context import AppContext
 from exchange.core.errors import EXCEPTION_HANDLERS
+from exchange.core.listener import CONNECTION_ERRORS, ListenOptions
 from exchange.core.settings import Settings
 from exchange.db.embedded import start_embedded, stop_embedded
 from exchange.db.migrate import MIGRATION_LOCK_KEY, apply_migrations
@@ -51,9 +52,20 @@ class MetricsController(PrometheusController):
 
 
 @get("/healthz", tags=["ops"])
-async def healthz(ctx: AppContext) -> dict[str, str]:
-    await ctx.pool.fetchval("SELECT 1")
-    return {"status": "ok", "database": "ok"}
+async def healthz(ctx: AppContext) -> Response[dict[str, Any]]:
+    """ok; "degraded" (still 200) while a LISTEN connection is down: requests are served, live feed
+    and stream updates resume once it is back, so a load balancer should not pull every process over
+    a database blip; "down" (503) when the database does not answer. Cheap: one SELECT 1."""
+    listeners = {name: "up" if listener.up else "down"
+                 for name, listener in sorted(ctx.extras.get("listeners", {}).items())}
+    try:
+        await ctx.pool.fetchval("SELECT 1", timeout=2)
+        database = "ok"
+    except CONNECTION_ERRORS:
+        database = "down"
+    status = "down" if database != "ok" else "degraded" if "down" in listeners.values() else "ok"
+    return Response({"status": status, "database": database, "listeners": listeners},
+                    status_code=503 if status == "down" else 200)
 
 
 async def bootstrap_admin(conn: asyncpg.Connection, settings: Settings, now) -> None:
@@ -115,8 +127,9 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
         try:
             ctx = AppContext(settings=settings, pool=pool, clock=clock)
             ctx.extras["database_url"] = url  # the feed's channels backend listens on it
-            stream_hub = StreamHub(pool, url)
+            stream_hub = StreamHub(pool, url, ListenOptions.from_settings(settings))
             await stream_hub.start()
+            ctx.extras.setdefault("listeners", {})["stream"] = stream_hub.listener  # /healthz reports them
             app.state.stream_hub = stream_hub
             app.state.ctx = ctx
             if settings.run_scheduler:

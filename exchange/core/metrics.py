@@ -20,3 +20,9 @@ SETTLED_MICROS = Counter("gpux_settled_micros_total", "Micro-dollars moved from 
 OPEN_BIDS = Gauge("gpux_open_bids", "Open bids in the book at the last tick", ["market"])
 SETTLE_FAILURES = Counter("gpux_settle_failures_total",
                           "Leases whose settlement failed in a run (rolled back alone, retried next run)")
+LISTENER_UP = Gauge("gpux_listener_up", "1 while this process's LISTEN connection is up, 0 while it is being"
+                    " re-established (feed: market data, stream: private events)", ["listener"])
+LISTENER_LOSSES = Counter("gpux_listener_losses_total", "LISTEN connections found lost (server restart, terminated"
+                          " backend, failed health check)", ["listener"])
+LISTENER_RECONNECTS = Counter("gpux_listener_reconnects_total", "LISTEN connections re-established after a loss"
+                              " (each followed by a resync from the database)", ["listener"])

@@ -29,6 +29,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Requests per second per API key (per remote address without one), per server process.
     rate_limit_per_s: int = 200
     run_scheduler: bool = True
+    # LISTEN connections (feed, stream): first reconnect delay, its doubling bound, and how often a
+    # live one is checked with SELECT 1 (exchange/core/listener.py).
+    listen_retry_min_s: float = 0.1
+    listen_retry_max_s: float = 5.0
+    listen_check_s: float = 5.0
     log_level: str = "INFO"
 
     @classmethod
@@ -50,6 +55,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "reclaim_strategy": env.get("GPUX_RECLAIM_STRATEGY", "cheapest_first"),
             "rate_limit_per_s": int(env.get("GPUX_RATE_LIMIT_PER_S", "200")),
             "run_scheduler": env.get("GPUX_SCHEDULER", "1") not in ("0", "false", "no"),
+            "listen_retry_min_s": float(env.get("GPUX_LISTEN_RETRY_MIN_S", "0.1")),
+            "listen_retry_max_s": float(env.get("GPUX_LISTEN_RETRY_MAX_S", "5")),
+            "listen_check_s": float(env.get("GPUX_LISTEN_CHECK_S", "5")),
             "log_level": env.get("GPUX_LOG_LEVEL", "INFO"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -70,5 +78,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError(f"GPUX_RECLAIM_STRATEGY must be one of {', '.join(sorted(VICTIM_STRATEGIES))}")
         if self.rate_limit_per_s < 1:
             raise ValueError("GPUX_RATE_LIMIT_PER_S must be at least 1")
+        if not 0 < self.listen_retry_min_s <= self.listen_retry_max_s or self.listen_check_s <= 0:
+            raise ValueError("GPUX_LISTEN_RETRY_MIN_S must be positive and at most GPUX_LISTEN_RETRY_MAX_S;"
+                             " GPUX_LISTEN_CHECK_S positive")
         if self.max_gang_gpus < 1:
             raise ValueError("GPUX_MAX_GANG_GPUS must be at least 1")

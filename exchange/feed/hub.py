@@ -274,6 +274,7 @@ class FeedHub:
         self.received = 0
         self.gaps = 0
         self.slow_disconnects = 0
+        self.resyncs = 0
         self._tasks: list[asyncio.Task] = []
         self._upstream = None
         self._warned_transport = False
@@ -373,7 +374,8 @@ class FeedHub:
             asyncio.create_task(self._load(market, pending))
         return await asyncio.shield(pending)
 
-    async def _load(self, market: str, done: asyncio.Future) -> None:
+    async def _load(self, market: str, done: asyncio.Future,
+                    on_loaded: Callable[[MarketState], None] | None = None) -> None:
         try:
             state = await load_market(self.pool, market)
         except Exception:
@@ -386,21 +388,53 @@ class FeedHub:
         buffered = self.buffered.pop(market, [])
         if state is not None:
             self.markets[market] = state
+            if on_loaded is not None:  # e.g. fresh snapshots: before the updates that go on from them
+                on_loaded(state)
             for envelope, payload in buffered:
                 self._apply(market, state, envelope, payload)
         done.set_result(state)
 
     async def _reload(self, market: str, pending: asyncio.Future) -> None:
-        await self._load(market, pending)
-        state = self.markets.get(market)
-        if state is None:
-            return
-        for channel in CHANNELS:
-            subscribers = self.subs.get((market, channel))
-            if subscribers:
-                event = self.snapshot(market, state, channel)
-                for client in tuple(subscribers):
-                    client.push(event)
+        """Load the market again and send its subscribers here a fresh snapshot per channel, ahead of
+        the updates that arrived during the load (so what each subscriber gets after the snapshot goes
+        on from its seq one by one)."""
+        def send_snapshots(state: MarketState) -> None:
+            for channel in CHANNELS:
+                subscribers = self.subs.get((market, channel))
+                if subscribers:
+                    event = self.snapshot(market, state, channel)
+                    for client in tuple(subscribers):
+                        client.push(event)
+
+        await self._load(market, pending, send_snapshots)
+
+    async def resync(self) -> None:
+        """The LISTEN connection came back after a loss (exchange/core/listener.py): the updates
+        published meanwhile never arrive here, and what is in memory may be stale. Every market
+        someone here watches is reloaded from the database (state and seqs as the publisher stored
+        them) and its subscribers get fresh snapshots; the others are dropped (loaded again when
+        someone subscribes). A market whose load fails is retried with backoff while watched."""
+        self.resyncs += 1
+        watched = {market for market, _ in self.subs}
+        for market in [m for m in self.markets if m not in watched]:
+            del self.markets[market]
+        await asyncio.gather(*(self._resync_market(market) for market in watched))
+
+    async def _resync_market(self, market: str) -> None:
+        delay = 0.1
+        while any((market, channel) in self.subs for channel in CHANNELS):
+            pending = self.loading.get(market)
+            if pending is not None:  # a load that may have read the database while we were deaf
+                await asyncio.shield(pending)
+                continue
+            self.markets.pop(market, None)
+            pending = self.loading[market] = self.loop.create_future()
+            self.buffered[market] = []
+            await self._reload(market, pending)
+            if market in self.markets:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     # --- subscribers ------------------------------------------------------------------------------
     def snapshot(self, market: str, state: MarketState, channel: str) -> Event:
@@ -484,4 +518,4 @@ class FeedHub:
 
     def stats(self) -> dict[str, int]:
         return {"subscribers": len(self.clients), "markets": len(self.markets), "received": self.received,
-                "gaps": self.gaps, "slow_disconnects": self.slow_disconnects}
+                "gaps": self.gaps, "slow_disconnects": self.slow_disconnects, "resyncs": self.resyncs}

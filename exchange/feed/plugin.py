@@ -12,7 +12,8 @@ from litestar.channels import ChannelsPlugin
 from litestar.config.app import AppConfig
 from litestar.plugins import InitPlugin
 
-from exchange.feed.backend import make_backend
+from exchange.core.listener import ListenOptions
+from exchange.feed.backend import PostgresFeedBackend, make_backend
 from exchange.feed.config import FeedSettings
 from exchange.feed.controller import feed_socket
 from exchange.feed.hub import FeedHub
@@ -26,21 +27,23 @@ class FeedPlugin(InitPlugin):
         self.channels: ChannelsPlugin | None = None
         self._dsn: str | None = None
 
-    async def _connect(self) -> asyncpg.Connection:
-        return await asyncpg.connect(self._dsn)
+    async def _connect(self, **kwargs: object) -> asyncpg.Connection:
+        return await asyncpg.connect(self._dsn, **kwargs)
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         from exchange.web.routes import web_routes
 
         settings = self.settings or FeedSettings.from_env()
-        channels = self.channels = ChannelsPlugin(backend=make_backend(settings.backend, self._connect),
-                                                  channels=[FEED_CHANNEL])
+        backend = make_backend(settings.backend, self._connect)
+        channels = self.channels = ChannelsPlugin(backend=backend, channels=[FEED_CHANNEL])
 
         @asynccontextmanager
         async def database_for_channels(app: Litestar) -> AsyncIterator[None]:
             # Runs after the service's lifespan (which owns the database) and before the channels plugin.
             ctx = app.state.ctx
             self._dsn = ctx.settings.database_url or ctx.extras["database_url"]
+            if isinstance(backend, PostgresFeedBackend):
+                backend.listen_options = ListenOptions.from_settings(ctx.settings)
             yield
 
         @asynccontextmanager
@@ -49,6 +52,10 @@ class FeedPlugin(InitPlugin):
             hub = FeedHub(ctx.pool, channels, settings)
             await hub.start()
             app.state.feed_hub = hub
+            if isinstance(backend, PostgresFeedBackend) and backend.listener is not None:
+                # Updates published while the LISTEN was down never arrive: resync from the database.
+                backend.listener.on_restored.append(hub.resync)
+                ctx.extras.setdefault("listeners", {})["feed"] = backend.listener
 
             async def publish(payload: bytes) -> None:
                 await channels.wait_published(payload, FEED_CHANNEL)

@@ -10,10 +10,12 @@ import asyncio
 import logging
 from collections import defaultdict
 from datetime import datetime, timezone
+from functools import partial
 from typing import Awaitable, Callable
 
 import asyncpg
 
+from exchange.core.listener import Listener, ListenOptions
 from exchange.leases.service import leases_by_id
 from exchange.feed.schemas import Envelope, encoder
 
@@ -31,22 +33,30 @@ class StreamClient:
 
 
 class StreamHub:
-    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str, listen: ListenOptions | None = None) -> None:
         self.pool = pool
         self.dsn = dsn
         self.clients: dict[int, set[StreamClient]] = defaultdict(set)
-        self.listener: asyncpg.Connection | None = None
+        # Reconnects after a loss; then every socket gets its events after its last seq (`resync`).
+        self.listener = Listener("stream", partial(asyncpg.connect, dsn), listen)
+        self.listener.on_restored.append(self.resync)
         self.tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        self.listener = await asyncpg.connect(self.dsn)
-        await self.listener.add_listener(STREAM_CHANNEL, self._notified)
+        await self.listener.start()
+        await self.listener.add(STREAM_CHANNEL, self._notified)
 
     async def stop(self) -> None:
         for task in list(self.tasks):
             task.cancel()
-        if self.listener is not None:
-            await self.listener.close()
+        await self.listener.stop()
+
+    async def resync(self) -> None:
+        """Notifications sent while the LISTEN was down never arrive, but the events are rows: deliver
+        to every socket here whatever follows its last seq."""
+        for clients in list(self.clients.values()):
+            for client in list(clients):
+                self._spawn(client)
 
     def _notified(self, _conn, _pid, _channel, payload: str) -> None:
         for client in list(self.clients.get(int(payload), ())):
