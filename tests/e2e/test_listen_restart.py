@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import asyncpg
@@ -226,8 +229,10 @@ async def test_feed_and_stream_recover_after_their_listen_backends_are_terminate
 async def test_feed_and_stream_recover_after_postgresql_restarts(tmp_path) -> None:
     from exchange.db.embedded import start_embedded, stop_embedded
 
-    # Its own PostgreSQL (never the shared one), stopped and started under the live server.
-    pg, db_url = await asyncio.to_thread(start_embedded, tmp_path / "pg")
+    # Its own PostgreSQL (never the shared one), stopped and started under the live server. Its data
+    # lives outside pytest's numbered temporary folders, which a concurrent pytest run may delete.
+    pg_home = Path(tempfile.mkdtemp(prefix="gpux-listen-pg-"))
+    pg, db_url = await asyncio.to_thread(start_embedded, pg_home)
     try:
         server = start_server(tmp_path, database_url=db_url, extra_env=LISTEN_ENV)
         try:
@@ -247,6 +252,7 @@ async def test_feed_and_stream_recover_after_postgresql_restarts(tmp_path) -> No
             server.stop()
     finally:
         stop_embedded(pg)
+        shutil.rmtree(pg_home, ignore_errors=True)
 
 
 def _start_again(pg) -> None:
