@@ -59,7 +59,7 @@ async def healthz(ctx: AppContext) -> Response[dict[str, Any]]:
     listeners = {name: "up" if listener.up else "down"
                  for name, listener in sorted(ctx.extras.get("listeners", {}).items())}
     try:
-        await ctx.pool.fetchval("SELECT 1", timeout=2)
+        await asyncio.wait_for(ctx.pool.fetchval("SELECT 1"), timeout=2)  # acquiring included
         database = "ok"
     except CONNECTION_ERRORS:
         database = "down"
