@@ -139,11 +139,20 @@ class Listener:
     async def _supervise(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._lost.wait(), timeout=self.options.check_s)
-            except asyncio.TimeoutError:
-                await self._check()
-                continue
-            await self._recover()
+                try:
+                    await asyncio.wait_for(self._lost.wait(), timeout=self.options.check_s)
+                except asyncio.TimeoutError:
+                    await self._check()
+                    continue
+                await self._recover()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A supervisor that died would be the silent failure this module exists to prevent:
+                # treat whatever happened as a lost connection and go on.
+                log.exception("LISTEN connection %s: supervision failed; treating the connection as lost", self.name)
+                self._lost.set()
+                await asyncio.sleep(self.options.retry_max_s)
 
     async def _recover(self) -> None:
         LISTENER_UP.labels(self.name).set(0)
