@@ -94,27 +94,28 @@ def _forget_dead_handles(pgdata: Path) -> None:
 
 
 def _drop_foreign_postmaster_pid(pgdata: Path) -> None:
-    """A `postmaster.pid` left by a server that died (SIGKILL, power loss, container restart) names a
-    pid that may now belong to another process; pgserver would then take the server for running and
-    hand out a dead socket. Remove such a file (PostgreSQL recovers the data folder on start); keep
-    it when its pid is a live PostgreSQL on this folder, or when we cannot tell."""
+    """A `postmaster.pid` (and socket lock file) left by a server that died (SIGKILL, power loss, a
+    container restart) names a pid that may now belong to another process: pgserver would take the
+    server for running and hand out a dead socket, and PostgreSQL would refuse to start. Remove such
+    files (PostgreSQL recovers the data folder on start); keep them when their pid is a live
+    PostgreSQL on this folder, or when we cannot tell."""
     import psutil
 
-    pid_file = pgdata / "postmaster.pid"
-    try:
-        pid = int(pid_file.read_text().split("\n", 1)[0])
-    except (FileNotFoundError, ValueError):
-        return
-    try:
-        proc = psutil.Process(pid)
-        if proc.name() == "postgres" and Path(proc.cwd()) == pgdata:
+    for lock_file in [pgdata / "postmaster.pid", *pgdata.glob(".s.PGSQL.*.lock")]:
+        try:
+            pid = int(lock_file.read_text().split("\n", 1)[0])
+        except (FileNotFoundError, ValueError):
+            continue
+        try:
+            proc = psutil.Process(pid)
+            if proc.name() == "postgres" and Path(proc.cwd()) == pgdata:
+                return  # a live server on this folder: everything stays
+        except psutil.NoSuchProcess:
+            pass
+        except (psutil.AccessDenied, psutil.ZombieProcess):
             return
-    except psutil.NoSuchProcess:
-        pass
-    except (psutil.AccessDenied, psutil.ZombieProcess):
-        return
-    log.warning("removing a stale postmaster.pid (pid %s is not a PostgreSQL on %s)", pid, pgdata)
-    pid_file.unlink(missing_ok=True)
+        log.warning("removing a stale %s (pid %s is not a PostgreSQL on %s)", lock_file.name, pid, pgdata)
+        lock_file.unlink(missing_ok=True)
 
 
 def _ensure_database(server: object) -> None:

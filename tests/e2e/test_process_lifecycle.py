@@ -53,7 +53,7 @@ def test_a_second_serve_on_the_same_home_is_refused_and_the_first_keeps_working(
     home = tmp_path / "home"
     first = start_server(tmp_path, database_url=None, home=home)
     try:
-        postgres_before = postgres_pids(home / "pgdata")
+        postmaster = int((home / "pgdata" / "postmaster.pid").read_text().split()[0])
         port = free_port()
         env = dict(first.env)
         second = subprocess.Popen([sys.executable, "-m", "exchange.cli", "serve", "--port", str(port)], env=env,
@@ -69,7 +69,7 @@ def test_a_second_serve_on_the_same_home_is_refused_and_the_first_keeps_working(
         assert "already running" in output and str(home.resolve()) in output, output
         assert f"pid {first.proc.pid}" in output and "Traceback" not in output, output
         # The first server and its PostgreSQL are untouched.
-        assert postgres_pids(home / "pgdata") == postgres_before
+        assert postmaster in postgres_pids(home / "pgdata")
         assert httpx.get(first.base_url + "/v1/accounts/me", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
                          ).status_code == 200
     finally:
@@ -104,13 +104,15 @@ async def test_a_stale_postmaster_pid_naming_another_process_does_not_stop_the_s
     # Server and PostgreSQL die together (power loss, a container killed): postmaster.pid stays, and
     # after a reboot its pid may be any other process's -- here a live `sleep`.
     first.stop(signal.SIGKILL)
-    for pid in postgres_pids(pgdata):
-        psutil.Process(pid).kill()
-    psutil.wait_procs([psutil.Process(pid) for pid in postgres_pids(pgdata)], timeout=30)
+    postgres = [psutil.Process(pid) for pid in postgres_pids(pgdata)]
+    for proc in postgres:
+        proc.kill()
+    psutil.wait_procs(postgres, timeout=60)
     stranger = subprocess.Popen(["sleep", "600"])
     try:
-        lines = (pgdata / "postmaster.pid").read_text().split("\n")
-        (pgdata / "postmaster.pid").write_text("\n".join([str(stranger.pid), *lines[1:]]))
+        for lock_file in [pgdata / "postmaster.pid", *pgdata.glob(".s.PGSQL.*.lock")]:
+            lines = lock_file.read_text().split("\n")
+            lock_file.write_text("\n".join([str(stranger.pid), *lines[1:]]))
 
         second = start_server(tmp_path, database_url=None, home=home)
         try:
