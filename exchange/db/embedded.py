@@ -130,4 +130,4 @@ def stop_embedded(server: object, *, force: bool = False) -> None:
     server.cleanup()  # type: ignore[attr-defined]
     if force:
         server.stop()  # type: ignore[attr-defined]
-    log.info("embedded PostgreSQL stopped")
+    log.info("embedded PostgreSQL %s", "stopped" if force else "released (stopped unless another process uses it)")
