@@ -25,6 +25,7 @@ from exchange.core.clock import Clock, system_clock
 from exchange.core.context import AppContext
 from exchange.core.errors import EXCEPTION_HANDLERS
 from exchange.core.listener import CONNECTION_ERRORS, ListenOptions
+from exchange.core.metrics_access import require_metrics_token
 from exchange.core.settings import Settings
 from exchange.db.embedded import start_embedded, stop_embedded
 from exchange.db.migrate import MIGRATION_LOCK_KEY, apply_migrations
@@ -42,13 +43,15 @@ from exchange.scheduler import start_jobs
 
 log = logging.getLogger("exchange")
 
-# No key needed, or (/v1/stream) the websocket checks its key itself, also from its first message.
+# No API key needed (/metrics checks its own token), or (/v1/stream) the websocket checks its key
+# itself, also from its first message.
 PUBLIC_PATHS = ["/healthz", "/metrics", "/schema", "/v1/stream"]
 
 
 class MetricsController(PrometheusController):
     path = "/metrics"
     openmetrics_format = False
+    guards = [require_metrics_token]  # business counters: a bearer token, not public
 
 
 @get("/healthz", tags=["ops"])

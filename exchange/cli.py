@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -26,6 +29,44 @@ def _database_url(settings: Settings):
     return url, server
 
 
+class _Stopped(BaseException):
+    """SIGTERM or SIGINT reached `gpux serve` (raised by its handler, caught around uvicorn)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT raise _Stopped, except while `deferred` (PostgreSQL starting or stopping), when
+    the first one is kept and raised as soon as that step is over. Not the signal mask: pg_ctl and
+    PostgreSQL would inherit it."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.deferred = False
+        self.pending: int | None = None
+        for signum in self.SIGNALS:
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum: int, _frame: object) -> None:
+        if self.deferred:
+            self.pending = self.pending or signum
+            return
+        raise _Stopped(signum)
+
+    @contextmanager
+    def deferring(self) -> Iterator[None]:
+        self.deferred = True
+        try:
+            yield
+        finally:
+            self.deferred = False
+        if self.pending is not None:
+            raise _Stopped(self.pending)
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -36,23 +77,42 @@ def serve(host: str, port: int, workers: int, home: Path | None) -> None:
     import uvicorn
 
     from exchange.core.logs import configure_logging
+    from exchange.db.embedded import HomeInUse, lock_home, stop_embedded
 
     if home is not None:
         os.environ["GPUX_HOME"] = str(home)
     settings = Settings.from_env()
     configure_logging(settings.log_level)
-    url, server = _database_url(settings)
-    # Worker processes read the same settings from the environment; the embedded server belongs to
-    # this parent process and stops when it exits.
-    os.environ["DATABASE_URL"] = url
+    if not settings.database_url:
+        # One server per embedded data folder, held until this process ends (however it ends). With
+        # DATABASE_URL, several servers on one database are a cluster: no lock.
+        try:
+            _home_lock = lock_home(settings.home, f"http://{host}:{port}")  # noqa: F841 (held open)
+        except HomeInUse as in_use:
+            raise click.ClickException(str(in_use)) from None
+    # The embedded server belongs to this process and must stop with it. uvicorn shuts down
+    # gracefully on SIGTERM/SIGINT and then raises the signal again with our handler back in place:
+    # it raises _Stopped, the `finally` stops PostgreSQL, and the signal is re-delivered at the end
+    # (the exit status a supervisor expects). With --workers N uvicorn's supervisor returns instead.
+    signals = _StopSignals()
+    server = None
+    received = None
     try:
+        with signals.deferring():  # so that `server` is known when a signal lands
+            url, server = _database_url(settings)
+        # Worker processes read the same settings from the environment.
+        os.environ["DATABASE_URL"] = url
         uvicorn.run("exchange.app:create_app", factory=True, host=host, port=port, workers=workers,
                     log_config=None, lifespan="on", ws=os.environ.get("GPUX_WS_IMPL", "auto"))
+    except _Stopped as stopped:
+        received = stopped.signum
     finally:
         if server is not None:
-            from exchange.db.embedded import stop_embedded
-
-            stop_embedded(server)
+            signals.deferred = True  # a second ^C must not cut pg_ctl stop short
+            stop_embedded(server, force=True)
+    if received is not None:
+        signal.signal(received, signal.SIG_DFL)
+        signal.raise_signal(received)
 
 
 @main.command()
@@ -109,7 +169,13 @@ def audit() -> None:
         finally:
             await conn.close()
 
-    breaches = asyncio.run(check())
+    try:
+        breaches = asyncio.run(check())
+    finally:
+        if server is not None:
+            from exchange.db.embedded import stop_embedded
+
+            stop_embedded(server)  # stops it unless a running `gpux serve` owns it
     click.echo(format_report(breaches))
     sys.exit(1 if breaches else 0)
 

@@ -72,6 +72,9 @@ async def run_demo(seconds: float, port: int | None, home: Path, seed: int, out=
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs = Procs(agents=[])
+    # The server and agents run in their own sessions (a ^C in the terminal reaches only the demo),
+    # so the demo must stop them itself: SIGINT cancels this task (asyncio.run), SIGTERM too.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     out(f"starting the exchange on the embedded PostgreSQL under {home} …")
     with open(logs / "server.log", "ab") as log:
         procs.server = subprocess.Popen([sys.executable, "-m", "exchange.cli", "serve", "--port", str(port)],
@@ -172,4 +175,9 @@ async def _print_ticker(base: str, admin: Client, elapsed: float, out) -> None:
 
 def main(seconds: float, port: int | None, home: str | None, seed: int) -> int:
     folder = Path(home) if home else Path(tempfile.mkdtemp(prefix="gpux-demo-"))
-    return asyncio.run(run_demo(seconds, port, folder, seed))
+    try:
+        return asyncio.run(run_demo(seconds, port, folder, seed))
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except asyncio.CancelledError:
+        return 128 + signal.SIGTERM

@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from exchange.core.net import free_port, wait_healthy, with_database  # noqa: F401 (re-exported for tests)
 
 ADMIN_KEY = "gpx_test_admin_key_0123456789abcdefghijklmnop"
@@ -100,3 +102,36 @@ def start_agent(tmp: Path, base_url: str, token: str, *, host: str, simulate: st
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return AgentProcess(proc=proc, log_path=log_path, data_dir=data_dir)
+
+
+def postgres_pids(pgdata: Path) -> list[int]:
+    """The PostgreSQL processes running on the data folder `pgdata`. The postmaster and its children
+    chdir into it (pg_ctl passes the folder in the environment, so no command line names it)."""
+    pgdata = Path(pgdata).resolve()
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if proc.info["name"] == "postgres" and Path(proc.cwd()) == pgdata:
+                found.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def processes_using(folder: Path) -> list[str]:
+    """Processes other than this one that run in, name, or have GPUX_HOME inside `folder` (servers,
+    agents, PostgreSQL): `pid name cmdline` for each, for an assertion message."""
+    folder = str(Path(folder).resolve())
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            home = proc.environ().get("GPUX_HOME", "")
+            if (folder in cmdline or proc.cwd().startswith(folder)
+                    or (home and str(Path(home).resolve()).startswith(folder))):
+                found.append(f"{proc.pid} {proc.info['name']} {cmdline}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found

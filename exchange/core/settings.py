@@ -11,6 +11,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     database_url: str | None = None
     home: Path = Path(".gpux")
     admin_key: str | None = None
+    # Bearer token for /metrics (the admin key is accepted too); unset with no admin key: no scraping.
+    metrics_token: str | None = None
     tick_s: float = 2.0
     settle_s: float = 60.0
     fee_bps: int = 0
@@ -43,6 +45,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "database_url": env.get("DATABASE_URL") or None,
             "home": Path(env.get("GPUX_HOME", ".gpux")),
             "admin_key": env.get("GPUX_ADMIN_KEY") or None,
+            "metrics_token": env.get("GPUX_METRICS_TOKEN") or None,
             "tick_s": float(env.get("GPUX_TICK_S", "2")),
             "settle_s": float(env.get("GPUX_SETTLE_S", "60")),
             "fee_bps": int(env.get("GPUX_FEE_BPS", "0")),

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from tests.support import postgres_pids, processes_using
+
 
 def test_demo_runs_trades_and_passes_the_audit(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "GPUX_ADMIN_KEY")}
@@ -19,3 +21,6 @@ def test_demo_runs_trades_and_passes_the_audit(tmp_path) -> None:
     assert prices and any(p != "-" for p in prices), done.stdout
     hooks = (tmp_path / "demo" / "logs" / "hooks.log")
     assert hooks.exists() and "start " in hooks.read_text()
+    # Nothing is left running: no server, agent or PostgreSQL (the audit's included).
+    assert processes_using(tmp_path / "demo") == []
+    assert postgres_pids(tmp_path / "demo" / "pgdata") == []

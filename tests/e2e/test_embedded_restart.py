@@ -9,10 +9,13 @@ import httpx
 from tests.e2e.client import Api, in_hours
 from tests.support import start_server
 
+METRICS_TOKEN = "gpx_test_metrics_token_embedded"
+
 
 async def test_embedded_server_starts_and_keeps_data_across_restart(tmp_path) -> None:
     home = tmp_path / "gpux-home"
-    first = start_server(tmp_path, database_url=None, home=home, admin_key=None)
+    first = start_server(tmp_path, database_url=None, home=home, admin_key=None,
+                         extra_env={"GPUX_METRICS_TOKEN": METRICS_TOKEN})
     try:
         # Arrange: no GPUX_ADMIN_KEY, so the first start generated one, saved with mode 0600.
         key_file = home / "admin.key"
@@ -20,7 +23,8 @@ async def test_embedded_server_starts_and_keeps_data_across_restart(tmp_path) ->
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         assert first.log().count(admin_key) == 1
         assert httpx.get(first.base_url + "/schema/openapi.json").status_code == 200
-        assert "gpux_bids_placed_total" in httpx.get(first.base_url + "/metrics").text
+        assert "gpux_bids_placed_total" in httpx.get(first.base_url + "/metrics",
+                                                     headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
         async with Api(first.base_url, admin_key) as admin:
             owner = await admin.new_account("owner")
             host, _ = await owner.new_host(gpus=4)
