@@ -49,7 +49,9 @@ class ModelState:
 class BookSync:
     models: dict[str, ModelState] = field(default_factory=dict)
     last_change: int = 0  # the highest change number applied (for reading only: loads go by xid)
-    fabric_ids: dict[str, int] = field(default_factory=dict)
+    # (owner id, fabric name) -> the engine's fabric id: a fabric is its owner's (a name like
+    # "default" is every owner's own), so a multi-host gang never spans two owners.
+    fabric_ids: dict[tuple[int, str], int] = field(default_factory=dict)
     # The snapshot of the last load (pg_snapshot text); None until the first load, which reads
     # every open bid.
     snapshot: str | None = None
@@ -64,8 +66,8 @@ class BookSync:
             self.models[model] = ModelState(model=model)
         return self.models[model]
 
-    def fabric_id(self, name: str) -> int:
-        return self.fabric_ids.setdefault(name, len(self.fabric_ids) + 1)
+    def fabric_id(self, owner_id: int, name: str) -> int:
+        return self.fabric_ids.setdefault((owner_id, name), len(self.fabric_ids) + 1)
 
     async def load_bid_changes(self, conn: asyncpg.Connection) -> None:
         """Add bids that opened and remove bids that closed since the last load."""
@@ -189,7 +191,7 @@ class BookSync:
             " noticed AS (SELECT l.host_id, r.model, sum(l.gpus) AS gpus FROM reclaims r"
             "   JOIN leases l ON l.reclaim_id = r.id WHERE r.status = 'active'"
             "   AND l.status IN ('active', 'ending') GROUP BY 1, 2)"
-            " SELECT o.id, o.host_id, h.fabric, h.health, o.model, o.gpus, o.floor_price, o.available_until,"
+            " SELECT o.id, o.host_id, h.owner_id, h.fabric, h.health, o.model, o.gpus, o.floor_price, o.available_until,"
             " o.firm_until, o.reclaim_notice_s, o.reclaim_rate_per_h, hg.host_gpus, hg.leased,"
             " coalesce(rc.gpus, 0) - coalesce(nt.gpus, 0) AS reclaimed,"
             # ...and no spot lease is placed across a reservation the owner scheduled on this host.
@@ -219,7 +221,7 @@ class BookSync:
             state.book.upsert_blocks(
                 block_id=np.array([r["id"] for r in live], dtype=np.int64),
                 host_id=np.array([r["host_id"] for r in live], dtype=np.int64),
-                fabric_id=np.array([self.fabric_id(r["fabric"]) for r in live], dtype=np.int64),
+                fabric_id=np.array([self.fabric_id(r["owner_id"], r["fabric"]) for r in live], dtype=np.int64),
                 host_gpus=np.array([max(r["host_gpus"], r["gpus"]) for r in live], dtype=np.int32),
                 gpus=np.array([r["gpus"] for r in live], dtype=np.int32),
                 free=np.array([free_gpus(r["gpus"], r["host_gpus"], r["leased"], r["reclaimed"], r["health"])

@@ -6,6 +6,7 @@ from exchange.core.auth import Principal, hash_secret, new_agent_token
 from exchange.core.context import AppContext
 from exchange.core.errors import Conflict, Forbidden, InvalidField, NotFound
 from exchange.core.money import format_money
+from exchange.leases.lifecycle import lock_lease_changes
 from exchange.hosts.schemas import AgentIdentity, Host, HostCreate, HostCreated, HostEarnings, HostGpu, Inventory
 from exchange.markets.service import ensure_markets
 
@@ -59,27 +60,43 @@ async def agent_identity(ctx: AppContext, principal: Principal) -> AgentIdentity
 
 
 async def put_inventory(ctx: AppContext, principal: Principal, data: Inventory) -> Host:
-    """Replace the host's GPU set with what its agent reports. A GPU another host reported is
-    refused: one physical GPU is sold by one host only."""
+    """Replace the host's GPU set with what its agent reports. One physical GPU is sold by one host
+    only: a GPU registered to another host moves here only once that host released it (dropped it
+    from its inventory) and no live lease holds it; until then the whole report is refused with 409
+    naming the GPU, and nothing changes (the other host keeps reporting and metering it)."""
     uuids = [g.uuid for g in data.gpus]
     if len(set(uuids)) != len(uuids):
         raise InvalidField("gpus", "a GPU UUID appears twice")
     host_id = principal.host_id
     now = ctx.clock()
     async with ctx.pool.acquire() as conn, conn.transaction():
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM gpus WHERE uuid = ANY($1::text[]) AND host_id <> $2)",
+                               uuids, host_id):
+            # A move: serialise with the transactions that start leases, so that no lease starts
+            # on the GPU at its old host while it moves (first, as that lock must be taken).
+            await lock_lease_changes(conn)
         await conn.execute("SELECT id FROM hosts WHERE id = $1 FOR UPDATE", host_id)
-        taken = await conn.fetchval(
-            "SELECT uuid FROM gpus WHERE uuid = ANY($1::text[]) AND host_id <> $2 AND present LIMIT 1", uuids, host_id)
-        if taken:
-            raise Conflict("gpu_on_other_host", f"GPU {taken} is registered to another host", field="gpus")
         await conn.execute("UPDATE gpus SET present = false WHERE host_id = $1", host_id)
-        await conn.executemany(
-            "INSERT INTO gpus (uuid, host_id, idx, model, memory_mb, present, reported_at)"
-            " VALUES ($1, $2, $3, $4, $5, true, $6) ON CONFLICT (uuid) DO UPDATE SET host_id = EXCLUDED.host_id,"
-            " idx = EXCLUDED.idx, model = EXCLUDED.model, memory_mb = EXCLUDED.memory_mb, present = true,"
-            " reported_at = EXCLUDED.reported_at",
-            [(g.uuid, host_id, g.index if g.index is not None else i, g.model, g.memory_mb, now)
-             for i, g in enumerate(data.gpus)])
+        # The condition is checked on the row as it is when written (also against a racing claim
+        # by a third host): a GPU of another host is taken over only if released and not leased.
+        stored = {r["uuid"] for r in await conn.fetch(
+            "INSERT INTO gpus AS g (uuid, host_id, idx, model, memory_mb, present, reported_at)"
+            " SELECT u, $2, i, m, mb, true, $6 FROM unnest($1::text[], $3::int[], $4::text[], $5::int[])"
+            "   AS r(u, i, m, mb)"
+            " ON CONFLICT (uuid) DO UPDATE SET host_id = EXCLUDED.host_id, idx = EXCLUDED.idx,"
+            " model = EXCLUDED.model, memory_mb = EXCLUDED.memory_mb, present = true, reported_at = EXCLUDED.reported_at"
+            " WHERE g.host_id = EXCLUDED.host_id OR (NOT g.present"
+            "   AND NOT EXISTS (SELECT 1 FROM lease_gpus lg WHERE lg.uuid = g.uuid AND lg.live))"
+            " RETURNING g.uuid",
+            uuids, host_id, [g.index if g.index is not None else i for i, g in enumerate(data.gpus)],
+            [g.model for g in data.gpus], [g.memory_mb for g in data.gpus], now)}
+        refused = [u for u in uuids if u not in stored]
+        if refused:  # raising rolls the whole report back
+            held = await conn.fetchval("SELECT present FROM gpus WHERE uuid = $1", refused[0])
+            why = "is in its inventory" if held else "a live lease still holds it there"
+            raise Conflict("gpu_on_other_host", f"GPU {refused[0]} is registered to another host ({why});"
+                           " it can move only once that host has dropped it and no live lease holds it",
+                           field="gpus")
         await conn.execute("UPDATE hosts SET last_seen_at = $2 WHERE id = $1", host_id, now)
         await ensure_markets(conn, {g.model for g in data.gpus}, now)
     return await get_host(ctx, principal, host_id)

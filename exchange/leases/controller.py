@@ -8,7 +8,7 @@ from litestar.params import Parameter
 from exchange.core.auth import requires
 from exchange.core.context import AppContext
 from exchange.leases import service
-from exchange.leases.schemas import Lease, LeaseList, LeaseStatus
+from exchange.leases.schemas import Lease, LeaseList, LeaseStatus, OwnerLease, OwnerLeaseList
 
 
 class LeaseController(Controller):
@@ -18,12 +18,17 @@ class LeaseController(Controller):
 
     @get("/")
     async def list_leases(self, ctx: AppContext, request: Request, status: LeaseStatus | None = None,
-                   cursor: str | None = None, limit: Annotated[int, Parameter(ge=1, le=500)] = 100) -> LeaseList:
+                   cursor: str | None = None, limit: Annotated[int, Parameter(ge=1, le=500)] = 100
+                   ) -> LeaseList | OwnerLeaseList:
+        """A tenant (and the admin) gets its leases in the tenant's view; an owner the leases on its
+        hosts in the owner's view, without the tenant's limit, hold or bid id."""
         items, next_cursor = await service.list_leases(ctx, request.user, status, cursor, limit)
+        if request.user.role == "owner":
+            return OwnerLeaseList(items=items, next=next_cursor)
         return LeaseList(items=items, next=next_cursor)
 
     @get("/{lease_id:int}")
-    async def get_lease(self, ctx: AppContext, request: Request, lease_id: int) -> Lease:
+    async def get_lease(self, ctx: AppContext, request: Request, lease_id: int) -> Lease | OwnerLease:
         return await service.get_lease(ctx, request.user, lease_id)
 
 
@@ -35,6 +40,8 @@ class AgentLeaseController(Controller):
 
     @get("/")
     async def list_leases(self, ctx: AppContext, request: Request, status: LeaseStatus | None = None,
-                   cursor: str | None = None, limit: Annotated[int, Parameter(ge=1, le=500)] = 500) -> LeaseList:
+                   cursor: str | None = None, limit: Annotated[int, Parameter(ge=1, le=500)] = 500
+                   ) -> OwnerLeaseList:
+        """In the owner's view: the agent runs the host's side, and learns no tenant limit."""
         items, next_cursor = await service.list_leases(ctx, request.user, status, cursor, limit)
-        return LeaseList(items=items, next=next_cursor)
+        return OwnerLeaseList(items=items, next=next_cursor)

@@ -248,7 +248,29 @@ MARKET_CHECKS = [
           ("preemption_reasons",)),
 ]
 
-CHECKS: list[Check] = LEDGER_CHECKS + MARKET_CHECKS
+# Isolation between owners (migration 0009): a fabric is its owner's, so no gang spans owners, and
+# a reclaim ends only its owner's leases; gangs placed before 0009 (listed there) are exempt.
+_GANGS_BEFORE_0009 = "(SELECT bid_id, tick_id FROM gangs_spanning_owners_before_0009)"
+OWNER_CHECKS = [
+    Check("no gang's leases span owners",
+          "SELECT l.bid_id, l.tick_id, array_agg(DISTINCT h.owner_id ORDER BY h.owner_id) AS owners,"
+          " array_agg(l.id ORDER BY l.id) AS leases FROM leases l JOIN hosts h ON h.id = l.host_id"
+          f" WHERE l.tick_id IS NOT NULL AND (l.bid_id, l.tick_id) NOT IN {_GANGS_BEFORE_0009}"
+          " GROUP BY l.bid_id, l.tick_id HAVING count(DISTINCT h.owner_id) > 1 ORDER BY l.bid_id"),
+    Check("a reclaim ends only its owner's leases",
+          "SELECT l.id AS lease_id, l.reclaim_id, r.owner_id AS reclaiming_owner, h.owner_id AS host_owner"
+          " FROM leases l JOIN reclaims r ON r.id = l.reclaim_id JOIN hosts h ON h.id = l.host_id"
+          f" WHERE h.owner_id <> r.owner_id AND (l.bid_id, l.tick_id) NOT IN {_GANGS_BEFORE_0009}"
+          " ORDER BY l.id"),
+    # A GPU moves to another host only once its host dropped it and no live lease holds it (one row
+    # per GPU uuid in `gpus` makes "in two hosts' inventories at once" impossible by the schema).
+    Check("no live lease holds a GPU registered to another host",
+          "SELECT l.id AS lease_id, l.host_id AS lease_host, lg.uuid, g.host_id AS gpu_host"
+          " FROM lease_gpus lg JOIN leases l ON l.id = lg.lease_id JOIN gpus g ON g.uuid = lg.uuid"
+          " WHERE lg.live AND g.host_id <> l.host_id ORDER BY l.id"),
+]
+
+CHECKS: list[Check] = LEDGER_CHECKS + MARKET_CHECKS + OWNER_CHECKS
 
 _DEFAULTS = Settings()
 

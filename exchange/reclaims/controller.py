@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 
 from exchange.core.auth import requires
 from exchange.core.context import AppContext
@@ -14,8 +14,11 @@ class ReclaimController(Controller):
     guards = [requires("owner")]
 
     @post("/", status_code=201)
-    async def create(self, ctx: AppContext, request: Request, data: ReclaimCreate) -> Reclaim:
-        return await service.create_reclaim(ctx, request.user, data)
+    async def create(self, ctx: AppContext, request: Request, data: ReclaimCreate) -> Response[Reclaim]:
+        # A retry with the same idempotency key and body answers like bids and deposits: 201 with
+        # the reclaim (as it stands now) and `Idempotent-Replayed: true`.
+        reclaim, replayed = await service.place_reclaim(ctx, request.user, data)
+        return Response(reclaim, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
     @get("/")
     async def list_reclaims(self, ctx: AppContext, request: Request) -> ReclaimList:

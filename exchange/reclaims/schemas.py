@@ -5,6 +5,7 @@ from typing import Annotated
 
 import msgspec
 
+from exchange.accounts.schemas import IdempotencyKey
 from exchange.core.structs import Struct
 from exchange.hosts.schemas import GpuModel
 
@@ -16,6 +17,9 @@ class ReclaimCreate(Struct, frozen=True, kw_only=True):
     at: datetime | None = None
     until: datetime | None = None
     strategy: str | None = None
+    # Optional, scoped to the owner: a retry with the same key and body is the same reclaim (no
+    # second effect); the same key with another body is refused with 409 idempotency_conflict.
+    idempotency_key: IdempotencyKey | None = None
 
 
 class ReclaimedLease(Struct, frozen=True, kw_only=True):
@@ -38,6 +42,7 @@ class Reclaim(Struct, frozen=True, kw_only=True):
     taken_free: int
     shortfall: int
     leases: list[ReclaimedLease]
+    idempotency_key: str | None = None
     created_at: datetime
 
 

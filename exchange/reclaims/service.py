@@ -7,10 +7,11 @@ from __future__ import annotations
 from datetime import datetime
 
 import asyncpg
+import msgspec
 
 from exchange.core.auth import Principal
-from exchange.core.context import AppContext
-from exchange.core.errors import InvalidField, NotFound
+from exchange.core.context import AppContext, request_hash
+from exchange.core.errors import Conflict, InvalidField, NotFound
 from exchange.hosts.service import host_for
 from exchange.leases import lifecycle
 from exchange.leases.lifecycle import LeaseEvent, lock_lease_changes
@@ -18,6 +19,9 @@ from exchange.reclaims.schemas import Reclaim, ReclaimCreate, ReclaimedLease
 from exchange.reclaims.victims import VICTIM_STRATEGIES, Gang
 
 DEFAULT_STRATEGY = "cheapest_first"
+_reclaim_encoder = msgspec.json.Encoder()
+# The per-owner lock that serialises an owner's reclaims (capacity checks and idempotency keys).
+_OWNER_RECLAIMS_LOCK = 0x7263
 
 
 async def _scope_hosts(conn: asyncpg.Connection, owner_id: int, model: str, host_id: int | None) -> list[int]:
@@ -35,6 +39,32 @@ async def _reclaimed_on(conn: asyncpg.Connection, hosts: list[int]) -> dict[int,
 
 
 async def create_reclaim(ctx: AppContext, principal: Principal, data: ReclaimCreate) -> Reclaim:
+    return (await place_reclaim(ctx, principal, data))[0]
+
+
+async def _stored_retry(conn, owner_id: int, data: ReclaimCreate, fingerprint: bytes) -> int | None:
+    """The reclaim this request retries (same owner, key and body), None if the key is new; another
+    body under the key is a conflict."""
+    if data.idempotency_key is None:
+        return None
+    row = await conn.fetchrow("SELECT id, request_hash FROM reclaims WHERE owner_id = $1 AND idempotency_key = $2",
+                              owner_id, data.idempotency_key)
+    if row is None:
+        return None
+    if row["request_hash"] != fingerprint:
+        raise Conflict("idempotency_conflict", "this idempotency_key was used for a different reclaim",
+                       field="idempotency_key")
+    return row["id"]
+
+
+async def place_reclaim(ctx: AppContext, principal: Principal, data: ReclaimCreate) -> tuple[Reclaim, bool]:
+    """Create (and, when due, execute) a reclaim. Returns (reclaim, replayed): a retry with the same
+    idempotency key and body returns the first reclaim as it stands now and changes nothing."""
+    fingerprint = request_hash(_reclaim_encoder.encode(data))
+    # A retry answers with its reclaim even when its body no longer validates (an `at` now past).
+    replayed = await _stored_retry(ctx.pool, principal.account_id, data, fingerprint)
+    if replayed is not None:
+        return await get_reclaim(ctx, principal, replayed), True
     now = ctx.clock()
     for name in ("at", "until"):
         value = getattr(data, name)
@@ -48,26 +78,38 @@ async def create_reclaim(ctx: AppContext, principal: Principal, data: ReclaimCre
         raise InvalidField("strategy", f"one of {', '.join(sorted(VICTIM_STRATEGIES))}")
     async with ctx.pool.acquire() as conn, conn.transaction():
         await lock_lease_changes(conn, now)
-        if data.host_id is not None:
-            await host_for(conn, principal, data.host_id)
-        hosts = await _scope_hosts(conn, principal.account_id, data.model, data.host_id)
-        if not hosts:
-            raise InvalidField("model", f"you have no host with {data.model} GPUs" +
-                               (" under that host_id" if data.host_id else ""))
-        # One reclaim at a time per owner: capacity checks see each other's takings.
-        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", 0x7263, principal.account_id)
-        total = await conn.fetchval("SELECT count(*) FROM gpus WHERE host_id = ANY($1::bigint[]) AND present"
-                                    " AND model = $2", hosts, data.model)
-        taken = sum((await _reclaimed_on(conn, hosts)).values())
-        if data.gpus > total - taken:
-            raise InvalidField("gpus", f"only {total - taken} {data.model} GPUs are not reclaimed already")
-        reclaim_id = await conn.fetchval(
-            "INSERT INTO reclaims (owner_id, model, gpus, host_id, at, until, status, strategy, created_at)"
-            " VALUES ($1,$2,$3,$4,$5,$6,'scheduled',$7,$8) RETURNING id",
-            principal.account_id, data.model, data.gpus, data.host_id, at, data.until, strategy, now)
-        if at <= now:
-            await execute_reclaim(conn, reclaim_id, now)
-    return await get_reclaim(ctx, principal, reclaim_id)
+        # One reclaim at a time per owner: capacity checks see each other's takings, and two racing
+        # retries of one key see each other (the second finds the first's reclaim).
+        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", _OWNER_RECLAIMS_LOCK, principal.account_id)
+        replayed = await _stored_retry(conn, principal.account_id, data, fingerprint)
+        if replayed is not None:
+            reclaim_id = replayed
+        else:
+            reclaim_id = await _insert_reclaim(conn, principal, data, at, strategy, now, fingerprint)
+    return await get_reclaim(ctx, principal, reclaim_id), replayed is not None
+
+
+async def _insert_reclaim(conn: asyncpg.Connection, principal: Principal, data: ReclaimCreate, at: datetime,
+                      strategy: str, now: datetime, fingerprint: bytes) -> int:
+    if data.host_id is not None:
+        await host_for(conn, principal, data.host_id)
+    hosts = await _scope_hosts(conn, principal.account_id, data.model, data.host_id)
+    if not hosts:
+        raise InvalidField("model", f"you have no host with {data.model} GPUs" +
+                           (" under that host_id" if data.host_id else ""))
+    total = await conn.fetchval("SELECT count(*) FROM gpus WHERE host_id = ANY($1::bigint[]) AND present"
+                                " AND model = $2", hosts, data.model)
+    taken = sum((await _reclaimed_on(conn, hosts)).values())
+    if data.gpus > total - taken:
+        raise InvalidField("gpus", f"only {total - taken} {data.model} GPUs are not reclaimed already")
+    reclaim_id = await conn.fetchval(
+        "INSERT INTO reclaims (owner_id, model, gpus, host_id, at, until, status, strategy, created_at,"
+        " idempotency_key, request_hash) VALUES ($1,$2,$3,$4,$5,$6,'scheduled',$7,$8,$9,$10) RETURNING id",
+        principal.account_id, data.model, data.gpus, data.host_id, at, data.until, strategy, now,
+        data.idempotency_key, fingerprint if data.idempotency_key is not None else None)
+    if at <= now:
+        await execute_reclaim(conn, reclaim_id, now)
+    return reclaim_id
 
 
 async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: datetime) -> None:
@@ -101,8 +143,12 @@ async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: dateti
             " FROM leases l"
             " WHERE l.bid_id IN (SELECT bid_id FROM leases WHERE host_id = ANY($1::bigint[]) AND tier = 'spot'"
             "   AND status = 'active' AND market = $2)"
+            # Only the reclaiming owner's leases: a gang never spans owners (fabrics are per owner),
+            # but one placed before migration 0009 may, and another owner's sale is not this one's
+            # to end (nor to refund from that owner's earnings).
+            " AND l.host_id IN (SELECT id FROM hosts WHERE owner_id = $4)"
             " AND l.status = 'active' AND l.planned_end_at > $3 AND l.reclaim_id IS NULL ORDER BY l.id",
-            hosts, reclaim["model"] + "/spot", now)
+            hosts, reclaim["model"] + "/spot", now, reclaim["owner_id"])
         by_bid: dict[int, list[asyncpg.Record]] = {}
         for row in rows:
             by_bid.setdefault(row["bid_id"], []).append(row)
@@ -152,13 +198,15 @@ def _reclaim_view(row: asyncpg.Record, leases: list[asyncpg.Record]) -> Reclaim:
                    taken_free=row["idle_gpus"], shortfall=row["shortfall"],
                    leases=[ReclaimedLease(id=le["id"], host_id=le["host_id"], gpus=le["gpus"], end_at=le["end_at"],
                                           free_of_charge=le["free_of_charge"]) for le in leases],
-                   created_at=row["created_at"])
+                   idempotency_key=row["idempotency_key"], created_at=row["created_at"])
 
 
 # A victim that completes within its notice is not told; its GPUs come back at its planned end.
-_RECLAIMED_LEASES = ("SELECT reclaim_id, id, host_id, gpus, coalesce(end_at, planned_end_at) AS end_at, free_of_charge"
-                     " FROM leases"
-                     " WHERE reclaim_id = ANY($1::bigint[]) ORDER BY id")
+# Only the reclaiming owner's leases are shown (older data may hold another owner's under a reclaim).
+_RECLAIMED_LEASES = ("SELECT l.reclaim_id, l.id, l.host_id, l.gpus, coalesce(l.end_at, l.planned_end_at) AS end_at,"
+                     " l.free_of_charge FROM leases l JOIN reclaims r ON r.id = l.reclaim_id"
+                     " JOIN hosts h ON h.id = l.host_id AND h.owner_id = r.owner_id"
+                     " WHERE l.reclaim_id = ANY($1::bigint[]) ORDER BY l.id")
 
 
 async def get_reclaim(ctx: AppContext, principal: Principal, reclaim_id: int) -> Reclaim:

@@ -293,6 +293,38 @@ class Driver:
         await self._put_inventory(host)
         return f"{sum(host.present)} GPUs present"
 
+    async def _move_gpu(self, step: Step) -> str:
+        """Another owner's host reports a GPU of `source` as its own. The exchange must take it if and
+        only if its host has dropped it and no live lease holds it; refused, nothing changes."""
+        source, target = self.model.hosts[step.arg("source")], self.model.hosts[step.arg("target")]
+        index = step.arg("index")
+        if index in source.moved_out:
+            return "moved already"
+        uuid = source.uuids[index]
+        before = await self.pool.fetchrow(
+            "SELECT host_id, present, EXISTS (SELECT 1 FROM lease_gpus lg WHERE lg.uuid = g.uuid AND lg.live) AS leased"
+            " FROM gpus g WHERE uuid = $1", uuid)
+        free = before["host_id"] == source.host_id and not before["present"] and not before["leased"]
+        target.uuids.append(uuid)
+        target.present.append(True)
+        try:
+            await self._put_inventory(target)
+        except ApiError as refusal:
+            target.uuids.pop()
+            target.present.pop()
+            after = await self.pool.fetchrow("SELECT host_id, present FROM gpus WHERE uuid = $1", uuid)
+            if free or refusal.code != "gpu_on_other_host" or uuid not in refusal.message \
+                    or tuple(after) != (before["host_id"], before["present"]):
+                raise SimFailure("a GPU moves to another host once released and not leased, else is refused "
+                                 "without effect", {"uuid": uuid, "before": dict(before), "refusal": refusal.code,
+                                                    "after": dict(after)}) from None
+            return f"refused {refusal.code}"
+        if not free:
+            raise SimFailure("a GPU moves to another host once released and not leased, else is refused "
+                             "without effect", {"uuid": uuid, "before": dict(before), "taken": True})
+        source.moved_out.add(index)
+        return f"{uuid} moved to host {target.host_id}"
+
     async def _reclaim(self, step: Step) -> str:
         owner = step.arg("owner")
         host = step.arg("host")

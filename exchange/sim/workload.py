@@ -71,6 +71,8 @@ class HostState:
     fabric: str
     uuids: list[str]
     present: list[bool]
+    # Indices of GPUs that moved to another host (never restored here).
+    moved_out: set[int] = field(default_factory=set)
     host_id: int = 0
     offer_id: int | None = None                  # the live offer the simulation published last
     offer_until: datetime = START
@@ -116,7 +118,7 @@ class Workload:
         rng = self.rng
         kinds = [("bid", 24), ("retry_bid", 3), ("conflict_bid", 1), ("cancel", 6), ("held_bid_tick", 2),
                  ("held_cancel_tick", 2), ("deposit", 2), ("retry_deposit", 1), ("offer_withdraw", 2),
-                 ("offer_publish", 3), ("inventory", 2), ("gpu_fails", 0.25), ("meter", 18), ("deliver_held", 3), ("host_silent", 1),
+                 ("offer_publish", 3), ("inventory", 2), ("gpu_fails", 0.25), ("move_gpu", 0.5), ("meter", 18), ("deliver_held", 3), ("host_silent", 1),
                  ("host_returns", 3), ("reclaim", 3), ("release", 2), ("tick", 14), ("settle", 5),
                  ("advance", 12), ("restart_leader", 1)]
         while True:
@@ -239,7 +241,7 @@ class Workload:
     def _inventory(self, model: SimModel) -> Step:
         host = self.rng.randrange(len(model.hosts))
         state = model.hosts[host]
-        gone = [i for i, p in enumerate(state.present) if not p]
+        gone = [i for i, p in enumerate(state.present) if not p and i not in state.moved_out]
         if gone and self.rng.random() < 0.6:
             return step("inventory", host=host, restore=self.rng.choice(gone))
         return step("inventory", host=host, drop=self.rng.randrange(len(state.uuids)))
@@ -248,6 +250,19 @@ class Workload:
         """A GPU that a lease may be using disappears from its host's inventory."""
         host = self.rng.randrange(len(model.hosts))
         return step("inventory", host=host, drop=self.rng.randrange(GPUS_PER_HOST), leased=True)
+
+    def _move_gpu(self, model: SimModel) -> Step | None:
+        """A GPU its host dropped is put in another owner's host (the exchange takes it only once no
+        live lease holds it, and refuses it while its host still has it)."""
+        dropped = [(h, i) for h, state in enumerate(model.hosts) for i, p in enumerate(state.present)
+                   if i not in state.moved_out and (not p or self.rng.random() < 0.05)]
+        if not dropped:
+            return None
+        source, index = self.rng.choice(dropped)
+        targets = [t for t, state in enumerate(model.hosts) if state.owner != model.hosts[source].owner]
+        if not targets:
+            return None
+        return step("move_gpu", source=source, index=index, target=self.rng.choice(targets))
 
     # --- agents -----------------------------------------------------------------------------------
 

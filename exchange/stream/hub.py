@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 import asyncpg
 
 from exchange.core.listener import Listener, ListenOptions
-from exchange.leases.service import leases_by_id
+from exchange.leases.service import lease_views_for
 from exchange.feed.schemas import Envelope, encoder
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ class StreamHub:
             rows = await self.pool.fetch(
                 "SELECT seq, kind, market, lease_id, at FROM account_events WHERE account_id = $1 AND seq > $2"
                 " ORDER BY seq LIMIT 1000", client.account_id, client.last_seq)
-            leases = await leases_by_id(self.pool, list({row["lease_id"] for row in rows}))
+            # Each lease in the shape this account may see (an owner gets no tenant limit, hold or bid id).
+            leases = await lease_views_for(self.pool, client.account_id, list({row["lease_id"] for row in rows}))
             for row in rows:
                 await client.send(encoder.encode(Envelope(
                     channel="stream", type=row["kind"], market=row["market"], seq=row["seq"], ts=row["at"],

@@ -112,6 +112,8 @@ FIRM = "(SELECT l.id FROM leases l JOIN bids b ON b.id = l.bid_id WHERE b.client
 SPOT_1 = "(SELECT min(l.id) FROM leases l JOIN bids b ON b.id = l.bid_id WHERE b.client_order_id = 'spot')"
 A100 = "(SELECT l.id FROM leases l JOIN bids b ON b.id = l.bid_id WHERE b.client_order_id = 'a100')"
 FIRM_2 = "(SELECT l.id FROM leases l JOIN bids b ON b.id = l.bid_id WHERE b.client_order_id = 'firm-2')"
+SPOT_2 = "(SELECT max(l.id) FROM leases l JOIN bids b ON b.id = l.bid_id WHERE b.client_order_id = 'spot')"
+H2 = "(SELECT id FROM hosts WHERE name = 'h2')"
 TENANT = "(SELECT id FROM accounts WHERE name = 'tenant')"
 TENANT_B = "(SELECT id FROM accounts WHERE name = 'tenant-b')"
 OWNER = "(SELECT id FROM accounts WHERE name = 'owner')"
@@ -202,6 +204,17 @@ CORRUPTIONS: dict[str, str] = {
     # The failed lease's bid asked to be requeued, and nothing put it back.
     "a preempted requeue bid whose leases are all closed is back in the book or says why not":
         "UPDATE bids SET requeue_on_preempt = true WHERE client_order_id = 'a100'",
+    # Owner isolation (migration 0009). The requeued spot lease made a gang with a lease on the other
+    # owner's host (as when fabrics were global by name).
+    "no gang's leases span owners":
+        f"UPDATE leases SET bid_id = (SELECT bid_id FROM leases WHERE id = {SPOT_2}),"
+        f" tick_id = (SELECT tick_id FROM leases WHERE id = {SPOT_2}), host_id = {H2} WHERE id = {FIRM_2}",
+    # The owner's reclaim ended a lease on the other owner's host.
+    "a reclaim ends only its owner's leases":
+        f"UPDATE leases SET host_id = {H2} WHERE id = {SPOT_1}",
+    # A GPU under a live lease moved to another host.
+    "no live lease holds a GPU registered to another host":
+        f"UPDATE gpus SET host_id = {H2} WHERE uuid = (SELECT min(uuid) FROM lease_gpus WHERE lease_id = {FIRM_2})",
 }
 
 
