@@ -28,6 +28,8 @@ import asyncpg
 
 from exchange.core.settings import Settings
 from exchange.leases.lifecycle import PREEMPTION_REASONS
+from exchange.metering import bounds
+from exchange.metering.service import MAX_CLOCK_SKEW
 
 MAX_ROWS = 20
 
@@ -248,7 +250,31 @@ MARKET_CHECKS = [
           ("preemption_reasons",)),
 ]
 
-CHECKS: list[Check] = LEDGER_CHECKS + MARKET_CHECKS
+# What a meter sample may say (exchange.metering.bounds): ingest refuses samples that break it, so
+# none stored does, unless stored before the bounds existed or written past the service. Each
+# sample against its GPU's inventory, its report's arrival, and the sample of its GPU on its host
+# before it (a fall of the counter is a reset, allowed).
+METER_CHECKS = [
+    Check("no stored meter sample breaks the meter bounds",
+          f"""WITH s AS (
+              SELECT ms.uuid, ms.ts, ms.host_id, ms.seq, ms.util, ms.mem_used_mb, ms.power_mw, ms.energy_mj,
+                     ms.temp_c, g.model, g.memory_mb, {bounds.bound_sql('g.model')} AS bound_mw,
+                     lag(ms.ts) OVER w AS prev_ts, lag(ms.energy_mj) OVER w AS prev_energy_mj
+              FROM meter_samples ms LEFT JOIN gpus g ON g.uuid = ms.uuid
+              WINDOW w AS (PARTITION BY ms.host_id, ms.uuid ORDER BY ms.ts))
+          SELECT s.*, r.received_at FROM s
+          LEFT JOIN meter_reports r ON r.host_id = s.host_id AND r.seq = s.seq
+          WHERE s.util NOT BETWEEN {bounds.UTIL_RANGE[0]} AND {bounds.UTIL_RANGE[1]}
+             OR s.temp_c NOT BETWEEN {bounds.TEMP_RANGE_C[0]} AND {bounds.TEMP_RANGE_C[1]}
+             OR s.power_mw > s.bound_mw OR s.mem_used_mb > s.memory_mb
+             OR s.energy_mj > {bounds.ENERGY_CEILING_MJ}
+             OR s.ts > r.received_at + make_interval(secs => {MAX_CLOCK_SKEW.total_seconds()})
+             OR (s.energy_mj >= s.prev_energy_mj AND NOT {bounds.rise_allowed_sql(
+                 's.energy_mj::numeric - s.prev_energy_mj', 's.prev_ts', 's.ts', 's.bound_mw')})
+          ORDER BY s.host_id, s.uuid, s.ts"""),
+]
+
+CHECKS: list[Check] = LEDGER_CHECKS + MARKET_CHECKS + METER_CHECKS
 
 _DEFAULTS = Settings()
 
