@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agents import wire
+from agents.runner import ExchangeClient
 from tests.conftest import create_database
 from tests.e2e.client import Api, in_hours, rfc3339
 from tests.e2e.test_agent_settlement import until
@@ -92,6 +94,25 @@ async def test_impossible_readings_are_refused_counted_and_every_lease_settles(t
             assert _refused_counts(metrics) == {"energy_above_ceiling": 2.0, "energy_rise_above_bound": 1.0,
                                                 "memory_above_inventory": 1.0, "power_above_bound": 1.0,
                                                 "util_out_of_range": 1.0}
+
+            # The agent's own client reads such an answer as delivered (nothing to resend), the
+            # refused samples named; a report refused whole as rejected (dropped, never blocking).
+            client = ExchangeClient(server.base_url, host["agent_token"], timeout_s=10)
+            try:
+                at = rfc3339(start + timedelta(seconds=9))
+                mixed = await client.send_meter(wire.MeterReport(seq=3, samples=[
+                    wire.MeterSample(uuid=o2, ts=at, util=90, mem_used_mb=1, power_mw=POWER_MW,
+                                     energy_mj=1_000_000 + 9 * POWER_MW, temp_c=60, healthy=True),
+                    wire.MeterSample(uuid=o1, ts=at, util=101, mem_used_mb=1, power_mw=POWER_MW,
+                                     energy_mj=1_000_000 + 9 * POWER_MW, temp_c=60, healthy=True)]))
+                rejected = await client.send_meter(wire.MeterReport(seq=4, samples=[
+                    wire.MeterSample(uuid=o1, ts=at, util=101, mem_used_mb=1, power_mw=POWER_MW,
+                                     energy_mj=1_000_000 + 9 * POWER_MW, temp_c=60, healthy=True)]))
+            finally:
+                await client.aclose()
+            assert (mixed.outcome, mixed.ack_through) == ("accepted", 3)
+            assert "1 sample(s) refused" in mixed.detail and "util_out_of_range" in mixed.detail
+            assert (rejected.outcome, rejected.ack_through) == ("rejected", 4)
 
             # Every lease is billed for its metered time, ends, closes and releases its hold.
             async def all_closed():
