@@ -11,11 +11,12 @@ import pytest
 from exchange.core import metrics
 from exchange.core.errors import ApiError
 from exchange.ledger.audit import run_audit
+from exchange.hosts.service import host_earnings
 from exchange.metering import bounds
 from exchange.metering.schemas import MeterReport, MeterSample
 from exchange.metering.service import ingest_report
 from exchange.settlement.service import settle
-from tests.integration.scenario import START, Scenario
+from tests.integration.scenario import START, Scenario, owner
 
 NEAR_2_63 = 9_000_000_000_000_000_000  # an energy reading near the top of bigint
 POWER_MW = 650_000  # what the scenario's cards draw
@@ -138,9 +139,12 @@ async def test_samples_breaking_a_bound_are_refused_counted_and_the_rest_billed(
 
     # Act
     ack = await ingest_report(s.ctx, s.agent, MeterReport(seq=1, samples=samples))
+    replay = await ingest_report(s.ctx, s.agent, MeterReport(seq=1, samples=samples))
     await _settle(s)
 
-    # Assert: 5 refused, each counted by its reason; the 117 others stored and billed: GPU a's
+    # Assert: the replay is a duplicate (dedupe by host and seq holds), refusing nothing again.
+    assert replay.duplicate and replay.accepted == 0 and replay.refused == 0
+    # 5 refused, each counted by its reason; the 117 others stored and billed: GPU a's
     # coverage has gaps of 2 s where a sample was refused (each covers up to the next), so all
     # 60 s of each GPU are billed.
     assert ack.accepted == 117 and ack.refused == 5
@@ -209,3 +213,14 @@ async def test_late_samples_are_checked_against_the_stored_ones_on_both_sides(s:
     # Assert: that sample alone refused; the rest of the gap filled.
     assert await s.ctx.pool.fetchval("SELECT count(*) FROM meter_samples") == 29
     assert (forged.accepted, forged.refused_reasons) == (9, {"energy_rise_above_bound": 1})
+
+
+async def test_host_earnings_sum_energy_beyond_bigint(s: Scenario) -> None:
+    # Two leases whose energy totals were stored near 2^63 (a one-GPU lease could store that before
+    # the bounds): their sum is beyond bigint; the owner's earnings still answer.
+    await _two_leases(s)
+    await s.ctx.pool.execute("UPDATE leases SET energy_mj = $1", NEAR_2_63)
+
+    earnings = await host_earnings(s.ctx, owner(s), s.agent.host_id)
+
+    assert earnings.leases == 2 and earnings.energy_kwh == f"{2 * NEAR_2_63 / 3.6e9:.6f}"
