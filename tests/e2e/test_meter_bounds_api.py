@@ -76,7 +76,8 @@ async def test_impossible_readings_are_refused_counted_and_every_lease_settles(t
                 samples += [_sample(v1, at, NEAR_2_63 if i == 4 else energy),
                             _sample(v2, at, energy, **({"power_mw": 2_000_000} if i == 4 else {})),
                             _sample(o1, at, energy, **({"mem_used_mb": 90_000} if i == 4 else {})),
-                            _sample(o2, at, energy + (50_000_000 if i == 4 else 0), **({"util": 150} if i == 6 else {}))]
+                            _sample(o2, at, energy + (50_000_000 if i == 4 else 0),
+                                    **({"util": 150} if i == 6 else {}))]
             ack = await agent.request("POST", "/v1/agent/meter", json={"seq": 1, "samples": samples})
             all_bad = await agent.request("POST", "/v1/agent/meter", json={"seq": 2, "samples": [
                 _sample(v1, start + timedelta(seconds=9), NEAR_2_63)]})
