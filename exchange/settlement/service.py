@@ -8,6 +8,9 @@ samples and bills only what was not billed yet, so a second run at the same mome
   to that GPU's next sample, at most `meter_max_gap_s`, clipped to the lease's window. A host that
   goes silent therefore stops earning at its last sample, and samples that arrive late (from an
   agent's spool after an outage) are billed when they arrive.
+- A lease's energy is the sum of its GPUs' energy-counter rises between consecutive samples, each
+  counted only within the meter bounds (`exchange.metering.bounds`): a reset counts nothing, a
+  forged jump stored before ingest checked the bounds counts nothing and stops no lease.
 - Firm leases pay their cleared price; spot leases pay the market's spot price at each settlement
   (the last tick's clearing price, else its highest competing limit, never an unaccepted ask:
   `spot_prices`), clamped to [their floor, their limit].
