@@ -6,13 +6,14 @@ breaks them; settlement (`exchange.settlement.service`) counts energy only for r
 sample that breaks them.
 
 Power: a card never draws much more than its board power limit, the most its power limit can be
-set to. The figures are NVIDIA's datasheets' maximum TDP / board power of each family's largest
-variant (SXM where there is one): H100 SXM5 700 W, H200 SXM 700 W, B200 1,000 W in HGX B200 and up
-to 1,200 W in some OEM systems (the higher taken), GB200 1,200 W per GPU, A100 SXM4 400 W, L40S
-350 W, L40 300 W, A40 300 W, A10 150 W, L4 72 W, V100 SXM3 350 W, T4 70 W. NVML's power reading is
-an average that can overshoot the limit briefly (excursions when a load starts): the bound is the
-limit plus `POWER_HEADROOM_PCT`. A model not in the table (any vendor's, any future card) gets
-`GENERIC_POWER_BOUND_MW`, above every card sold today.
+set to. The figures are the maximum TDP / board power in NVIDIA's datasheets for each family's
+largest variant (SXM where there is one): H100 SXM5 700 W (H800: the same board), H200 SXM 700 W,
+B200 1,000 W in HGX B200 and up to 1,200 W in some systems (the higher taken), GB200 1,200 W per
+GPU, A100 SXM4 400 W (A800: the same board), L40S 350 W, L40 300 W, A40 300 W, A10 150 W, L4 72 W,
+V100 SXM3 350 W, T4 70 W. NVML's power reading is an average that can overshoot the limit briefly
+(excursions when a load starts): the bound is the limit plus `POWER_HEADROOM_PCT`. A model not in
+the table (any vendor's, any future card) gets `GENERIC_POWER_BOUND_MW`, above every card sold
+today.
 
 Energy: NVML's total energy counter (mJ since the driver loaded) rises by at most the power bound
 times the time elapsed, plus one second at the bound (`ENERGY_SLACK_S`) for the jitter between when
@@ -29,7 +30,7 @@ from datetime import timedelta
 # Board power limit in watts by model family: the market model's name up to its first '-'
 # ("H100-80GB" -> "H100"), upper case.
 BOARD_POWER_LIMIT_W: dict[str, int] = {
-    "H100": 700, "H200": 700, "H800": 700, "H20": 500,
+    "H100": 700, "H200": 700, "H800": 700,
     "B200": 1200, "GB200": 1200,
     "A100": 400, "A800": 400,
     "L40S": 350, "L40": 300, "A40": 300, "A10": 150, "L4": 72,
