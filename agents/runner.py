@@ -250,7 +250,10 @@ class ExchangeClient:
         status = response.status_code
         if status in (200, 201, 202):
             ack = self._decode(_meter_ack_decoder, response)
-            return MeterDelivery(outcome="duplicate" if ack.duplicate else "accepted", ack_through=report.seq)
+            # Refused samples are not retried: the exchange will refuse them again; the report is delivered.
+            detail = f"{ack.refused} sample(s) refused: {ack.refused_reasons}" if ack.refused else ""
+            return MeterDelivery(outcome="duplicate" if ack.duplicate else "accepted", ack_through=report.seq,
+                                 detail=detail)
         if status == 409:
             expected = self._decode(_meter_conflict_decoder, response).expected_seq
             through = report.seq if expected is None else max(report.seq, expected - 1)
@@ -586,6 +589,8 @@ class Agent:
             if delivery.outcome == "rejected":
                 self.rejected_reports += 1
                 log.error("meter report %d rejected by the exchange and dropped: %s", report.seq, delivery.detail)
+            elif delivery.outcome == "accepted" and delivery.detail:
+                log.warning("meter report %d: %s", report.seq, delivery.detail)
             elif delivery.ack_through > report.seq:
                 log.info("exchange already has meter reports up to %d", delivery.ack_through)
             self._spool.ack(delivery.ack_through)

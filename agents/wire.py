@@ -144,6 +144,10 @@ class MeterAck(WireReply):
 
     accepted: int = 0
     duplicate: bool = False
+    # Samples the exchange refused for breaking its meter bounds (the rest were kept); absent from
+    # older exchanges and from clean reports.
+    refused: int = 0
+    refused_reasons: dict[str, int] = {}
 
 
 class MeterConflict(WireReply):

@@ -16,6 +16,8 @@ TICK_SECONDS = Histogram("gpux_tick_seconds", "Time to clear and persist one auc
 FILLS = Counter("gpux_fills_total", "Leases created by matching", ["market"])
 METER_SAMPLES = Counter("gpux_meter_samples_total", "Metering samples stored")
 METER_REFUSED = Counter("gpux_meter_refused_total", "Metering reports refused", ["reason"])
+METER_SAMPLES_REFUSED = Counter("gpux_meter_samples_refused_total",
+                                "Metering samples refused at ingest for breaking the meter bounds", ["reason"])
 SETTLED_MICROS = Counter("gpux_settled_micros_total", "Micro-dollars moved from tenants by settlement")
 OPEN_BIDS = Gauge("gpux_open_bids", "Open bids in the book at the last tick", ["market"])
 SETTLE_FAILURES = Counter("gpux_settle_failures_total",

@@ -110,7 +110,7 @@ async def host_earnings(ctx: AppContext, principal: Principal, host_id: int) -> 
     row = await ctx.pool.fetchrow(
         "SELECT count(*) AS leases, coalesce(sum(billed_gpu_s), 0)::bigint AS gpu_s,"
         " coalesce(sum(billed_amount), 0)::bigint AS charged, coalesce(sum(fees_amount), 0)::bigint AS fees,"
-        " coalesce(sum(energy_mj), 0)::bigint AS energy FROM leases WHERE host_id = $1", host_id)
+        " coalesce(sum(energy_mj), 0) AS energy FROM leases WHERE host_id = $1", host_id)
     return HostEarnings(host_id=host_id, leases=row["leases"], billed_gpu_hours=hours(row["gpu_s"]),
                         charged=format_money(row["charged"]), fees=format_money(row["fees"]),
-                        earned=format_money(row["charged"] - row["fees"]), energy_kwh=kwh(row["energy"]))
+                        earned=format_money(row["charged"] - row["fees"]), energy_kwh=kwh(int(row["energy"])))

@@ -21,6 +21,7 @@ same transaction (when the host ever reported), so a live lease on such a host s
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -28,6 +29,8 @@ import asyncpg
 
 from exchange.core.settings import Settings
 from exchange.leases.lifecycle import PREEMPTION_REASONS
+from exchange.metering import bounds
+from exchange.metering.service import MAX_CLOCK_SKEW
 
 MAX_ROWS = 20
 
@@ -270,7 +273,38 @@ OWNER_CHECKS = [
           " WHERE lg.live AND g.host_id <> l.host_id ORDER BY l.id"),
 ]
 
-CHECKS: list[Check] = LEDGER_CHECKS + MARKET_CHECKS + OWNER_CHECKS
+# What a meter sample may say (exchange.metering.bounds): ingest refuses samples that break it, so
+# none stored does, unless stored before the bounds existed or written past the service. Each
+# sample against its GPU's inventory, its report's arrival, and the sample of its GPU on its host
+# before it (a fall of the counter is a reset, allowed).
+METER_BOUNDS_CHECK = "no stored meter sample breaks the meter bounds"
+METER_CHECKS = [
+    # In the primary key's order (uuid, ts), so no sort: a sample is compared with the one before it
+    # when both came from the same host (ingest compares within a host).
+    Check(METER_BOUNDS_CHECK,
+          f"""WITH s AS (
+              SELECT ms.uuid, ms.ts, ms.host_id, ms.seq, ms.util, ms.mem_used_mb, ms.power_mw, ms.energy_mj,
+                     ms.temp_c, lag(ms.host_id) OVER w AS prev_host_id, lag(ms.ts) OVER w AS prev_ts,
+                     lag(ms.energy_mj) OVER w AS prev_energy_mj
+              FROM meter_samples ms WINDOW w AS (PARTITION BY ms.uuid ORDER BY ms.ts)),
+          gb AS (
+              SELECT g.uuid, g.model, g.memory_mb, coalesce(pb.bound_mw, {bounds.GENERIC_POWER_BOUND_MW}) AS bound_mw
+              FROM gpus g LEFT JOIN {bounds.POWER_BOUNDS_SQL} ON pb.family = {bounds.family_sql('g.model')})
+          SELECT s.*, gb.model, gb.memory_mb, gb.bound_mw, r.received_at FROM s
+          LEFT JOIN gb ON gb.uuid = s.uuid
+          LEFT JOIN meter_reports r ON r.host_id = s.host_id AND r.seq = s.seq
+          WHERE s.util NOT BETWEEN {bounds.UTIL_RANGE[0]} AND {bounds.UTIL_RANGE[1]}
+             OR s.temp_c NOT BETWEEN {bounds.TEMP_RANGE_C[0]} AND {bounds.TEMP_RANGE_C[1]}
+             OR s.power_mw > coalesce(gb.bound_mw, {bounds.GENERIC_POWER_BOUND_MW}) OR s.mem_used_mb > gb.memory_mb
+             OR s.energy_mj > {bounds.ENERGY_CEILING_MJ}
+             OR s.ts > r.received_at + make_interval(secs => {MAX_CLOCK_SKEW.total_seconds()})
+             OR (s.prev_host_id = s.host_id AND s.energy_mj >= s.prev_energy_mj AND NOT {bounds.rise_allowed_sql(
+                 's.energy_mj::numeric - s.prev_energy_mj',
+                 's.prev_ts', 's.ts', f'coalesce(gb.bound_mw, {bounds.GENERIC_POWER_BOUND_MW})')})
+          ORDER BY s.host_id, s.uuid, s.ts"""),
+]
+
+CHECKS: list[Check] = LEDGER_CHECKS + MARKET_CHECKS + OWNER_CHECKS + METER_CHECKS
 
 _DEFAULTS = Settings()
 
@@ -278,11 +312,13 @@ _DEFAULTS = Settings()
 async def run_audit(conn: asyncpg.Connection, *, now: datetime | None = None,
                     close_after_s: float = _DEFAULTS.settle_close_after_s, settle_s: float = _DEFAULTS.settle_s,
                     host_grace_s: float = _DEFAULTS.host_grace_s,
-                    close_slack_s: float | None = None) -> list[tuple[str, list[dict]]]:
+                    close_slack_s: float | None = None,
+                    skip: Collection[str] = ()) -> list[tuple[str, list[dict]]]:
     """Returns the breached checks with (up to MAX_ROWS + 1 of) their offending rows; empty when
     every invariant holds. Runs in one repeatable-read snapshot so that concurrent traffic cannot
     fake a breach. `now` defaults to the database's clock; a lease may stay unclosed for
-    `close_after_s` plus `close_slack_s` (default: two settlement intervals) after its end."""
+    `close_after_s` plus `close_slack_s` (default: two settlement intervals) after its end. `skip`
+    names checks not to run (the simulation runs the meter check, a scan of every sample, less often)."""
     values = {
         "now": now,
         "close_window_s": float(close_after_s + (2 * settle_s if close_slack_s is None else close_slack_s)),
@@ -292,6 +328,8 @@ async def run_audit(conn: asyncpg.Connection, *, now: datetime | None = None,
     breaches: list[tuple[str, list[dict]]] = []
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         for check in CHECKS:
+            if check.name in skip:
+                continue
             rows = await conn.fetch(f"SELECT * FROM ({check.sql}) breach LIMIT {MAX_ROWS + 1}",
                                     *(values[p] for p in check.params))
             if rows:

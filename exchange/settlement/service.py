@@ -8,6 +8,9 @@ samples and bills only what was not billed yet, so a second run at the same mome
   to that GPU's next sample, at most `meter_max_gap_s`, clipped to the lease's window. A host that
   goes silent therefore stops earning at its last sample, and samples that arrive late (from an
   agent's spool after an outage) are billed when they arrive.
+- A lease's energy is the sum of its GPUs' energy-counter rises between consecutive samples, each
+  counted only within the meter bounds (`exchange.metering.bounds`): a reset counts nothing, a
+  forged jump stored before ingest checked the bounds counts nothing and stops no lease.
 - Firm leases pay their cleared price; spot leases pay the market's spot price at each settlement
   (the last tick's clearing price, else its highest competing limit, never an unaccepted ask:
   `spot_prices`), clamped to [their floor, their limit].
@@ -28,6 +31,7 @@ import asyncpg
 
 from exchange.core import metrics
 from exchange.ledger import service as ledger
+from exchange.metering import bounds
 from exchange.leases.lifecycle import PREEMPTION_REASONS, TERMINAL, lock_lease_changes
 from exchange.settlement import billing
 
@@ -38,16 +42,23 @@ SETTLE_LOCK_KEY = 0x6770_7578_0003
 # Per lease and GPU: the samples of the lease's own host inside the window (plus the first one
 # after it, which bounds the last sample's coverage); coverage and energy summed per lease. A GPU
 # UUID is matched on its host too: a GPU moved to another host earns nothing for this lease there.
+# Energy is the sum of the counter's rises between consecutive samples in the window, each counted
+# only when the card could have drawn it (`exchange.metering.bounds`; ingest refuses the others, but
+# samples stored before it did may break them): a counter reset (a fall) counts nothing, a forged
+# jump counts nothing, and a lease's energy stays within its GPUs' power bound times its duration.
 # Sums stay numeric (never cast to bigint here): an overflow then fails that lease's write alone.
-METERED_SQL = """
+METERED_SQL = f"""
 WITH win AS (
     SELECT l.id, l.host_id, u.uuid, l.start_at,
-           least(coalesce(l.end_at, l.planned_end_at), l.planned_end_at, $1::timestamptz) AS stop
-    FROM leases l, unnest(l.gpu_uuids) AS u(uuid)
+           least(coalesce(l.end_at, l.planned_end_at), l.planned_end_at, $1::timestamptz) AS stop,
+           {bounds.bound_sql('g.model')} AS bound_mw
+    FROM leases l CROSS JOIN unnest(l.gpu_uuids) AS u(uuid) LEFT JOIN gpus g ON g.uuid = u.uuid
     WHERE l.id = ANY($2::bigint[])
 ), s AS (
-    SELECT w.id, w.uuid, w.stop, ms.ts, ms.healthy, ms.energy_mj,
-           lead(ms.ts) OVER (PARTITION BY w.id, w.uuid ORDER BY ms.ts) AS next_ts
+    SELECT w.id, w.uuid, w.stop, w.bound_mw, ms.ts, ms.healthy, ms.energy_mj,
+           lead(ms.ts) OVER (PARTITION BY w.id, w.uuid ORDER BY ms.ts) AS next_ts,
+           lag(ms.ts) OVER (PARTITION BY w.id, w.uuid ORDER BY ms.ts) AS prev_ts,
+           ms.energy_mj::numeric - lag(ms.energy_mj::numeric) OVER (PARTITION BY w.id, w.uuid ORDER BY ms.ts) AS rise
     FROM win w JOIN meter_samples ms
       ON ms.uuid = w.uuid AND ms.host_id = w.host_id
      AND ms.ts >= w.start_at AND ms.ts < w.stop + make_interval(secs => $3)
@@ -55,8 +66,9 @@ WITH win AS (
     SELECT id, uuid,
            coalesce(sum(CASE WHEN healthy AND ts < stop AND next_ts IS NOT NULL THEN
                extract(epoch FROM least(next_ts, ts + make_interval(secs => $3), stop) - ts) END), 0) AS covered_s,
-           coalesce(max(energy_mj::numeric) FILTER (WHERE ts < stop)
-                    - min(energy_mj::numeric) FILTER (WHERE ts < stop), 0) AS energy_mj
+           coalesce(sum(rise) FILTER (WHERE ts < stop AND rise >= 0
+                                       AND {bounds.rise_allowed_sql('rise', 'prev_ts', 'ts', 'bound_mw')}), 0)
+               AS energy_mj
     FROM s GROUP BY id, uuid
 )
 SELECT id, floor(sum(covered_s)) AS covered_s, sum(energy_mj) AS energy_mj FROM per_gpu GROUP BY id

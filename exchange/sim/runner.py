@@ -75,6 +75,11 @@ async def run_seed(server_url: str, template: str, seed: int, steps: int) -> See
                 result.failure = SimFailure("every step finishes", f"no answer in {STEP_TIMEOUT_S:.0f} s (a deadlock?)")
                 result.failed_at = index
                 break
+        else:
+            try:
+                await auditor.finish()
+            except SimFailure as failure:
+                result.failure, result.failed_at = failure, len(result.log) - 1
     finally:
         await driver.close()
         if audit_conn is not None:

@@ -82,9 +82,11 @@ class Scenario:
             return await run_tick(conn, self.sync, self.clock())
 
     async def report(self, seq: int, uuids: list[str], start: datetime, seconds: int, *, every: float = 1.0,
-                     healthy: bool = True, agent: Principal | None = None):
+                     healthy: bool = True, agent: Principal | None = None, power_mw: int = 650_000):
+        """`seconds` of samples every `every` s from `start`; each report's energy counter starts at 1 kJ
+        (a reset, as far as the exchange can tell). 650 W suits an H100, not an A100 (bound 500 W)."""
         samples = [MeterSample(uuid=u, ts=start + timedelta(seconds=i * every), util=95, mem_used_mb=70_000,
-                               power_mw=650_000, energy_mj=1_000_000 + int(i * every * 650_000), temp_c=70,
+                               power_mw=power_mw, energy_mj=1_000_000 + int(i * every * power_mw), temp_c=70,
                                healthy=healthy)
                    for i in range(int(seconds / every)) for u in uuids]
         return await ingest_report(self.ctx, agent or self.agent, MeterReport(seq=seq, samples=samples))

@@ -57,7 +57,7 @@ async def _build(s: Scenario) -> None:
 
     s.clock.advance(700)
     await s.report(1, s.uuids, START, 700)
-    await s.report(1, uuids2, START, 100, agent=agent2)  # then h2 falls silent
+    await s.report(1, uuids2, START, 100, agent=agent2, power_mw=350_000)  # then h2 falls silent
     await s.tick()  # the firm lease ends at its planned end
     await _settle(s)
     async with s.ctx.pool.acquire() as conn:
@@ -215,6 +215,10 @@ CORRUPTIONS: dict[str, str] = {
     # A GPU under a live lease moved to another host.
     "no live lease holds a GPU registered to another host":
         f"UPDATE gpus SET host_id = {H2} WHERE uuid = (SELECT min(uuid) FROM lease_gpus WHERE lease_id = {FIRM_2})",
+    # An energy reading near 2^63 stored as ingest did before it checked the meter bounds.
+    "no stored meter sample breaks the meter bounds":
+        "UPDATE meter_samples SET energy_mj = 9000000000000000000"
+        " WHERE (uuid, ts) = (SELECT uuid, ts FROM meter_samples ORDER BY ts DESC, uuid LIMIT 1)",
 }
 
 
