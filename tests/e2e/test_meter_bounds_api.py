@@ -81,7 +81,7 @@ async def test_impossible_readings_are_refused_counted_and_every_lease_settles(t
             ack = await agent.request("POST", "/v1/agent/meter", json={"seq": 1, "samples": samples})
             all_bad = await agent.request("POST", "/v1/agent/meter", json={"seq": 2, "samples": [
                 _sample(v1, start + timedelta(seconds=9), NEAR_2_63)]})
-            metrics = httpx.get(server.base_url + "/metrics").text
+            metrics = httpx.get(server.base_url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
 
             # Assert: 5 refused with their reasons, 31 kept; a report of only bad samples refused whole.
             assert ack.status_code == 200, ack.text
