@@ -1,0 +1,269 @@
+"""Request rate limits and websocket connection limits (SPEC §9), shared by every server process on
+one database.
+
+Who is counted:
+- an authenticated request counts against its principal: the account (`acct:<id>`) or, for an agent
+  token, the host (`host:<id>`), however the Authorization header is spelled;
+- a request without a key counts against its client address (`addr:<ip>`);
+- a key not already known to this process (a database lookup) and every failed authentication (an
+  unknown key, a malformed header) count against the address's failed-auth budget (`auth:<ip>`),
+  checked *before* the lookup: a client guessing keys is refused with 429 without costing a query.
+
+How it holds across processes: each limit is a fixed one-second window whose count lives in one
+shared atomic counter (`WindowCounter`: PostgreSQL's UNLOGGED `rate_limit_counters`, an upsert that
+adds and returns the total in one statement). A process does not pay a round trip per request: it
+reserves a slice of the window's budget (GPUX_RATE_LIMIT_SLICE, by default a tenth of the limit)
+and serves from it locally, so all processes together never serve more than the limit per window.
+The price is that a process holding an unused slice can leave another refused a little early (at
+most one slice per process per window).
+
+Litestar's own RateLimitMiddleware was not used: it reads its store, then writes it back under a
+lock of its own process (`Store` has no atomic increment), so two processes sharing a store both
+count from the same value and serve up to twice the limit; it keys on whatever identity it is given
+before authentication has resolved anything; and it costs a store read and write per request. A
+Redis `WindowCounter` is INCRBY plus EXPIRE."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Protocol
+
+import asyncpg
+from litestar.enums import ScopeType
+from litestar.exceptions import TooManyRequestsException
+from litestar.middleware import AbstractMiddleware
+from litestar.datastructures import MutableScopeHeaders
+from litestar.types import Message, Receive, Scope, Send
+
+from exchange.core.auth import Principal, hash_secret, parse_authorization, principal_cache, resolve_token
+from exchange.core.settings import Settings
+
+WINDOW_S = 1
+# Rows of windows this much older than now are deleted, at most once per PRUNE_EVERY_S per process.
+PRUNE_AFTER_S = 60
+PRUNE_EVERY_S = 60.0
+
+
+class WindowCounter(Protocol):
+    """One atomic operation: add `n` to `key`'s count in window `window` (a window number; an older
+    window's count is replaced, not added to) and return the count after adding."""
+
+    async def add(self, key: str, window: int, n: int) -> int: ...
+
+
+class PostgresWindowCounter:
+    """The counter in the service's database (migration 0010: an UNLOGGED table, one row per key,
+    updated in place). Unlogged: the counts are lost on a crash of PostgreSQL, which at worst gives
+    every client a fresh second."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._pruned_at = time.monotonic()
+
+    async def add(self, key: str, window: int, n: int) -> int:
+        hits = await self.pool.fetchval(
+            "INSERT INTO rate_limit_counters AS c (key, window_s, hits) VALUES ($1, $2, $3)"
+            " ON CONFLICT (key) DO UPDATE SET"
+            "  hits = CASE WHEN c.window_s = EXCLUDED.window_s THEN c.hits + EXCLUDED.hits"
+            "              WHEN c.window_s < EXCLUDED.window_s THEN EXCLUDED.hits"
+            "              ELSE c.hits END,"  # a process whose clock lags: counted in the newer window
+            "  window_s = GREATEST(c.window_s, EXCLUDED.window_s)"
+            " RETURNING hits", key, window, n)
+        now = time.monotonic()
+        if now - self._pruned_at >= PRUNE_EVERY_S:
+            self._pruned_at = now
+            await self.pool.execute("DELETE FROM rate_limit_counters WHERE window_s < $1", window - PRUNE_AFTER_S)
+        return hits
+
+
+class MemoryWindowCounter:
+    """This process only (a single-process service, or tests of the limiter itself)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, tuple[int, int]] = {}
+
+    async def add(self, key: str, window: int, n: int) -> int:
+        current_window, hits = self._counts.get(key, (window, 0))
+        hits = hits + n if current_window == window else n
+        if len(self._counts) > 100_000:
+            self._counts.clear()
+        self._counts[key] = (window, hits)
+        return hits
+
+
+class _Budget:
+    """This process's share of one key's budget in one window."""
+    __slots__ = ("window", "available", "exhausted", "last_total")
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.available = 0  # reserved from the shared counter, not yet used
+        self.exhausted = False  # the shared count reached the limit: nothing more this window
+        self.last_total = 0  # the shared count after our latest reservation
+
+
+class Decision:
+    __slots__ = ("allowed", "limit", "remaining", "reset_s")
+
+    def __init__(self, allowed: bool, limit: int, remaining: int, reset_s: int) -> None:
+        self.allowed = allowed
+        self.limit = limit
+        self.remaining = remaining
+        self.reset_s = reset_s
+
+    def headers(self) -> dict[str, str]:
+        headers = {"RateLimit-Policy": f"{self.limit}; w={WINDOW_S}", "RateLimit-Limit": str(self.limit),
+                   "RateLimit-Remaining": str(self.remaining), "RateLimit-Reset": str(self.reset_s)}
+        if not self.allowed:
+            headers["Retry-After"] = str(self.reset_s)
+        return headers
+
+
+class RateLimiter:
+    def __init__(self, counter: WindowCounter, slice_size: int = 0, clock=time.time) -> None:
+        self.counter = counter
+        self.slice_size = slice_size  # 0: a tenth of each limit
+        self.clock = clock
+        self._window = 0
+        self._budgets: dict[str, _Budget] = {}
+
+    def _slice(self, limit: int) -> int:
+        return min(limit, self.slice_size or max(1, limit // 10))
+
+    async def take(self, key: str, limit: int) -> Decision:
+        """Use one request of `key`'s budget of `limit` per window, reserving a slice from the shared
+        counter when this process has none left."""
+        now = self.clock()
+        window = int(now // WINDOW_S)
+        reset_s = max(1, math.ceil((window + 1) * WINDOW_S - now))
+        if window != self._window:  # a new window: every budget starts over (and memory stays bounded)
+            self._window = window
+            self._budgets = {}
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = self._budgets[key] = _Budget(window)
+        if budget.available == 0 and not budget.exhausted:
+            size = self._slice(limit)
+            total = await self.counter.add(key, window, size)
+            granted = max(0, min(size, limit - (total - size)))
+            if budget.window == window and self._budgets.get(key) is budget:
+                budget.available += granted
+                budget.last_total = max(budget.last_total, total)
+                budget.exhausted = granted < size
+            elif granted:  # the window turned while we waited: this request still counts in its own
+                return Decision(True, limit, max(0, limit - total), reset_s)
+        if budget.available == 0:
+            budget.exhausted = True
+            return Decision(False, limit, 0, reset_s)
+        budget.available -= 1
+        return Decision(True, limit, max(0, limit - budget.last_total + budget.available), reset_s)
+
+
+def _too_many(decision: Decision, what: str) -> TooManyRequestsException:
+    return TooManyRequestsException(
+        detail=f"rate limit: at most {decision.limit} requests per second {what}; retry after {decision.reset_s} s",
+        headers=decision.headers())
+
+
+def principal_key(principal: Principal) -> str:
+    return f"host:{principal.host_id}" if principal.role == "agent" else f"acct:{principal.account_id}"
+
+
+def client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return client[0] if client else "unknown"
+
+
+def limiter_of(ctx: Any) -> RateLimiter:
+    limiter = ctx.extras.get("rate_limiter")
+    if limiter is None:
+        limiter = ctx.extras["rate_limiter"] = RateLimiter(PostgresWindowCounter(ctx.pool),
+                                                           ctx.settings.rate_limit_slice)
+    return limiter
+
+
+async def authenticate_limited(ctx: Any, token: str, address: str) -> Principal | None:
+    """The principal of `token`, or None if it is unknown; charges the address's failed-auth budget
+    for a key not already known here (before the database sees it) and for every unknown key.
+    Raises TooManyRequestsException when that budget is spent."""
+    settings: Settings = ctx.settings
+    cache = principal_cache(ctx)
+    digest = hash_secret(token)
+    principal = cache.get(digest, time.monotonic())
+    if principal is not None:
+        return principal
+    decision = await limiter_of(ctx).take(f"auth:{address}", settings.auth_failures_per_s)
+    if not decision.allowed:
+        raise _too_many(decision, "of authentication failures or new keys from this address")
+    return await resolve_token(ctx.pool, token, cache)
+
+
+class RateLimitMiddleware(AbstractMiddleware):
+    """Runs before authentication (which then finds the key in the principal cache: no second lookup)."""
+
+    scopes = {ScopeType.HTTP}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = scope["litestar_app"].state.ctx
+        settings: Settings = ctx.settings
+        limiter = limiter_of(ctx)
+        address = client_address(scope)
+        header = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value.decode("latin-1")
+                break
+        if header is None:
+            decision = await limiter.take(f"addr:{address}", settings.rate_limit_per_address_per_s)
+            what = "from this address without a key"
+        else:
+            token = parse_authorization(header)
+            principal = await authenticate_limited(ctx, token, address) if token else None
+            if principal is not None:
+                decision = await limiter.take(principal_key(principal), settings.rate_limit_per_s)
+                what = "per account or host"
+            else:  # a malformed header or an unknown key: authentication will say 401
+                decision = await limiter.take(f"auth:{address}", settings.auth_failures_per_s)
+                what = "of authentication failures from this address"
+        if not decision.allowed:
+            raise _too_many(decision, what)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                headers = MutableScopeHeaders(message)
+                for key, value in decision.headers().items():
+                    headers[key] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class ConnectionLimits:
+    """Open websockets per key (`addr:<ip>`, `acct:<id>`), counted in this process: a server of N
+    processes admits up to N times each limit (documented; a shared count would need a heartbeat
+    to forget the sockets of a process that died)."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, int] = {}
+
+    def acquire(self, key: str, limit: int) -> bool:
+        count = self._open.get(key, 0)
+        if count >= limit:
+            return False
+        self._open[key] = count + 1
+        return True
+
+    def release(self, key: str) -> None:
+        count = self._open.get(key, 0) - 1
+        if count > 0:
+            self._open[key] = count
+        else:
+            self._open.pop(key, None)
+
+
+def connection_limits(ctx: Any) -> ConnectionLimits:
+    limits = ctx.extras.get("ws_connections")
+    if limits is None:
+        limits = ctx.extras["ws_connections"] = ConnectionLimits()
+    return limits
