@@ -183,9 +183,10 @@ def limiter_of(ctx: Any) -> RateLimiter:
 
 
 async def authenticate_limited(ctx: Any, token: str, address: str) -> Principal | None:
-    """The principal of `token`, or None if it is unknown; charges the address's failed-auth budget
-    for a key not already known here (before the database sees it) and for every unknown key.
-    Raises TooManyRequestsException when that budget is spent."""
+    """The principal of `token`, or None if it is unknown. A key this process does not already know
+    (a lookup, or an unknown key remembered as such) is charged to the address's failed-auth budget
+    first, so once that is spent a client trying keys is refused (TooManyRequestsException) without a
+    query; a known key costs nothing here."""
     settings: Settings = ctx.settings
     cache = principal_cache(ctx)
     digest = hash_secret(token)
@@ -218,13 +219,16 @@ class RateLimitMiddleware(AbstractMiddleware):
             what = "from this address without a key"
         else:
             token = parse_authorization(header)
-            principal = await authenticate_limited(ctx, token, address) if token else None
-            if principal is not None:
-                decision = await limiter.take(principal_key(principal), settings.rate_limit_per_s)
-                what = "per account or host"
-            else:  # a malformed header or an unknown key: authentication will say 401
+            if token is None:  # authentication will say 401
                 decision = await limiter.take(f"auth:{address}", settings.auth_failures_per_s)
                 what = "of authentication failures from this address"
+            else:
+                principal = await authenticate_limited(ctx, token, address)
+                if principal is None:  # charged as a failure already; authentication will say 401
+                    await self.app(scope, receive, send)
+                    return
+                decision = await limiter.take(principal_key(principal), settings.rate_limit_per_s)
+                what = "per account or host"
         if not decision.allowed:
             raise _too_many(decision, what)
 

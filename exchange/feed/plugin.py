@@ -16,6 +16,7 @@ from exchange.feed.backend import make_backend
 from exchange.feed.config import FeedSettings
 from exchange.feed.controller import feed_socket
 from exchange.feed.hub import FeedHub
+from exchange.feed.limits import SubscribeGuard
 from exchange.feed.publisher import FeedPublisher
 from exchange.feed.schemas import FEED_CHANNEL
 
@@ -47,6 +48,7 @@ class FeedPlugin(InitPlugin):
         async def run_feed(app: Litestar) -> AsyncIterator[None]:
             ctx = app.state.ctx
             hub = FeedHub(ctx.pool, channels, settings)
+            hub.guard = SubscribeGuard(ctx.pool, ctx.settings.ws_max_markets_per_subscribe)
             await hub.start()
             app.state.feed_hub = hub
 
