@@ -159,6 +159,14 @@ class RateLimiter:
         return Decision(True, limit, max(0, limit - budget.last_total + budget.available), reset_s)
 
 
+    def give_back(self, key: str) -> None:
+        """Return one request to `key`'s budget in this process (this window only): a charge that, as
+        it turned out, should not have counted."""
+        budget = self._budgets.get(key)
+        if budget is not None and budget.window == self._window:
+            budget.available += 1
+
+
 def _too_many(decision: Decision, what: str) -> TooManyRequestsException:
     return TooManyRequestsException(
         detail=f"rate limit: at most {decision.limit} requests per second {what}; retry after {decision.reset_s} s",
@@ -185,18 +193,24 @@ def limiter_of(ctx: Any) -> RateLimiter:
 async def authenticate_limited(ctx: Any, token: str, address: str) -> Principal | None:
     """The principal of `token`, or None if it is unknown. A key this process does not already know
     (a lookup, or an unknown key remembered as such) is charged to the address's failed-auth budget
-    first, so once that is spent a client trying keys is refused (TooManyRequestsException) without a
-    query; a known key costs nothing here."""
+    first (and given back when it turns out good), so once that is spent a client trying keys is
+    refused (TooManyRequestsException) without a query; a known key costs nothing here. A good new
+    key from an address that spent its budget waits for the next window too."""
     settings: Settings = ctx.settings
     cache = principal_cache(ctx)
     digest = hash_secret(token)
     principal = cache.get(digest, time.monotonic())
     if principal is not None:
         return principal
-    decision = await limiter_of(ctx).take(f"auth:{address}", settings.auth_failures_per_s)
+    limiter = limiter_of(ctx)
+    key = f"auth:{address}"
+    decision = await limiter.take(key, settings.auth_failures_per_s)
     if not decision.allowed:
-        raise _too_many(decision, "of authentication failures or new keys from this address")
-    return await resolve_token(ctx.pool, token, cache)
+        raise _too_many(decision, "of authentication failures (or new keys) from this address")
+    principal = await resolve_token(ctx.pool, token, cache)
+    if principal is not None:
+        limiter.give_back(key)  # a good key's first lookup is no failure
+    return principal
 
 
 class RateLimitMiddleware(AbstractMiddleware):

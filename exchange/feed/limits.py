@@ -1,38 +1,27 @@
 """What one /v1/feed message may cost: a subscribe names at most GPUX_WS_MAX_MARKETS_PER_SUBSCRIBE
-markets (refused whole, before any work, when it names more), and a market this process has not
-seen is looked up in one cached list of market ids, refreshed at most once per
-KNOWN_MARKETS_REFRESH_S, so that naming unknown markets costs no query each."""
+markets (refused whole, before any work, when it names more), and the markets it names that this
+process has not seen yet are checked in one query, not one per market."""
 from __future__ import annotations
-
-import asyncio
-import time
 
 import asyncpg
 
-KNOWN_MARKETS_REFRESH_S = 1.0
-
 
 class KnownMarkets:
-    """The ids in `markets` (they are only ever added: a host reporting a new GPU model)."""
+    """Market ids seen to exist (markets are only ever added: a host reporting a new GPU model, so
+    the set stays as small as the markets table)."""
 
-    def __init__(self, pool: asyncpg.Pool, refresh_s: float = KNOWN_MARKETS_REFRESH_S) -> None:
+    def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self.refresh_s = refresh_s
-        self.ids: frozenset[str] = frozenset()
-        self._loaded_at: float | None = None
-        self._lock = asyncio.Lock()
+        self.ids: set[str] = set()
 
     async def unknown(self, markets: list[str]) -> list[str]:
-        """Those of `markets` that do not exist (as of at most refresh_s ago when any is missing)."""
+        """Those of `markets` that do not exist: no query when all are known, else one."""
         missing = [m for m in markets if m not in self.ids]
         if not missing:
             return []
-        async with self._lock:
-            now = time.monotonic()
-            if self._loaded_at is None or now - self._loaded_at >= self.refresh_s:
-                self.ids = frozenset(r["id"] for r in await self.pool.fetch("SELECT id FROM markets"))
-                self._loaded_at = time.monotonic()
-        return [m for m in missing if m not in self.ids]
+        found = {r["id"] for r in await self.pool.fetch("SELECT id FROM markets WHERE id = ANY($1::text[])", missing)}
+        self.ids |= found
+        return [m for m in missing if m not in found]
 
 
 class SubscribeGuard:
