@@ -245,6 +245,10 @@ async def test_a_market_named_many_times_gives_one_snapshot_per_channel(ws_serve
         await ws.send(json.dumps({"op": "subscribe", "channels": ["book", "trades"], "markets": [market, market]}))
         again = await _until_heartbeat(ws)
         assert [(m["type"], m["channel"]) for m in again] == [("snapshot", "trades")], again
+        # A fresh snapshot is had by leaving first (as the feed client and the web page do on a gap).
+        await ws.send(json.dumps({"op": "unsubscribe", "channels": ["ticker"], "markets": [market]}))
+        await ws.send(json.dumps({"op": "subscribe", "channels": ["ticker"], "markets": [market]}))
+        assert [(m["type"], m["channel"]) for m in await _until_heartbeat(ws)] == [("snapshot", "ticker")]
 
 
 async def test_unknown_markets_are_refused_each_with_an_error(ws_server) -> None:
