@@ -31,8 +31,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     rate_limit_per_s: int = 200
     # Requests per second per client address without a key.
     rate_limit_per_address_per_s: int = 200
-    # Failed authentications (and lookups of keys not yet known to a process) per second per address.
-    auth_failures_per_s: int = 20
+    # Failed authentications per second per address. A key new to a process is charged here before
+    # its lookup and given back once found, so a burst of new good keys from one address (a NAT, a
+    # fleet starting) shares this budget for its first second: hence not too small.
+    auth_failures_per_s: int = 50
     # Requests a process reserves at a time from a shared limit (0: a tenth of the limit).
     rate_limit_slice: int = 0
     # Open websockets per client address (/v1/feed and /v1/stream) and per account (/v1/stream), per process.
