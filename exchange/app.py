@@ -148,7 +148,7 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
         lifespan=[lifespan],
         plugins=[FeedPlugin()],  # market data: /v1/feed, the channels plugin, the page at /
         dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},
-        middleware=[prometheus.middleware, DefineMiddleware(RateLimitMiddleware, exclude=["/healthz", "/metrics"]),
+        middleware=[prometheus.middleware, RateLimitMiddleware(exclude=("/healthz", "/metrics")),
                     DefineMiddleware(ApiKeyAuthentication, exclude=PUBLIC_PATHS)],
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(title="gpu-exchange", version="1.0.0", path="/schema"),

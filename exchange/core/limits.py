@@ -24,6 +24,7 @@ before authentication has resolved anything; and it costs a store read and write
 Redis `WindowCounter` is INCRBY plus EXPIRE."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any, Protocol
@@ -31,13 +32,14 @@ from typing import Any, Protocol
 import asyncpg
 from litestar.enums import ScopeType
 from litestar.exceptions import TooManyRequestsException
-from litestar.middleware import AbstractMiddleware
+from litestar.middleware import ASGIMiddleware
 from litestar.datastructures import MutableScopeHeaders
-from litestar.types import Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from exchange.core.auth import Principal, hash_secret, parse_authorization, principal_cache, resolve_token
 from exchange.core.settings import Settings
 
+log = logging.getLogger(__name__)
 WINDOW_S = 1
 # Rows of windows this much older than now are deleted, at most once per PRUNE_EVERY_S per process.
 PRUNE_AFTER_S = 60
@@ -54,25 +56,36 @@ class WindowCounter(Protocol):
 class PostgresWindowCounter:
     """The counter in the service's database (migration 0010: an UNLOGGED table, one row per key,
     updated in place). Unlogged: the counts are lost on a crash of PostgreSQL, which at worst gives
-    every client a fresh second."""
+    every client a fresh second. While the database cannot be reached, this process counts alone
+    (`fallback`), so a limit still holds per process and no request fails because of its count."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self.fallback = MemoryWindowCounter()
         self._pruned_at = time.monotonic()
+        self._warned_at = -math.inf
 
     async def add(self, key: str, window: int, n: int) -> int:
-        hits = await self.pool.fetchval(
-            "INSERT INTO rate_limit_counters AS c (key, window_s, hits) VALUES ($1, $2, $3)"
-            " ON CONFLICT (key) DO UPDATE SET"
-            "  hits = CASE WHEN c.window_s = EXCLUDED.window_s THEN c.hits + EXCLUDED.hits"
-            "              WHEN c.window_s < EXCLUDED.window_s THEN EXCLUDED.hits"
-            "              ELSE c.hits END,"  # a process whose clock lags: counted in the newer window
-            "  window_s = GREATEST(c.window_s, EXCLUDED.window_s)"
-            " RETURNING hits", key, window, n)
-        now = time.monotonic()
-        if now - self._pruned_at >= PRUNE_EVERY_S:
-            self._pruned_at = now
-            await self.pool.execute("DELETE FROM rate_limit_counters WHERE window_s < $1", window - PRUNE_AFTER_S)
+        try:
+            hits = await self.pool.fetchval(
+                "INSERT INTO rate_limit_counters AS c (key, window_s, hits) VALUES ($1, $2, $3)"
+                " ON CONFLICT (key) DO UPDATE SET"
+                "  hits = CASE WHEN c.window_s = EXCLUDED.window_s THEN c.hits + EXCLUDED.hits"
+                "              WHEN c.window_s < EXCLUDED.window_s THEN EXCLUDED.hits"
+                "              ELSE c.hits END,"  # a process whose clock lags: counted in the newer window
+                "  window_s = GREATEST(c.window_s, EXCLUDED.window_s)"
+                " RETURNING hits", key, window, n)
+            now = time.monotonic()
+            if now - self._pruned_at >= PRUNE_EVERY_S:
+                self._pruned_at = now
+                await self.pool.execute("DELETE FROM rate_limit_counters WHERE window_s < $1",
+                                        window - PRUNE_AFTER_S)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            now = time.monotonic()
+            if now - self._warned_at >= 60:
+                self._warned_at = now
+                log.warning("rate limits counted per process: the shared counter failed (%s)", exc)
+            return await self.fallback.add(key, window, n)
         return hits
 
 
@@ -213,12 +226,15 @@ async def authenticate_limited(ctx: Any, token: str, address: str) -> Principal 
     return principal
 
 
-class RateLimitMiddleware(AbstractMiddleware):
+class RateLimitMiddleware(ASGIMiddleware):
     """Runs before authentication (which then finds the key in the principal cache: no second lookup)."""
 
-    scopes = {ScopeType.HTTP}
+    scopes = (ScopeType.HTTP,)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, exclude: tuple[str, ...] = ()) -> None:
+        self.exclude_path_pattern = exclude
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         ctx = scope["litestar_app"].state.ctx
         settings: Settings = ctx.settings
         limiter = limiter_of(ctx)
@@ -239,7 +255,7 @@ class RateLimitMiddleware(AbstractMiddleware):
             else:
                 principal = await authenticate_limited(ctx, token, address)
                 if principal is None:  # charged as a failure already; authentication will say 401
-                    await self.app(scope, receive, send)
+                    await next_app(scope, receive, send)
                     return
                 decision = await limiter.take(principal_key(principal), settings.rate_limit_per_s)
                 what = "per account or host"
@@ -254,7 +270,7 @@ class RateLimitMiddleware(AbstractMiddleware):
                     headers[key] = value
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        await next_app(scope, receive, send_with_headers)
 
 
 class ConnectionLimits:
