@@ -24,6 +24,7 @@ before authentication has resolved anything; and it costs a store read and write
 Redis `WindowCounter` is INCRBY plus EXPIRE."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -274,9 +275,7 @@ class RateLimitMiddleware(ASGIMiddleware):
 
 
 class ConnectionLimits:
-    """Open websockets per key (`addr:<ip>`, `acct:<id>`), counted in this process: a server of N
-    processes admits up to N times each limit (documented; a shared count would need a heartbeat
-    to forget the sockets of a process that died)."""
+    """Open websockets per key, counted in this process only."""
 
     def __init__(self) -> None:
         self._open: dict[str, int] = {}
@@ -296,8 +295,102 @@ class ConnectionLimits:
             self._open.pop(key, None)
 
 
-def connection_limits(ctx: Any) -> ConnectionLimits:
+class Slot:
+    """One admitted socket: its key, and the process identity it was counted under in the database
+    (None: counted in this process only)."""
+    __slots__ = ("key", "owner")
+
+    def __init__(self, key: str, owner: tuple[int, Any] | None) -> None:
+        self.key = key
+        self.owner = owner
+
+
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class SharedConnectionLimits:
+    """Open websockets per key (`addr:<ip>`, `acct:<id>`), counted across the server processes on
+    one database (migration 0010's `ws_connections`). Each process is named by a session it holds
+    open (pid and start time): the sockets of a process that died stop counting as soon as its session
+    is gone, without a heartbeat. An admission is one short transaction, serialised per key by an
+    advisory lock; while the database cannot be reached the process counts alone."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        self.pool = pool
+        self.dsn = dsn
+        self.local = ConnectionLimits()
+        self._identity: asyncpg.Connection | None = None
+        self._owner: tuple[int, Any] | None = None
+        self._connecting = asyncio.Lock()
+        self._warned_at = -math.inf
+
+    async def _owner_id(self) -> tuple[int, Any]:
+        async with self._connecting:
+            if self._identity is None or self._identity.is_closed():
+                conn = await asyncpg.connect(self.dsn)
+                try:
+                    row = await conn.fetchrow(
+                        "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+                    # Forget the sockets of processes that are gone (this one's earlier session too).
+                    await conn.execute("DELETE FROM ws_connections w WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a"
+                                       " WHERE a.pid = w.owner_pid AND a.backend_start = w.owner_start)")
+                except BaseException:
+                    await conn.close()
+                    raise
+                self._identity, self._owner = conn, (row["pid"], row["backend_start"])
+            assert self._owner is not None
+            return self._owner
+
+    async def acquire(self, key: str, limit: int) -> Slot | None:
+        """A slot for one more socket of `key`, or None when `limit` are open (in all processes)."""
+        try:
+            owner = await self._owner_id()
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 11))", key)
+                open_now = await conn.fetchval(
+                    "SELECT coalesce(sum(sockets), 0) FROM ws_connections w WHERE key = $1 AND EXISTS ("
+                    " SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.owner_pid AND a.backend_start = w.owner_start)",
+                    key)
+                if open_now >= limit:
+                    return None
+                await conn.execute(
+                    "INSERT INTO ws_connections AS w (key, owner_pid, owner_start, sockets) VALUES ($1, $2, $3, 1)"
+                    " ON CONFLICT (key, owner_pid, owner_start) DO UPDATE SET sockets = w.sockets + 1", key, *owner)
+            return Slot(key, owner)
+        except _DB_ERRORS as exc:
+            self._warn(exc)
+            return Slot(key, None) if self.local.acquire(key, limit) else None
+
+    async def release(self, slot: Slot) -> None:
+        if slot.owner is None:
+            self.local.release(slot.key)
+            return
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 11))", slot.key)
+                left_open = await conn.fetchval(
+                    "UPDATE ws_connections SET sockets = sockets - 1"
+                    " WHERE key = $1 AND owner_pid = $2 AND owner_start = $3 RETURNING sockets", slot.key, *slot.owner)
+                if left_open is not None and left_open <= 0:
+                    await conn.execute("DELETE FROM ws_connections WHERE key = $1 AND owner_pid = $2"
+                                       " AND owner_start = $3", slot.key, *slot.owner)
+        except _DB_ERRORS as exc:  # the row stays until this process's session ends
+            self._warn(exc)
+
+    async def close(self) -> None:
+        if self._identity is not None:
+            await self._identity.close()
+
+    def _warn(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= 60:
+            self._warned_at = now
+            log.warning("websocket limits counted per process: the shared count failed (%s)", exc)
+
+
+def connection_limits(ctx: Any) -> SharedConnectionLimits:
     limits = ctx.extras.get("ws_connections")
     if limits is None:
-        limits = ctx.extras["ws_connections"] = ConnectionLimits()
+        dsn = ctx.settings.database_url or ctx.extras["database_url"]
+        limits = ctx.extras["ws_connections"] = SharedConnectionLimits(ctx.pool, dsn)
     return limits

@@ -37,9 +37,9 @@ async def feed_socket(socket: WebSocket) -> None:
     hub: FeedHub = socket.app.state.feed_hub
     ctx = socket.app.state.ctx
     connections = connection_limits(ctx)
-    address = f"addr:{client_address(socket.scope)}"
     await socket.accept()
-    if not connections.acquire(address, ctx.settings.ws_per_address):
+    slot = await connections.acquire(f"addr:{client_address(socket.scope)}", ctx.settings.ws_per_address)
+    if slot is None:
         message = f"at most {ctx.settings.ws_per_address} open websockets per client address"
         with contextlib.suppress(Exception):
             await socket.send(hub.error_event("too_many_connections", message))
@@ -48,7 +48,7 @@ async def feed_socket(socket: WebSocket) -> None:
     try:
         await _serve(hub, socket)
     finally:
-        connections.release(address)
+        await connections.release(slot)
 
 
 async def _serve(hub: FeedHub, socket: WebSocket) -> None:

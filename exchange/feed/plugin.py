@@ -64,6 +64,9 @@ class FeedPlugin(InitPlugin):
                 if publisher.on_tick in ctx.tick_listeners:
                     ctx.tick_listeners.remove(publisher.on_tick)
                 await hub.stop()
+                connections = ctx.extras.get("ws_connections")
+                if connections is not None:  # the session that names this process in ws_connections
+                    await connections.close()
 
         app_config.lifespan.append(database_for_channels)
         channels.on_app_init(app_config)  # the `channels` dependency and its own lifespan

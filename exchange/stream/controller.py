@@ -10,7 +10,8 @@ from litestar import WebSocket, websocket
 from litestar.exceptions import TooManyRequestsException, WebSocketDisconnect
 
 from exchange.core.auth import parse_authorization
-from exchange.core.limits import authenticate_limited, client_address, connection_limits, limiter_of
+from exchange.core.limits import (SharedConnectionLimits, authenticate_limited, client_address, connection_limits,
+                                  limiter_of)
 from exchange.stream.hub import StreamClient, StreamHub
 from exchange.stream.schemas import op_decoder
 
@@ -58,19 +59,19 @@ async def stream_socket(socket: WebSocket) -> None:
     hub: StreamHub = socket.app.state.stream_hub
     ctx = socket.app.state.ctx
     connections = connection_limits(ctx)
-    address = f"addr:{client_address(socket.scope)}"
     await socket.accept()
-    if not connections.acquire(address, ctx.settings.ws_per_address):
+    slot = await connections.acquire(f"addr:{client_address(socket.scope)}", ctx.settings.ws_per_address)
+    if slot is None:
         await _refuse(socket, hub, "too_many_connections",
                       f"at most {ctx.settings.ws_per_address} open websockets per client address", POLICY_VIOLATION)
         return
     try:
         await _serve(socket, hub, ctx, connections)
     finally:
-        connections.release(address)
+        await connections.release(slot)
 
 
-async def _serve(socket: WebSocket, hub: StreamHub, ctx, connections) -> None:
+async def _serve(socket: WebSocket, hub: StreamHub, ctx, connections: SharedConnectionLimits) -> None:
     try:
         account_id, since = await _authenticate(socket)
     except TooManyRequestsException as exc:
@@ -82,15 +83,15 @@ async def _serve(socket: WebSocket, hub: StreamHub, ctx, connections) -> None:
                                                                   '{"op":"auth","key":…}'}))
         await socket.close(code=UNAUTHORISED, reason="unauthorized")
         return
-    account = f"acct:{account_id}"
-    if not connections.acquire(account, ctx.settings.ws_per_account):
+    slot = await connections.acquire(f"acct:{account_id}", ctx.settings.ws_per_account)
+    if slot is None:
         await _refuse(socket, hub, "too_many_connections",
                       f"at most {ctx.settings.ws_per_account} open streams per account", POLICY_VIOLATION)
         return
     try:
         await _stream(socket, hub, account_id, since)
     finally:
-        connections.release(account)
+        await connections.release(slot)
 
 
 async def _stream(socket: WebSocket, hub: StreamHub, account_id: int, since: int | None) -> None:

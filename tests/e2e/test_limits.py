@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import signal
 
 import httpx
 import pytest
@@ -28,8 +29,9 @@ MAX_REQUESTS = 200  # a machine that cannot send 5 requests in one second fails 
 WS_PER_ADDRESS = 4
 WS_PER_ACCOUNT = 2
 MAX_MARKETS = 8
+SHARED_WS_PER_ADDRESS = 3
 LIMITED_ENV = {"GPUX_RATE_LIMIT_PER_S": str(LIMIT_PER_S), "GPUX_AUTH_FAILURES_PER_S": str(AUTH_FAILURES_PER_S),
-               "GPUX_SCHEDULER": "0"}
+               "GPUX_WS_PER_ADDRESS": str(SHARED_WS_PER_ADDRESS), "GPUX_SCHEDULER": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +192,68 @@ async def test_websockets_are_limited_per_address_and_per_account(ws_server) -> 
         # The sockets already open are unaffected.
         await opened[-1].send(json.dumps({"op": "ping"}))
         assert (await _next(opened[-1]))["type"] == "heartbeat"
+    finally:
+        for ws in opened:
+            await ws.close()
+
+
+async def _feed_socket(server) -> tuple[object, dict]:
+    """A /v1/feed socket and its first answer: a heartbeat (admitted) or an error (refused)."""
+    ws = await websockets.connect(ws_url(server.base_url))
+    try:
+        await ws.send(json.dumps({"op": "ping"}))
+    except websockets.ConnectionClosed:
+        pass  # refused at once; the error envelope is still there to read
+    return ws, await _next(ws)
+
+
+async def _admitted_eventually(server, attempts: int = 50) -> object:
+    """A socket admitted once the server has counted a closed one out (refusals in between are fine)."""
+    for _ in range(attempts):
+        ws, first = await _feed_socket(server)
+        if first["type"] == "heartbeat":
+            return ws
+        await ws.close()
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"never admitted in {attempts} attempts")
+
+
+async def test_two_server_processes_share_the_websockets_per_address(limited_pair, tmp_path_factory,
+                                                                     server_db) -> None:
+    first, second = limited_pair
+    opened = []
+    try:
+        # Act: the address's sockets spread over the two processes, up to the limit.
+        for server in (first, second, first)[:SHARED_WS_PER_ADDRESS]:
+            ws, answer = await _feed_socket(server)
+            opened.append(ws)
+            assert answer["type"] == "heartbeat", answer
+        # Assert: one more is refused by either process.
+        for server in (first, second):
+            ws, answer = await _feed_socket(server)
+            assert answer["type"] == "error" and answer["data"]["code"] == "too_many_connections", answer
+            assert await _closed_code(ws) == 1008
+        # A socket closed on one process makes room on the other.
+        await opened.pop(0).close()
+        opened.append(await _admitted_eventually(second))
+
+        # A process that dies (no clean shutdown) stops counting: its sockets free their places.
+        third = start_server(tmp_path_factory.mktemp("third"), database_url=server_db, extra_env=LIMITED_ENV)
+        try:
+            for ws in opened:
+                await ws.close()
+            opened = []
+            doomed = [await _admitted_eventually(third)]
+            while len(doomed) < SHARED_WS_PER_ADDRESS:
+                ws, answer = await _feed_socket(third)
+                doomed.append(ws)
+                assert answer["type"] == "heartbeat", answer
+            ws, answer = await _feed_socket(first)
+            assert answer["data"]["code"] == "too_many_connections", answer
+            await ws.close()
+        finally:
+            third.stop(signal.SIGKILL)
+        opened.append(await _admitted_eventually(first))
     finally:
         for ws in opened:
             await ws.close()

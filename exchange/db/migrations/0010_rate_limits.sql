@@ -9,3 +9,15 @@ CREATE UNLOGGED TABLE rate_limit_counters (
     hits integer NOT NULL
 );
 CREATE INDEX rate_limit_counters_window ON rate_limit_counters (window_s);
+
+-- Open websockets per key (`addr:<ip>`, `acct:<id>`), per server process, so that connection limits
+-- hold across processes. A process is named by a database session it holds open for that purpose
+-- (its pid and start time); rows of sessions no longer in pg_stat_activity (a process that died) are
+-- not counted and are deleted.
+CREATE UNLOGGED TABLE ws_connections (
+    key text NOT NULL,
+    owner_pid integer NOT NULL,
+    owner_start timestamptz NOT NULL,
+    sockets integer NOT NULL,
+    PRIMARY KEY (key, owner_pid, owner_start)
+);
