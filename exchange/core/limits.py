@@ -305,7 +305,9 @@ class Slot:
         self.owner = owner
 
 
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# How long an admission waits for the database before counting in this process alone.
+DB_TIMEOUT_S = 5.0
 
 
 class SharedConnectionLimits:
@@ -327,7 +329,7 @@ class SharedConnectionLimits:
     async def _owner_id(self) -> tuple[int, Any]:
         async with self._connecting:
             if self._identity is None or self._identity.is_closed():
-                conn = await asyncpg.connect(self.dsn)
+                conn = await asyncpg.connect(self.dsn, timeout=DB_TIMEOUT_S)
                 try:
                     row = await conn.fetchrow(
                         "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
@@ -345,14 +347,20 @@ class SharedConnectionLimits:
         """A slot for one more socket of `key`, or None when `limit` are open (in all processes)."""
         try:
             owner = await self._owner_id()
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self.pool.acquire(timeout=DB_TIMEOUT_S) as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 11))", key)
-                open_now = await conn.fetchval(
-                    "SELECT coalesce(sum(sockets), 0) FROM ws_connections w WHERE key = $1 AND EXISTS ("
-                    " SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.owner_pid AND a.backend_start = w.owner_start)",
-                    key)
+                open_now = await conn.fetchval("SELECT coalesce(sum(sockets), 0) FROM ws_connections WHERE key = $1",
+                                               key)
                 if open_now >= limit:
-                    return None
+                    # Before refusing, forget the sockets of processes that are gone (only rows of
+                    # dead sessions can make the count too high, so this is needed only here).
+                    await conn.execute(
+                        "DELETE FROM ws_connections w WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a"
+                        " WHERE a.pid = w.owner_pid AND a.backend_start = w.owner_start)", key)
+                    open_now = await conn.fetchval(
+                        "SELECT coalesce(sum(sockets), 0) FROM ws_connections WHERE key = $1", key)
+                    if open_now >= limit:
+                        return None
                 await conn.execute(
                     "INSERT INTO ws_connections AS w (key, owner_pid, owner_start, sockets) VALUES ($1, $2, $3, 1)"
                     " ON CONFLICT (key, owner_pid, owner_start) DO UPDATE SET sockets = w.sockets + 1", key, *owner)
@@ -366,7 +374,7 @@ class SharedConnectionLimits:
             self.local.release(slot.key)
             return
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self.pool.acquire(timeout=DB_TIMEOUT_S) as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 11))", slot.key)
                 left_open = await conn.fetchval(
                     "UPDATE ws_connections SET sockets = sockets - 1"
