@@ -5,9 +5,10 @@ Who is counted:
 - an authenticated request counts against its principal: the account (`acct:<id>`) or, for an agent
   token, the host (`host:<id>`), however the Authorization header is spelled;
 - a request without a key counts against its client address (`addr:<ip>`);
-- a key not already known to this process (a database lookup) and every failed authentication (an
-  unknown key, a malformed header) count against the address's failed-auth budget (`auth:<ip>`),
-  checked *before* the lookup: a client guessing keys is refused with 429 without costing a query.
+- every failed authentication (an unknown key, a malformed header) counts against the address's
+  failed-auth budget (`auth:<ip>`); a key this process does not know yet is charged there *before*
+  its database lookup (and given back when it is good), so a client guessing keys is refused with
+  429 without costing a query.
 
 How it holds across processes: each limit is a fixed one-second window whose count lives in one
 shared atomic counter (`WindowCounter`: PostgreSQL's UNLOGGED `rate_limit_counters`, an upsert that
@@ -21,7 +22,9 @@ Litestar's own RateLimitMiddleware was not used: it reads its store, then writes
 lock of its own process (`Store` has no atomic increment), so two processes sharing a store both
 count from the same value and serve up to twice the limit; it keys on whatever identity it is given
 before authentication has resolved anything; and it costs a store read and write per request. A
-Redis `WindowCounter` is INCRBY plus EXPIRE."""
+Redis `WindowCounter` is INCRBY plus EXPIRE.
+
+Open websockets are counted per key across processes too (`SharedConnectionLimits`)."""
 from __future__ import annotations
 
 import asyncio
@@ -163,7 +166,7 @@ class RateLimiter:
             if budget.window == window and self._budgets.get(key) is budget:
                 budget.available += granted
                 budget.last_total = max(budget.last_total, total)
-                budget.exhausted = granted < size
+                budget.exhausted = budget.exhausted or granted < size
             elif granted:  # the window turned while we waited: this request still counts in its own
                 return Decision(True, limit, max(0, limit - total), reset_s)
         if budget.available == 0:
