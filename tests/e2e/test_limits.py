@@ -133,6 +133,26 @@ async def test_unknown_keys_are_limited_per_address_before_costing_lookups(limit
     assert anonymous.status_code == 200 and served.status_code == 200, (anonymous.text, served.text)
 
 
+async def test_unknown_keys_on_the_stream_count_against_the_same_address_budget(limited_pair) -> None:
+    server, _ = limited_pair
+    url = ws_url(server.base_url).replace("/v1/feed", "/v1/stream")
+    await asyncio.sleep(1)  # the window an earlier test may have spent the budget of has passed
+    codes = []
+    for _ in range(MAX_REQUESTS):
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"op": "auth", "key": f"gpx_{secrets.token_urlsafe(32)}"}))
+            answer = await _next(ws)
+            close_code = await _closed_code(ws)
+        assert answer["type"] == "error", answer
+        codes.append((answer["data"]["code"], close_code))
+        if answer["data"]["code"] != "unauthorized":
+            break
+    # Refused as unauthorized until the address's failed-auth budget is spent, then as rate limited
+    # (without a lookup).
+    assert codes[-1] == ("rate_limited", 1008), codes
+    assert set(codes[:-1]) == {("unauthorized", 4401)}, codes
+
+
 async def test_two_server_processes_on_one_database_share_one_limit(limited_pair) -> None:
     first, second = limited_pair
     async with Api(first.base_url, ADMIN_KEY) as admin:
