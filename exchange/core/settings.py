@@ -37,7 +37,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     auth_failures_per_s: int = 50
     # Requests a process reserves at a time from a shared limit (0: a tenth of the limit).
     rate_limit_slice: int = 0
-    # Open websockets per client address (/v1/feed and /v1/stream) and per account (/v1/stream), per process.
+    # Open websockets per client address (/v1/feed and /v1/stream) and per account (/v1/stream), all processes.
     ws_per_address: int = 100
     ws_per_account: int = 16
     # Markets one /v1/feed subscribe message may name.
