@@ -14,18 +14,18 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.logging import LoggingConfig
 from litestar.middleware import DefineMiddleware
-from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 
 from exchange.accounts.controller import AccountController
 from exchange.bids.controller import BidController
-from exchange.core.auth import ApiKeyAuthentication, hash_secret, new_api_key, rate_limit_identity
+from exchange.core.auth import ApiKeyAuthentication, hash_secret, new_api_key
 from exchange.core.clock import Clock, system_clock
 from exchange.core.context import AppContext
 from exchange.core.errors import EXCEPTION_HANDLERS
 from exchange.core.listener import CONNECTION_ERRORS, ListenOptions
 from exchange.core.metrics_access import require_metrics_token
+from exchange.core.limits import RateLimitMiddleware
 from exchange.core.settings import Settings
 from exchange.db.embedded import start_embedded, stop_embedded
 from exchange.db.migrate import MIGRATION_LOCK_KEY, apply_migrations
@@ -157,8 +157,6 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
         return state.ctx
 
     prometheus = PrometheusConfig(app_name="gpux", group_path=True, exclude=["/metrics"])
-    rate_limit = RateLimitConfig(rate_limit=("second", settings.rate_limit_per_s), exclude=["/healthz", "/metrics"],
-                                 identifier_for_request=rate_limit_identity)
     return Litestar(
         route_handlers=[healthz, MetricsController, AccountController, HostController, AgentController,
                         OfferController, BidController, MarketController, LeaseController, AgentLeaseController,
@@ -166,7 +164,7 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
         lifespan=[lifespan],
         plugins=[FeedPlugin()],  # market data: /v1/feed, the channels plugin, the page at /
         dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},
-        middleware=[prometheus.middleware, rate_limit.middleware,
+        middleware=[prometheus.middleware, RateLimitMiddleware(exclude=("/healthz", "/metrics")),
                     DefineMiddleware(ApiKeyAuthentication, exclude=PUBLIC_PATHS)],
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(title="gpu-exchange", version="1.0.0", path="/schema"),

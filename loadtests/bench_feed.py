@@ -277,7 +277,9 @@ def run(subscribers: int = 1000, ticks: int = 10, tick_s: float = 2.0, channels:
             pg_server, dsn = start_embedded(home)
         port, echo_port = free_port(), free_port()
         env = dict(os.environ, DATABASE_URL=dsn, GPUX_HOME=str(home), GPUX_SCHEDULER="0", GPUX_LOG_LEVEL="WARNING",
-                   GPUX_ADMIN_KEY="gpx_bench_" + base64.urlsafe_b64encode(os.urandom(24)).decode())
+                   GPUX_ADMIN_KEY="gpx_bench_" + base64.urlsafe_b64encode(os.urandom(24)).decode(),
+                   # Every subscriber comes from this one address.
+                   GPUX_WS_PER_ADDRESS=str(subscribers + 10))
         log = home / "server.log"
         with open(log, "wb") as out:
             server = subprocess.Popen([sys.executable, "-m", "exchange.cli", "serve", "--port", str(port),

@@ -44,24 +44,37 @@ def hash_secret(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+def parse_authorization(header: str) -> str | None:
+    """The token of an Authorization header, read leniently and the same way everywhere (HTTP, the
+    stream, the rate limiter): the scheme in any case, any whitespace around and between. None when
+    it is not `Bearer <token>`."""
+    parts = header.split()
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        return None
+    return parts[1]
+
+
 def bearer_token(connection: ASGIConnection) -> str | None:
     header = connection.headers.get("authorization")
     if header is None:
         return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = parse_authorization(header)
+    if token is None:
         raise NotAuthorizedException("the Authorization header must be 'Bearer <api key>'")
-    return token.strip()
+    return token
 
 
 class PrincipalCache:
     """Recently resolved keys, so a busy client does not cost a database lookup per request. Short
-    lived: a key's role or host never changes, and an unknown key is never cached."""
+    lived: a key's role or host never changes. Unknown keys are remembered too, for less long, so that
+    repeating one costs no lookup (keys are 256-bit random: one unknown now is not created later)."""
 
-    def __init__(self, ttl_s: float = 30.0, max_entries: int = 100_000) -> None:
+    def __init__(self, ttl_s: float = 30.0, unknown_ttl_s: float = 10.0, max_entries: int = 100_000) -> None:
         self.ttl_s = ttl_s
+        self.unknown_ttl_s = unknown_ttl_s
         self.max_entries = max_entries
         self._entries: dict[bytes, tuple[float, Principal]] = {}
+        self._unknown: dict[bytes, float] = {}
 
     def get(self, digest: bytes, now: float) -> Principal | None:
         entry = self._entries.get(digest)
@@ -74,18 +87,41 @@ class PrincipalCache:
             self._entries.clear()
         self._entries[digest] = (now + self.ttl_s, principal)
 
+    def known_unknown(self, digest: bytes, now: float) -> bool:
+        expires = self._unknown.get(digest)
+        return expires is not None and expires >= now
+
+    def put_unknown(self, digest: bytes, now: float) -> None:
+        if len(self._unknown) >= self.max_entries:
+            self._unknown.clear()
+        self._unknown[digest] = now + self.unknown_ttl_s
+
+
+def principal_cache(ctx) -> PrincipalCache:
+    """The process's one cache (HTTP authentication, the rate limiter and the stream share it)."""
+    cache = ctx.extras.get("principals")
+    if cache is None:
+        cache = ctx.extras["principals"] = PrincipalCache()
+    return cache
+
 
 async def resolve_token(pool: asyncpg.Pool, token: str, cache: PrincipalCache | None = None) -> Principal | None:
     import time
 
     digest = hash_secret(token)
     now = time.monotonic()
-    cached = cache.get(digest, now) if cache is not None else None
-    if cached is not None:
-        return cached
+    if cache is not None:
+        cached = cache.get(digest, now)
+        if cached is not None:
+            return cached
+        if cache.known_unknown(digest, now):
+            return None
     principal = await _lookup(pool, token, digest)
-    if principal is not None and cache is not None:
-        cache.put(digest, principal, now)
+    if cache is not None:
+        if principal is not None:
+            cache.put(digest, principal, now)
+        else:
+            cache.put_unknown(digest, now)
     return principal
 
 
@@ -105,20 +141,10 @@ class ApiKeyAuthentication(AbstractAuthenticationMiddleware):
         if token is None:
             return AuthenticationResult(user=ANONYMOUS, auth=None)
         ctx = connection.app.state.ctx
-        principal = await resolve_token(ctx.pool, token, ctx.extras.setdefault("principals", PrincipalCache()))
+        principal = await resolve_token(ctx.pool, token, principal_cache(ctx))
         if principal is None:
             raise NotAuthorizedException("unknown API key")
         return AuthenticationResult(user=principal, auth=token)
-
-
-def rate_limit_identity(request) -> str:
-    """Rate limits count per API key (its hash: the key itself never sits in memory tables), and
-    per remote address for calls without one."""
-    header = request.headers.get("authorization")
-    if header:
-        return "key:" + hash_secret(header).hex()[:32]
-    client = request.client
-    return "addr:" + (client.host if client else "unknown")
 
 
 def requires(*roles: str):

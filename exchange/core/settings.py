@@ -28,8 +28,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     host_fail_s: float = 300.0
     # How a reclaim picks the spot leases it ends (exchange/reclaims/victims.py).
     reclaim_strategy: str = "cheapest_first"
-    # Requests per second per API key (per remote address without one), per server process.
+    # Requests per second per account or host (however its key is spelled), shared by every server
+    # process on the database (exchange/core/limits.py).
     rate_limit_per_s: int = 200
+    # Requests per second per client address without a key.
+    rate_limit_per_address_per_s: int = 200
+    # Failed authentications per second per address. A key new to a process is charged here before
+    # its lookup and given back once found, so a burst of new good keys from one address (a NAT, a
+    # fleet starting) shares this budget for its first second: hence not too small.
+    auth_failures_per_s: int = 50
+    # Requests a process reserves at a time from a shared limit (0: a tenth of the limit).
+    rate_limit_slice: int = 0
+    # Open websockets per client address (/v1/feed and /v1/stream) and per account (/v1/stream), all processes.
+    ws_per_address: int = 100
+    ws_per_account: int = 16
+    # Markets one /v1/feed subscribe message may name.
+    ws_max_markets_per_subscribe: int = 64
     run_scheduler: bool = True
     # LISTEN connections (feed, stream): first reconnect delay, its doubling bound, and how often a
     # live one is checked with SELECT 1 (exchange/core/listener.py).
@@ -41,6 +55,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "Settings":
         env = os.environ if environ is None else environ
+        d = cls()  # the defaults, written once above
         values: dict[str, object] = {
             "database_url": env.get("DATABASE_URL") or None,
             "home": Path(env.get("GPUX_HOME", ".gpux")),
@@ -56,11 +71,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "host_grace_s": float(env.get("GPUX_HOST_GRACE_S", "30")),
             "host_fail_s": float(env.get("GPUX_HOST_FAIL_S", "300")),
             "reclaim_strategy": env.get("GPUX_RECLAIM_STRATEGY", "cheapest_first"),
-            "rate_limit_per_s": int(env.get("GPUX_RATE_LIMIT_PER_S", "200")),
+            "rate_limit_per_s": int(env.get("GPUX_RATE_LIMIT_PER_S", d.rate_limit_per_s)),
+            "rate_limit_per_address_per_s": int(env.get("GPUX_RATE_LIMIT_PER_ADDRESS_PER_S",
+                                                        d.rate_limit_per_address_per_s)),
+            "auth_failures_per_s": int(env.get("GPUX_AUTH_FAILURES_PER_S", d.auth_failures_per_s)),
+            "rate_limit_slice": int(env.get("GPUX_RATE_LIMIT_SLICE", d.rate_limit_slice)),
+            "ws_per_address": int(env.get("GPUX_WS_PER_ADDRESS", d.ws_per_address)),
+            "ws_per_account": int(env.get("GPUX_WS_PER_ACCOUNT", d.ws_per_account)),
+            "ws_max_markets_per_subscribe": int(env.get("GPUX_WS_MAX_MARKETS_PER_SUBSCRIBE",
+                                                        d.ws_max_markets_per_subscribe)),
             "run_scheduler": env.get("GPUX_SCHEDULER", "1") not in ("0", "false", "no"),
-            "listen_retry_min_s": float(env.get("GPUX_LISTEN_RETRY_MIN_S", "0.1")),
-            "listen_retry_max_s": float(env.get("GPUX_LISTEN_RETRY_MAX_S", "5")),
-            "listen_check_s": float(env.get("GPUX_LISTEN_CHECK_S", "5")),
+            "listen_retry_min_s": float(env.get("GPUX_LISTEN_RETRY_MIN_S", d.listen_retry_min_s)),
+            "listen_retry_max_s": float(env.get("GPUX_LISTEN_RETRY_MAX_S", d.listen_retry_max_s)),
+            "listen_check_s": float(env.get("GPUX_LISTEN_CHECK_S", d.listen_check_s)),
             "log_level": env.get("GPUX_LOG_LEVEL", "INFO"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -79,8 +102,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
         if self.reclaim_strategy not in VICTIM_STRATEGIES:
             raise ValueError(f"GPUX_RECLAIM_STRATEGY must be one of {', '.join(sorted(VICTIM_STRATEGIES))}")
-        if self.rate_limit_per_s < 1:
-            raise ValueError("GPUX_RATE_LIMIT_PER_S must be at least 1")
+        for name in ("rate_limit_per_s", "rate_limit_per_address_per_s", "auth_failures_per_s", "ws_per_address",
+                     "ws_per_account", "ws_max_markets_per_subscribe"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPUX_{name.upper()} must be at least 1")
+        if self.rate_limit_slice < 0:
+            raise ValueError("GPUX_RATE_LIMIT_SLICE must be 0 (a tenth of each limit) or positive")
         if not 0 < self.listen_retry_min_s <= self.listen_retry_max_s or self.listen_check_s <= 0:
             raise ValueError("GPUX_LISTEN_RETRY_MIN_S must be positive and at most GPUX_LISTEN_RETRY_MAX_S;"
                              " GPUX_LISTEN_CHECK_S positive")

@@ -134,6 +134,9 @@ class FeedClient:
                 view.apply_book(env.data)
                 self.seq[key] = env.seq
                 return
+        # A fresh snapshot: subscribing again to what is subscribed is a no-op, so leave it first
+        # (the server handles a connection's ops in order).
+        await self.ws.send(json.dumps({"op": "unsubscribe", "channels": [env.channel], "markets": [env.market]}))
         await self.subscribe([env.market], [env.channel])
 
     def _set(self, view: MarketView, channel: str, data: Any) -> None:

@@ -7,7 +7,10 @@ import contextlib
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
+from exchange.core.limits import client_address, connection_limits
 from exchange.feed.hub import SLOW_CONSUMER, FeedHub, Subscriber
+
+TOO_MANY_CONNECTIONS = 1008  # policy violation
 
 
 async def _read_ops(hub: FeedHub, client: Subscriber, socket: WebSocket) -> None:
@@ -32,7 +35,23 @@ async def feed_socket(socket: WebSocket) -> None:
     """Subscribe with {"op":"subscribe","channels":[...],"markets":[...]}: a snapshot per market and
     channel, then updates whose `seq` rises by one; heartbeats when idle."""
     hub: FeedHub = socket.app.state.feed_hub
+    ctx = socket.app.state.ctx
+    connections = connection_limits(ctx)
     await socket.accept()
+    slot = await connections.acquire(f"addr:{client_address(socket.scope)}", ctx.settings.ws_per_address)
+    if slot is None:
+        message = f"at most {ctx.settings.ws_per_address} open websockets per client address"
+        with contextlib.suppress(Exception):
+            await socket.send(hub.error_event("too_many_connections", message))
+            await socket.close(code=TOO_MANY_CONNECTIONS, reason=message[:120])
+        return
+    try:
+        await _serve(hub, socket)
+    finally:
+        await connections.release(slot)
+
+
+async def _serve(hub: FeedHub, socket: WebSocket) -> None:
     client = hub.connect(socket.send)
     reader = asyncio.create_task(_read_ops(hub, client, socket))
     try:

@@ -20,6 +20,7 @@ import msgspec
 from litestar.channels import ChannelsPlugin
 
 from exchange.feed.config import FeedSettings
+from exchange.feed.limits import SubscribeGuard
 from exchange.core.money import parse_money
 from exchange.feed.schemas import CHANNELS, FEED_CHANNEL, Envelope, FeedOp, encoder, envelope_decoder, op_decoder
 from exchange.markets import service as md
@@ -465,6 +466,9 @@ class FeedHub:
         client.push(_event(encoder.encode(Envelope(channel="heartbeat", type="heartbeat", market=None, seq=None,
                                                    ts=_now(), data={"seqs": seqs}))))
 
+    # What a message may cost (exchange/feed/limits.py); set by the plugin, None: no bound.
+    guard: SubscribeGuard | None = None
+
     async def handle(self, client: Subscriber, raw: str | bytes) -> None:
         try:
             op: FeedOp = op_decoder.decode(raw)
@@ -479,9 +483,18 @@ class FeedHub:
             self.error(client, "bad_request", f"channels must be some of {', '.join(CHANNELS)} and markets non-empty"
                        + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
             return
+        guard = self.guard
+        if guard is not None and len(op.markets) > guard.max_markets:
+            # Refused whole, before any work: no lookup, no snapshot, no subscription.
+            self.error(client, "too_many_markets",
+                       f"a message may name at most {guard.max_markets} markets; this one names {len(op.markets)}")
+            return
+        # A market or channel named twice is one subscription (and one snapshot).
+        markets = list(dict.fromkeys(op.markets))
+        channels = list(dict.fromkeys(op.channels))
         if op.op == "unsubscribe":
-            for market in op.markets:
-                for channel in op.channels:
+            for market in markets:
+                for channel in channels:
                     key = (market, channel)
                     client.subs.discard(key)
                     subscribers = self.subs.get(key)
@@ -490,14 +503,19 @@ class FeedHub:
                         if not subscribers:
                             del self.subs[key]
             return
-        for market in op.markets:
-            state = await self.ensure_market(market)
+        missing = set(await guard.known.unknown(markets)) if guard is not None else set()
+        for market in markets:
+            if all((market, channel) in client.subs for channel in channels):
+                continue  # already subscribed: a no-op, no second snapshot
+            state = None if market in missing else await self.ensure_market(market)
             if state is None:
                 self.error(client, "unknown_market", f"market {market} not found (or its data is not available now)", market=market)
                 continue
-            for channel in op.channels:
+            for channel in channels:
                 key = (market, channel)
-                if key not in client.subs and len(client.subs) >= self.settings.max_subscriptions:
+                if key in client.subs:
+                    continue
+                if len(client.subs) >= self.settings.max_subscriptions:
                     self.error(client, "too_many_subscriptions",
                                f"at most {self.settings.max_subscriptions} market-channel subscriptions per connection",
                                market=market, channel=channel)

@@ -17,6 +17,7 @@ from exchange.feed.backend import PostgresFeedBackend, make_backend
 from exchange.feed.config import FeedSettings
 from exchange.feed.controller import feed_socket
 from exchange.feed.hub import FeedHub
+from exchange.feed.limits import SubscribeGuard
 from exchange.feed.publisher import FeedPublisher
 from exchange.feed.schemas import FEED_CHANNEL
 
@@ -50,6 +51,7 @@ class FeedPlugin(InitPlugin):
         async def run_feed(app: Litestar) -> AsyncIterator[None]:
             ctx = app.state.ctx
             hub = FeedHub(ctx.pool, channels, settings)
+            hub.guard = SubscribeGuard(ctx.pool, ctx.settings.ws_max_markets_per_subscribe)
             await hub.start()
             app.state.feed_hub = hub
             if isinstance(backend, PostgresFeedBackend) and backend.listener is not None:
@@ -69,6 +71,9 @@ class FeedPlugin(InitPlugin):
                 if publisher.on_tick in ctx.tick_listeners:
                     ctx.tick_listeners.remove(publisher.on_tick)
                 await hub.stop()
+                connections = ctx.extras.get("ws_connections")
+                if connections is not None:  # the session that names this process in ws_connections
+                    await connections.close()
 
         app_config.lifespan.append(database_for_channels)
         channels.on_app_init(app_config)  # the `channels` dependency and its own lifespan

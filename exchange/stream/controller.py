@@ -7,45 +7,94 @@ import asyncio
 import contextlib
 
 from litestar import WebSocket, websocket
-from litestar.exceptions import WebSocketDisconnect
+from litestar.exceptions import TooManyRequestsException, WebSocketDisconnect
 
-from exchange.core.auth import resolve_token
+from exchange.core.auth import parse_authorization
+from exchange.core.limits import (SharedConnectionLimits, authenticate_limited, client_address, connection_limits,
+                                  limiter_of)
 from exchange.stream.hub import StreamClient, StreamHub
 from exchange.stream.schemas import op_decoder
 
 HEARTBEAT_S = 15.0
 UNAUTHORISED = 4401  # an application close code: no or bad key
+POLICY_VIOLATION = 1008  # over a connection or authentication limit
+POLICY_VIOLATION = 1008  # over a connection or authentication limit
 
 
 async def _authenticate(socket: WebSocket) -> tuple[int | None, int | None]:
-    """(account id, since) from the header, else from the first message (within 10 s)."""
-    header = socket.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    """(account id, since) from the header, else from the first message (within 10 s). The key is
+    resolved like HTTP's (the process's principal cache, unknown keys charged to the address's
+    failed-auth budget); TooManyRequestsException when that budget is spent."""
+    header = socket.headers.get("authorization")
     since = None
-    if not token:
+    token: str | None = None
+    if header is None:
         with contextlib.suppress(asyncio.TimeoutError, WebSocketDisconnect, Exception):
             async with asyncio.timeout(10):
                 op = op_decoder.decode(await socket.receive_data(mode="text"))
-                token, since = (op.key or ""), op.since
-    elif scheme.lower() != "bearer":
-        token = ""
-    principal = await resolve_token(socket.app.state.ctx.pool, token.strip()) if token else None
+                token, since = (op.key or "").strip(), op.since
+    else:
+        token = parse_authorization(header)
+    ctx = socket.app.state.ctx
+    address = client_address(socket.scope)
+    if not token:
+        decision = await limiter_of(ctx).take(f"auth:{address}", ctx.settings.auth_failures_per_s)
+        if not decision.allowed:
+            raise TooManyRequestsException("too many authentication failures from this address")
+        return None, None
+    principal = await authenticate_limited(ctx, token, address)
     if principal is None or principal.role not in ("tenant", "owner", "admin", "trader"):
         return None, None
     return principal.account_id, since
 
 
+async def _refuse(socket: WebSocket, hub: StreamHub, code: str, message: str, close_code: int) -> None:
+    with contextlib.suppress(Exception):
+        await socket.send_bytes(hub.control("error", {"code": code, "message": message}))
+        await socket.close(code=close_code, reason=message[:120])
+
+
 @websocket("/v1/stream", name="stream")
 async def stream_socket(socket: WebSocket) -> None:
     hub: StreamHub = socket.app.state.stream_hub
+    ctx = socket.app.state.ctx
+    connections = connection_limits(ctx)
     await socket.accept()
-    account_id, since = await _authenticate(socket)
+    slot = await connections.acquire(f"addr:{client_address(socket.scope)}", ctx.settings.ws_per_address)
+    if slot is None:
+        await _refuse(socket, hub, "too_many_connections",
+                      f"at most {ctx.settings.ws_per_address} open websockets per client address", POLICY_VIOLATION)
+        return
+    try:
+        await _serve(socket, hub, ctx, connections)
+    finally:
+        await connections.release(slot)
+
+
+async def _serve(socket: WebSocket, hub: StreamHub, ctx, connections: SharedConnectionLimits) -> None:
+    try:
+        account_id, since = await _authenticate(socket)
+    except TooManyRequestsException as exc:
+        await _refuse(socket, hub, "rate_limited", str(exc.detail), POLICY_VIOLATION)
+        return
     if account_id is None:
         await socket.send_bytes(hub.control("error", {"code": "unauthorized",
                                                        "message": "send the API key: Authorization header or "
                                                                   '{"op":"auth","key":…}'}))
         await socket.close(code=UNAUTHORISED, reason="unauthorized")
         return
+    slot = await connections.acquire(f"acct:{account_id}", ctx.settings.ws_per_account)
+    if slot is None:
+        await _refuse(socket, hub, "too_many_connections",
+                      f"at most {ctx.settings.ws_per_account} open streams per account", POLICY_VIOLATION)
+        return
+    try:
+        await _stream(socket, hub, account_id, since)
+    finally:
+        await connections.release(slot)
+
+
+async def _stream(socket: WebSocket, hub: StreamHub, account_id: int, since: int | None) -> None:
     current = await hub.current_seq(account_id)
     start = current if since is None else max(0, min(since, current))
 

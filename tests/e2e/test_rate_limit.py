@@ -1,6 +1,7 @@
-"""Rate limits count per API key, per server process (GPUX_RATE_LIMIT_PER_S): over its limit a key
-gets 429 with Retry-After in the one error shape, and its refused requests change nothing; another
-key is served in that same second; the limited key is served again once Retry-After has passed.
+"""Rate limits count per account (GPUX_RATE_LIMIT_PER_S; test_limits.py: however its key is spelled,
+and across server processes): over its limit a key gets 429 with Retry-After in the one error shape,
+and its refused requests change nothing; another key is served in that same second; the limited key
+is served again once Retry-After has passed.
 
 The test counts requests rather than timing them: the limiter's window is a whole second, so a burst
 may straddle two windows on a slow machine; the RateLimit-Remaining header of each served request

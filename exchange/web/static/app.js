@@ -119,6 +119,8 @@
       setBook(book); state.seq.book = book.seq; renderBook();
     } else {
       delete state.seq[msg.channel];
+      // Subscribing again to what is subscribed is a no-op: leave, then subscribe for a fresh snapshot.
+      state.ws.send(JSON.stringify({ op: "unsubscribe", channels: [msg.channel], markets: [state.market] }));
       state.ws.send(JSON.stringify({ op: "subscribe", channels: [msg.channel], markets: [state.market] }));
     }
   }
