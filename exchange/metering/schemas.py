@@ -5,6 +5,7 @@ from typing import Annotated
 
 import msgspec
 
+from exchange.core.bounds import BigCount, Seq, SmallCount
 from exchange.core.structs import Struct
 from exchange.hosts.schemas import GpuUuid
 
@@ -15,15 +16,15 @@ class MeterSample(Struct, frozen=True, kw_only=True):
     uuid: GpuUuid
     ts: datetime
     util: Annotated[int, msgspec.Meta(ge=0, le=100)]
-    mem_used_mb: Annotated[int, msgspec.Meta(ge=0)]
-    power_mw: Annotated[int, msgspec.Meta(ge=0)]
-    energy_mj: Annotated[int, msgspec.Meta(ge=0)]
+    mem_used_mb: SmallCount  # an int column
+    power_mw: BigCount
+    energy_mj: BigCount
     temp_c: Annotated[int, msgspec.Meta(ge=-100, le=200)]
     healthy: bool
 
 
 class MeterReport(Struct, frozen=True, kw_only=True):
-    seq: Annotated[int, msgspec.Meta(ge=0)]
+    seq: Seq
     samples: Annotated[list[MeterSample], msgspec.Meta(max_length=MAX_SAMPLES_PER_REPORT)]
 
 

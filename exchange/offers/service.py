@@ -5,7 +5,7 @@ import asyncpg
 from exchange.core.auth import Principal
 from exchange.core.context import AppContext
 from exchange.core.errors import Conflict, InvalidField, NotFound
-from exchange.core.money import format_money, parse_money
+from exchange.core.money import format_money, money_field
 from exchange.hosts.service import host_for
 from exchange.offers.schemas import Offer, OfferCreate
 
@@ -29,7 +29,7 @@ async def create_offer(ctx: AppContext, principal: Principal, data: OfferCreate)
     never twice for overlapping windows."""
     for name in ("available_until", "available_from", "firm_until"):
         _require_utc(name, getattr(data, name))
-    floor = parse_money(data.floor_price)
+    floor = money_field("floor_price", data.floor_price)
     now = ctx.clock()
     available_from = max(data.available_from or now, now)
     if data.available_until <= available_from:
