@@ -9,7 +9,7 @@ from exchange.bids.schemas import Bid, BidCost, BidCreate
 from exchange.core.context import AppContext, request_hash
 from exchange.core import metrics
 from exchange.core.errors import ApiError, Conflict, InvalidField, NotFound
-from exchange.core.bounds import BIGINT_MAX, parse_cursor
+from exchange.core.bounds import BIGINT_MAX, check_time, parse_cursor
 from exchange.core.money import cost_micros, format_money, money_field
 from exchange.bids import lifecycle as bid_lifecycle
 from exchange.bids.lifecycle import BidEvent
@@ -55,8 +55,7 @@ def validate_bid(ctx: AppContext, data: BidCreate, now: datetime) -> int:
     if data.expire_at is not None:
         if data.time_in_force == "ioc":
             raise InvalidField("expire_at", "an ioc bid cannot carry expire_at")
-        if data.expire_at.tzinfo is None:
-            raise InvalidField("expire_at", "must be an RFC 3339 time with a zone")
+        check_time("expire_at", data.expire_at)
         if data.expire_at <= now:
             raise InvalidField("expire_at", "must be in the future")
     return limit

@@ -9,6 +9,7 @@ the same in JSON Schema (ECMA-262) as in Python, so /schema documents exactly wh
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 from typing import Annotated
 
 import msgspec
@@ -43,6 +44,28 @@ PlainText = Annotated[str, msgspec.Meta(pattern=PLAIN_TEXT_PATTERN)]
 
 # --- path and query parameters (Litestar checks these; msgspec.Meta is not read there) -----------
 PathId = Annotated[int, Parameter(ge=1, le=BIGINT_MAX, description="an object's id (1 to 2**63-1)")]
+
+# Times on the wire: RFC 3339 with a zone, within these. Python's datetime ends at year 9999 in its
+# own zone, so "9999-12-31T23:59:59-14:00" (year 10000 in UTC) could not even be converted for the
+# database; the margin leaves room for any window or notice added to a time.
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LATEST_TIME = datetime(9000, 1, 1, tzinfo=timezone.utc)
+
+
+def check_time(field: str, value: datetime | None) -> None:
+    """A 422 naming `field` for a time without a zone or outside EARLIEST_TIME..LATEST_TIME."""
+    if value is None:
+        return
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidField(field, "must be an RFC 3339 time with a zone, e.g. 2026-01-01T00:00:00Z")
+    if not EARLIEST_TIME <= value <= LATEST_TIME:
+        raise InvalidField(field, f"must lie between {EARLIEST_TIME.isoformat()} and {LATEST_TIME.isoformat()}")
+
+
+def check_times(data: object, *fields: str) -> None:
+    for field in fields:
+        check_time(field, getattr(data, field))
+
 
 _CURSOR = re.compile(r"[0-9]{1,19}")
 

@@ -9,6 +9,7 @@ import msgspec
 
 from exchange.core import metrics
 from exchange.core.auth import Principal
+from exchange.core.bounds import EARLIEST_TIME
 from exchange.core.context import AppContext, request_hash
 from exchange.core.errors import ApiError, Conflict, InvalidField
 from exchange.metering.schemas import MeterAck, MeterReport
@@ -32,6 +33,8 @@ async def ingest_report(ctx: AppContext, principal: Principal, report: MeterRepo
     for sample in report.samples:
         if sample.ts.tzinfo is None:
             raise _refuse("naive_time", InvalidField("samples", "ts must be an RFC 3339 time with a zone"))
+        if sample.ts < EARLIEST_TIME:  # (the future is refused below)
+            raise _refuse("past", InvalidField("samples", f"ts must be after {EARLIEST_TIME.isoformat()}"))
         if sample.ts > now + MAX_CLOCK_SKEW:
             raise _refuse("future", InvalidField("samples", f"sample of {sample.uuid} at {sample.ts.isoformat()} "
                                                              "is in the future"))

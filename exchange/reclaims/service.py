@@ -9,6 +9,7 @@ from datetime import datetime
 import asyncpg
 
 from exchange.core.auth import Principal
+from exchange.core.bounds import check_times
 from exchange.core.context import AppContext
 from exchange.core.errors import InvalidField, NotFound
 from exchange.hosts.service import host_for
@@ -36,10 +37,7 @@ async def _reclaimed_on(conn: asyncpg.Connection, hosts: list[int]) -> dict[int,
 
 async def create_reclaim(ctx: AppContext, principal: Principal, data: ReclaimCreate) -> Reclaim:
     now = ctx.clock()
-    for name in ("at", "until"):
-        value = getattr(data, name)
-        if value is not None and value.tzinfo is None:
-            raise InvalidField(name, "must be an RFC 3339 time with a zone")
+    check_times(data, "at", "until")
     at = data.at if data.at is not None and data.at > now else now
     if data.until is not None and data.until <= at:
         raise InvalidField("until", "must be later than at (and than now)")

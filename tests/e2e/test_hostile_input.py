@@ -214,6 +214,61 @@ async def test_deposits_past_the_books_range_are_a_422_and_credit_nothing(admin:
     assert await _balance(tenant) == before
 
 
+# --- times past what Python and PostgreSQL convert ----------------------------------------------
+# Year 10000 and year 0 in UTC: valid RFC 3339 texts whose UTC instant Python's datetime cannot hold.
+PAST_THE_END = "9999-12-31T23:59:59-14:00"
+BEFORE_THE_START = "0001-01-01T00:00:00+14:00"
+
+
+@pytest.mark.parametrize("moment", [PAST_THE_END, BEFORE_THE_START])
+@pytest.mark.parametrize("field", ["available_until", "available_from", "firm_until"])
+async def test_an_offer_time_out_of_range_is_a_422_naming_it_and_stores_nothing(market, moment, field) -> None:
+    owner = market["owner"]
+    offers_before = (await owner.ok("GET", "/v1/offers"))["items"]
+    body = {"host_id": market["host"]["id"], "gpus": 1, "floor_price": "1.00", "available_until": in_hours(48),
+            "available_from": in_hours(30)}
+    body[field] = moment
+    assert_refused(await owner.request("POST", "/v1/offers", json=body), field, statuses=(422,))
+    assert (await owner.ok("GET", "/v1/offers"))["items"] == offers_before
+
+
+@pytest.mark.parametrize("moment", [PAST_THE_END, BEFORE_THE_START])
+async def test_a_bid_expiry_out_of_range_is_a_422_and_holds_nothing(market, moment: str) -> None:
+    tenant = market["tenant"]
+    before = await _balance(tenant)
+    response = await tenant.request("POST", "/v1/bids", json=_bid(expire_at=moment))
+    assert_refused(response, "expire_at", statuses=(422,))
+    assert await _balance(tenant) == before
+    assert await _bids(tenant) == []
+
+
+@pytest.mark.parametrize("moment", [PAST_THE_END, BEFORE_THE_START])
+@pytest.mark.parametrize("field", ["at", "until"])
+async def test_a_reclaim_time_out_of_range_is_a_422_and_stores_nothing(market, moment: str, field: str) -> None:
+    owner = market["owner"]
+    response = await owner.request("POST", "/v1/reclaims", json={"model": "H100-80GB", "gpus": 1, field: moment})
+    assert_refused(response, field, statuses=(422,))
+    assert (await owner.ok("GET", "/v1/reclaims"))["items"] == []
+
+
+@pytest.mark.parametrize("moment", [PAST_THE_END, BEFORE_THE_START, "2026-01-01T00:00:00"])
+@pytest.mark.parametrize("field", ["start", "end"])
+async def test_a_candle_window_out_of_range_or_without_a_zone_is_a_422(admin: Api, market, moment, field) -> None:
+    response = await admin.request("GET", "/v1/markets/H100-80GB/spot/candles", params={field: moment})
+    assert_refused(response, field, statuses=(422,))
+
+
+async def test_a_meter_sample_before_the_epoch_in_utc_is_refused_and_the_report_not_stored(market) -> None:
+    agent, host = market["agent"], market["host"]
+    uuid = (await agent.ok("GET", f"/v1/hosts/{host['id']}"))["gpus"][0]["uuid"]
+    sample = {"uuid": uuid, "ts": BEFORE_THE_START, "util": 1, "mem_used_mb": 1, "power_mw": 1, "energy_mj": 1,
+              "temp_c": 40, "healthy": True}
+    response = await agent.request("POST", "/v1/agent/meter", json={"seq": 1, "samples": [sample]})
+    assert_refused(response, "samples", statuses=(422,))
+    ack = await agent.ok("POST", "/v1/agent/meter", json={"seq": 1, "samples": []})
+    assert not ack["duplicate"]  # seq 1 was not taken by the refused report
+
+
 # --- text the database cannot hold, patterns matched whole --------------------------------------
 
 @pytest.mark.parametrize("client_order_id", ["a\x00b", "line\n", "\x1b[31m"])
