@@ -35,7 +35,9 @@ PLAIN_TEXT_PATTERN = whole(r"[^\x00-\x1f\x7f]+")
 
 # --- body fields (msgspec) -------------------------------------------------------------------
 Id = Annotated[int, msgspec.Meta(ge=1, le=BIGINT_MAX, description="an object's id (1 to 2**63-1)")]
-Seq = Annotated[int, msgspec.Meta(ge=0, le=BIGINT_MAX, description="a sequence number (0 to 2**63-1)")]
+# One below bigint's end: the server computes the successor of a sequence number (the next one it
+# expects), which must fit as well.
+Seq = Annotated[int, msgspec.Meta(ge=0, le=BIGINT_MAX - 1, description="a sequence number (0 to 2**63-2)")]
 # A non-negative quantity stored in a bigint column (a counter, a reading); its physical bound, where
 # one applies, is checked where it is known.
 BigCount = Annotated[int, msgspec.Meta(ge=0, le=BIGINT_MAX)]

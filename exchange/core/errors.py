@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
+import traceback
 
 import msgspec
 from litestar import Request, Response
@@ -132,6 +133,16 @@ def http_error_handler(request: Request, exc: HTTPException) -> Response[bytes]:
     return _response(status, ErrorDetail(code=code, message=str(exc.detail)), headers)
 
 
+def recursion_error_handler(request: Request, exc: RecursionError) -> Response[bytes]:
+    """JSON nested thousands deep exhausts the decoder's recursion: the client's bytes, a 400. Any
+    other RecursionError is ours."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if any(frame.name in ("decode_json", "json") and "litestar" in frame.filename for frame in frames):
+        _log_refusal(request, 400, "malformed_body")
+        return _response(400, ErrorDetail(code="malformed_body", message="the JSON body is nested too deeply"))
+    return internal_error_handler(request, exc)
+
+
 def internal_error_handler(request: Request, exc: Exception, status: int = 500) -> Response[bytes]:
     """Anything no other handler knows is our bug: logged once with its traceback, and answered in
     the one error shape without the details (they stay in the log)."""
@@ -142,6 +153,7 @@ def internal_error_handler(request: Request, exc: Exception, status: int = 500) 
 
 EXCEPTION_HANDLERS = {
     Exception: internal_error_handler,
+    RecursionError: recursion_error_handler,
     ApiError: api_error_handler,
     ValidationException: validation_error_handler,
     HTTPException: http_error_handler,

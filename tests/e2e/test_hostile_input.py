@@ -113,6 +113,21 @@ async def test_a_meter_report_with_a_seq_past_bigint_is_refused_and_the_next_seq
     assert ack["seq"] == 0 and not ack["duplicate"]
 
 
+async def test_a_meter_seq_at_the_bigint_end_is_refused_so_its_successor_still_fits(market) -> None:
+    """The server computes the next expected seq (max + 1): a report at 2**63-1 used to be stored and
+    every later report of the host then failed with 500."""
+    agent = market["agent"]
+    assert_refused(await agent.request("POST", "/v1/agent/meter", json={"seq": BIGINT_MAX, "samples": []}), "seq")
+    ack = await agent.ok("POST", "/v1/agent/meter", json={"seq": BIGINT_MAX - 1, "samples": []})
+    assert ack["seq"] == BIGINT_MAX - 1
+    later = await agent.ok("POST", "/v1/agent/meter", json={"seq": 7, "samples": []})
+    assert later["seq"] == 7 and not later["duplicate"]
+    replay = await agent.request("POST", "/v1/agent/meter", json={"seq": BIGINT_MAX - 1, "samples": [
+        {"uuid": "GPU-not-here-0000", "ts": in_hours(-1), "util": 1, "mem_used_mb": 1, "power_mw": 1, "energy_mj": 1,
+         "temp_c": 40, "healthy": True}]})
+    assert replay.status_code in (409, 422), replay.text
+
+
 async def test_an_inventory_gpu_index_past_int_is_refused_and_the_inventory_is_kept(market) -> None:
     agent, host = market["agent"], market["host"]
     before = await agent.ok("GET", f"/v1/hosts/{host['id']}")
@@ -298,6 +313,19 @@ async def test_a_market_path_the_database_cannot_hold_is_a_4xx(admin: Api, model
 async def test_an_account_name_with_a_trailing_newline_is_refused(admin: Api, name: str) -> None:
     response = await admin.request("POST", "/v1/accounts", json={"name": name, "role": "tenant"})
     assert_refused(response, "name")
+
+
+# --- bodies that exhaust a decoder ---------------------------------------------------------------
+
+@pytest.mark.parametrize(("role", "method", "path"), [("tenant", "POST", "/v1/bids"), ("admin", "POST", "/v1/accounts"),
+                                                      ("agent", "PUT", "/v1/agent/inventory")])
+async def test_json_nested_too_deep_is_a_400(admin: Api, market, role, method, path) -> None:
+    api = admin if role == "admin" else market[role]
+    depth = 100_000
+    response = await api.request(method, path, content=b"[" * depth + b"]" * depth,
+                                 headers={"content-type": "application/json"})
+    error = assert_refused(response, None, statuses=(400,))
+    assert error["code"] == "malformed_body"
 
 
 # --- OPTIONS ------------------------------------------------------------------------------------
