@@ -122,6 +122,11 @@ _CODES = {400: "malformed_body", 401: "unauthorized", 403: "forbidden", 404: "no
 
 def http_error_handler(request: Request, exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
+    if status >= 500 and exc.detail == "client disconnected prematurely":
+        # Litestar's 500 for a client that hung up mid-body: nobody reads this answer, and it is not
+        # our fault, so no traceback at error level.
+        _log_refusal(request, 400, "client_disconnected")
+        return _response(400, ErrorDetail(code="client_disconnected", message=str(exc.detail)))
     if status >= 500:
         return internal_error_handler(request, exc, status)
     headers = dict(exc.headers or {})
@@ -133,13 +138,18 @@ def http_error_handler(request: Request, exc: HTTPException) -> Response[bytes]:
     return _response(status, ErrorDetail(code=code, message=str(exc.detail)), headers)
 
 
-def recursion_error_handler(request: Request, exc: RecursionError) -> Response[bytes]:
-    """JSON nested thousands deep exhausts the decoder's recursion: the client's bytes, a 400. Any
-    other RecursionError is ours."""
+_UNDECODABLE = {RecursionError: "the JSON body is nested too deeply",
+                UnicodeDecodeError: "the body is not valid UTF-8"}
+
+
+def body_decode_error_handler(request: Request, exc: RecursionError | UnicodeDecodeError) -> Response[bytes]:
+    """JSON nested thousands deep exhausts the decoder's recursion; a body declared in another
+    charset is decoded by it and fails: the client's bytes, a 400. Raised anywhere else, these are
+    ours (a 500)."""
     frames = traceback.extract_tb(exc.__traceback__)
     if any(frame.name in ("decode_json", "json") and "litestar" in frame.filename for frame in frames):
         _log_refusal(request, 400, "malformed_body")
-        return _response(400, ErrorDetail(code="malformed_body", message="the JSON body is nested too deeply"))
+        return _response(400, ErrorDetail(code="malformed_body", message=_UNDECODABLE[type(exc)]))
     return internal_error_handler(request, exc)
 
 
@@ -153,7 +163,8 @@ def internal_error_handler(request: Request, exc: Exception, status: int = 500) 
 
 EXCEPTION_HANDLERS = {
     Exception: internal_error_handler,
-    RecursionError: recursion_error_handler,
+    RecursionError: body_decode_error_handler,
+    UnicodeDecodeError: body_decode_error_handler,
     ApiError: api_error_handler,
     ValidationException: validation_error_handler,
     HTTPException: http_error_handler,

@@ -328,6 +328,16 @@ async def test_json_nested_too_deep_is_a_400(admin: Api, market, role, method, p
     assert error["code"] == "malformed_body"
 
 
+@pytest.mark.parametrize("content_type", ["application/json; charset=latin1", "application/json"])
+async def test_a_body_that_is_not_utf8_is_a_400_and_creates_nothing(admin: Api, content_type: str) -> None:
+    name = unique("acct")
+    response = await admin.request("POST", "/v1/accounts", content=b'{"name":"' + name.encode() + b'\xe9","role":"tenant"}',
+                                   headers={"content-type": content_type})
+    error = assert_refused(response, None, statuses=(400,))
+    assert error["code"] == "malformed_body"
+    assert (await admin.request("POST", "/v1/accounts", json={"name": name, "role": "tenant"})).status_code == 201
+
+
 # --- OPTIONS ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["/v1/bids", "/v1/bids/1", "/v1/leases", "/v1/agent/me", "/v1/agent/meter",

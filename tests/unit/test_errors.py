@@ -7,12 +7,14 @@ from __future__ import annotations
 import logging
 
 import pytest
-from litestar import Litestar, get
+from litestar import Litestar, get, post
 from litestar.exceptions import NotFoundException
 from litestar.logging import LoggingConfig
+from litestar.params import JSONBody
 from litestar.testing import TestClient
 
 from exchange.core.errors import EXCEPTION_HANDLERS, InvalidField
+from exchange.core.structs import Struct
 
 
 @get("/boom")
@@ -62,4 +64,38 @@ def test_a_refusal_is_logged_without_a_traceback_below_error_level(client, caplo
     assert response.status_code == status
     error = response.json()["error"]
     assert error["code"] and error["message"] and error.get("field") == field
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.records
+
+
+class Echo(Struct, frozen=True, kw_only=True):
+    a: int
+
+
+@post("/echo")
+async def echo(data: JSONBody[Echo]) -> Echo:
+    return data
+
+
+async def test_a_client_that_hangs_up_mid_body_is_not_logged_as_our_error(caplog) -> None:
+    """Litestar raises a 500 when the body stops early; the client is gone and it is not our bug:
+    no error-level line, no traceback."""
+    app = Litestar(route_handlers=[echo], exception_handlers=EXCEPTION_HANDLERS,
+                   logging_config=LoggingConfig(log_exceptions="never"))
+    messages = iter([{"type": "http.request", "body": b'{"a": ', "more_body": True}, {"type": "http.disconnect"}])
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/echo", "raw_path": b"/echo", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "state": {}}
+    with caplog.at_level(logging.DEBUG):
+        await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 400
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.records
