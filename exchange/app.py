@@ -170,7 +170,9 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
         openapi_config=OpenAPIConfig(title="gpu-exchange", version="1.0.0", path="/schema"),
         logging_config=LoggingConfig(
             formatters={"standard": {"()": "exchange.core.logs.JsonFormatter"}},
-            log_exceptions="always",
+            # exchange/core/errors.py logs each 5xx with its traceback and each 4xx on one debug
+            # line; Litestar's own logging would print a traceback at error level for every 4xx.
+            log_exceptions="never",
         ),
         state=State({"settings": settings}),
     )

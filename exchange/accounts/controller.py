@@ -8,6 +8,7 @@ from litestar.params import Parameter
 from exchange.accounts import service
 from exchange.accounts.schemas import Account, AccountCreate, AccountCreated, Balance, Deposit, DepositCreate, LedgerPage
 from exchange.core.auth import requires
+from exchange.core.bounds import PathId
 from exchange.core.context import AppContext
 
 ANY_ACCOUNT = ("admin", "owner", "tenant", "trader")
@@ -22,7 +23,7 @@ class AccountController(Controller):
         return await service.create_account(ctx, data)
 
     @post("/{account_id:int}/deposits", guards=[requires("admin")], status_code=201)
-    async def deposit(self, ctx: AppContext, account_id: int, data: DepositCreate) -> Response[Deposit]:
+    async def deposit(self, ctx: AppContext, account_id: PathId, data: DepositCreate) -> Response[Deposit]:
         result, replayed = await service.deposit(ctx, account_id, data)
         return Response(result, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
@@ -40,6 +41,6 @@ class AccountController(Controller):
         return await service.ledger_page(ctx, request.user.account_id, cursor, limit)
 
     @get("/{account_id:int}/balance", guards=[requires("admin")])
-    async def balance_of(self, ctx: AppContext, account_id: int) -> Balance:
+    async def balance_of(self, ctx: AppContext, account_id: PathId) -> Balance:
         await service.get_account(ctx, account_id)
         return await service.balance(ctx, account_id)

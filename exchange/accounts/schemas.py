@@ -5,16 +5,17 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from exchange.core.bounds import PLAIN_TEXT_PATTERN, whole
 from exchange.core.money import MONEY_PATTERN
 from exchange.core.structs import Struct
 
 Role = Literal["admin", "owner", "tenant", "trader"]
 Money = Annotated[str, msgspec.Meta(pattern=MONEY_PATTERN, description="USD, decimal string, ≤ 6 decimals")]
-IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=PLAIN_TEXT_PATTERN)]
 
 
 class AccountCreate(Struct, frozen=True, kw_only=True):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=whole(r"[A-Za-z0-9][A-Za-z0-9._-]*"))]
     role: Role
 
 

@@ -9,7 +9,8 @@ from exchange.core.auth import hash_secret, new_api_key
 from exchange.core import metrics
 from exchange.core.context import AppContext, request_hash
 from exchange.core.errors import Conflict, InvalidField, NotFound
-from exchange.core.money import format_money, parse_money
+from exchange.core.bounds import parse_cursor
+from exchange.core.money import format_money, money_field
 from exchange.ledger import service as ledger
 
 _deposit_encoder = msgspec.json.Encoder()
@@ -38,7 +39,7 @@ async def get_account(ctx: AppContext, account_id: int) -> Account:
 async def deposit(ctx: AppContext, account_id: int, data: DepositCreate) -> tuple[Deposit, bool]:
     """Credit an account from the world book. Returns (deposit, replayed): a retry with the same key
     and body returns the first deposit and moves nothing."""
-    amount = parse_money(data.amount)
+    amount = money_field("amount", data.amount)
     if amount <= 0:
         raise InvalidField("amount", "must be greater than zero")
     fingerprint = request_hash(_deposit_encoder.encode(data))
@@ -59,10 +60,16 @@ async def deposit(ctx: AppContext, account_id: int, data: DepositCreate) -> tupl
         books = await ledger.books_of(conn, account_id)
         world = await ledger.system_book(conn, "world")
         now = ctx.clock()
-        transfer_id = await ledger.post_transfer(
-            conn, kind="deposit", account_id=account_id, now=now, idempotency_key=data.idempotency_key,
-            request_hash=fingerprint, memo=format_money(amount),
-            postings=[(world, -amount), (books.available, amount)])
+        try:
+            transfer_id = await ledger.post_transfer(
+                conn, kind="deposit", account_id=account_id, now=now, idempotency_key=data.idempotency_key,
+                request_hash=fingerprint, memo=format_money(amount),
+                postings=[(world, -amount), (books.available, amount)])
+        except asyncpg.NumericValueOutOfRangeError:
+            # Every balance is a bigint; the world book (minus all deposits) reaches its end first.
+            # The transaction rolls back: nothing is credited.
+            raise InvalidField("amount", "this deposit would take the exchange's books past their range"
+                                         f" ({format_money(2**63 - 1)} in all)") from None
     metrics.DEPOSITS.inc()
     return Deposit(id=transfer_id, account_id=account_id, amount=format_money(amount),
                    idempotency_key=data.idempotency_key, created_at=now), False
@@ -75,7 +82,7 @@ async def balance(ctx: AppContext, account_id: int) -> Balance:
 
 async def ledger_page(ctx: AppContext, account_id: int, cursor: str | None, limit: int) -> LedgerPage:
     """Newest first, keyset-paginated on the posting id."""
-    before = _parse_cursor(cursor)
+    before = parse_cursor(cursor)
     rows = await ctx.pool.fetch(
         "SELECT p.id, p.transfer_id, t.kind, la.kind AS book, p.amount, t.ref_type, t.ref_id, t.memo, t.created_at"
         " FROM postings p JOIN ledger_accounts la ON la.id = p.ledger_account_id"
@@ -87,10 +94,3 @@ async def ledger_page(ctx: AppContext, account_id: int, cursor: str | None, limi
                          memo=r["memo"], created_at=r["created_at"]) for r in rows[:limit]]
     return LedgerPage(items=items, next=str(items[-1].id) if len(rows) > limit else None)
 
-
-def _parse_cursor(cursor: str | None) -> int:
-    if cursor is None:
-        return 2**63 - 1
-    if not cursor.isdigit():
-        raise InvalidField("cursor", "must be the `next` value of a previous page")
-    return int(cursor)

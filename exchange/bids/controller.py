@@ -8,6 +8,7 @@ from litestar.params import Parameter
 from exchange.bids import service
 from exchange.bids.schemas import Bid, BidCost, BidCreate, BidList, BidStatus
 from exchange.core.auth import requires
+from exchange.core.bounds import PathId
 from exchange.core.context import AppContext
 
 
@@ -28,13 +29,13 @@ class BidController(Controller):
         return BidList(items=items, next=next_cursor)
 
     @get("/{bid_id:int}")
-    async def get_bid(self, ctx: AppContext, request: Request, bid_id: int) -> Bid:
+    async def get_bid(self, ctx: AppContext, request: Request, bid_id: PathId) -> Bid:
         return await service.get_bid(ctx, request.user.account_id, bid_id)
 
     @get("/{bid_id:int}/cost")
-    async def cost(self, ctx: AppContext, request: Request, bid_id: int) -> BidCost:
+    async def cost(self, ctx: AppContext, request: Request, bid_id: PathId) -> BidCost:
         return await service.bid_cost(ctx, request.user.account_id, bid_id)
 
     @delete("/{bid_id:int}", status_code=200)
-    async def cancel(self, ctx: AppContext, request: Request, bid_id: int) -> Bid:
+    async def cancel(self, ctx: AppContext, request: Request, bid_id: PathId) -> Bid:
         return await service.cancel_bid(ctx, request.user.account_id, bid_id)

@@ -6,9 +6,10 @@ from typing import Annotated, Literal
 import msgspec
 
 from exchange.accounts.schemas import Money
+from exchange.core.bounds import PLAIN_TEXT_PATTERN, whole
 from exchange.core.structs import Struct
 
-MarketId = Annotated[str, msgspec.Meta(max_length=80, pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]*/(spot|firm)$",
+MarketId = Annotated[str, msgspec.Meta(max_length=80, pattern=whole(r"[A-Za-z0-9][A-Za-z0-9.-]*/(spot|firm)"),
                                        description="GPU model and tier, e.g. H100-80GB/spot")]
 BidStatus = Literal["open", "filled", "cancelled", "expired"]
 
@@ -18,7 +19,7 @@ class BidCreate(Struct, frozen=True, kw_only=True):
     gpus: Annotated[int, msgspec.Meta(gt=0)]
     duration_s: int
     limit_price: Money
-    client_order_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    client_order_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=PLAIN_TEXT_PATTERN)]
     min_survival: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
     min_notice_s: Annotated[int, msgspec.Meta(ge=0, le=7 * 24 * 3600)] = 0
     time_in_force: Literal["gtc", "ioc", "gtd"] = "gtc"

@@ -9,7 +9,8 @@ from exchange.bids.schemas import Bid, BidCost, BidCreate
 from exchange.core.context import AppContext, request_hash
 from exchange.core import metrics
 from exchange.core.errors import ApiError, Conflict, InvalidField, NotFound
-from exchange.core.money import cost_micros, format_money, parse_money
+from exchange.core.bounds import BIGINT_MAX, check_time, parse_cursor
+from exchange.core.money import cost_micros, format_money, money_field
 from exchange.bids import lifecycle as bid_lifecycle
 from exchange.bids.lifecycle import BidEvent
 from exchange.leases.lifecycle import PREEMPTION_REASONS
@@ -41,16 +42,20 @@ def validate_bid(ctx: AppContext, data: BidCreate, now: datetime) -> int:
         raise InvalidField("gpus", f"at most {settings.max_gang_gpus} GPUs in one gang")
     if not settings.min_duration_s <= data.duration_s <= settings.max_duration_s:
         raise InvalidField("duration_s", f"must be between {settings.min_duration_s} and {settings.max_duration_s} seconds")
-    limit = parse_money(data.limit_price)
+    limit = money_field("limit_price", data.limit_price)
     if limit <= 0:
         raise InvalidField("limit_price", "must be greater than zero")
     if data.time_in_force == "gtd" and data.expire_at is None:
         raise InvalidField("expire_at", "time_in_force gtd needs expire_at")
+    # The hold is computed in Python's unbounded ints: a huge limit x 1,024 GPUs x 30 days is far past
+    # bigint; no account could fund it, but it must be refused here, not overflow in the ledger.
+    if cost_micros(limit, data.gpus, data.duration_s) > BIGINT_MAX:
+        raise InvalidField("limit_price", f"limit_price x gpus x duration_s needs a hold above"
+                                          f" {format_money(BIGINT_MAX)}, more than any account can hold")
     if data.expire_at is not None:
         if data.time_in_force == "ioc":
             raise InvalidField("expire_at", "an ioc bid cannot carry expire_at")
-        if data.expire_at.tzinfo is None:
-            raise InvalidField("expire_at", "must be an RFC 3339 time with a zone")
+        check_time("expire_at", data.expire_at)
         if data.expire_at <= now:
             raise InvalidField("expire_at", "must be in the future")
     return limit
@@ -133,9 +138,7 @@ async def get_bid(ctx: AppContext, account_id: int, bid_id: int) -> Bid:
 
 async def list_bids(ctx: AppContext, account_id: int, status: str | None, cursor: str | None,
                     limit: int) -> tuple[list[Bid], str | None]:
-    if cursor is not None and not cursor.isdigit():
-        raise InvalidField("cursor", "must be the `next` value of a previous page")
-    before = int(cursor) if cursor else 2**63 - 1
+    before = parse_cursor(cursor)
     rows = await ctx.pool.fetch(
         f"SELECT {BID_COLUMNS} FROM bids WHERE account_id = $1 AND ($2::text IS NULL OR status = $2) AND id < $3"
         f" ORDER BY id DESC LIMIT $4", account_id, status, before, limit + 1)

@@ -1,7 +1,9 @@
 """One error shape for every 4xx: {"error": {"code", "message", "field"?}}, machine-readable."""
 from __future__ import annotations
 
+import logging
 import re
+import traceback
 
 import msgspec
 from litestar import Request, Response
@@ -75,6 +77,7 @@ class Forbidden(ApiError):
         super().__init__("forbidden", message)
 
 
+log = logging.getLogger("exchange.errors")
 _error_encoder = msgspec.json.Encoder()
 _FIELD_IN_MESSAGE = re.compile(r"field `([^`]+)`")
 
@@ -85,12 +88,20 @@ def _response(status: int, detail: ErrorDetail, headers: dict[str, str] | None =
     return Response(_error_encoder.encode(body), status_code=status, media_type="application/json", headers=headers)
 
 
-def api_error_handler(_: Request, exc: ApiError) -> Response[bytes]:
+def _log_refusal(request: Request, status: int, code: str) -> None:
+    """A 4xx is the client's mistake, not ours: one line at debug, no traceback (a hostile client
+    would otherwise fill the error log)."""
+    log.debug("refused", extra={"fields": {"method": request.method, "path": request.url.path, "status": status,
+                                           "code": code}})
+
+
+def api_error_handler(request: Request, exc: ApiError) -> Response[bytes]:
+    _log_refusal(request, exc.status_code, exc.code)
     return _response(exc.status_code, ErrorDetail(code=exc.code, message=exc.message, field=exc.field), exc.headers,
                      exc.extra)
 
 
-def validation_error_handler(_: Request, exc: ValidationException) -> Response[bytes]:
+def validation_error_handler(request: Request, exc: ValidationException) -> Response[bytes]:
     """Litestar's body validation (msgspec) names the key; unknown and missing fields name it only in
     the message, so pull it out from there."""
     extra = exc.extra if isinstance(exc.extra, list) else []
@@ -101,6 +112,7 @@ def validation_error_handler(_: Request, exc: ValidationException) -> Response[b
     field = found.group(1) if found else (key if key not in (None, "data") else None)
     code = "malformed_body" if not extra else "invalid_field"
     text = f"{field}: {message}" if field else message
+    _log_refusal(request, 400, code)
     return _response(400, ErrorDetail(code=code, message=text, field=field))
 
 
@@ -108,18 +120,51 @@ _CODES = {400: "malformed_body", 401: "unauthorized", 403: "forbidden", 404: "no
           409: "conflict", 413: "too_large", 429: "rate_limited"}
 
 
-def http_error_handler(_: Request, exc: HTTPException) -> Response[bytes]:
+def http_error_handler(request: Request, exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
+    if status >= 500 and exc.detail == "client disconnected prematurely":
+        # Litestar's 500 for a client that hung up mid-body: nobody reads this answer, and it is not
+        # our fault, so no traceback at error level.
+        _log_refusal(request, 400, "client_disconnected")
+        return _response(400, ErrorDetail(code="client_disconnected", message=str(exc.detail)))
     if status >= 500:
-        return _response(status, ErrorDetail(code="internal_error", message="internal error"))
+        return internal_error_handler(request, exc, status)
     headers = dict(exc.headers or {})
     if status == 429:
         # RFC 9110: tell the client when to come back (Litestar gives only RateLimit-Reset).
         headers["Retry-After"] = str(max(1, int(headers.get("RateLimit-Reset", "1") or 1)))
-    return _response(status, ErrorDetail(code=_CODES.get(status, "bad_request"), message=str(exc.detail)), headers)
+    code = _CODES.get(status, "bad_request")
+    _log_refusal(request, status, code)
+    return _response(status, ErrorDetail(code=code, message=str(exc.detail)), headers)
+
+
+_UNDECODABLE = {RecursionError: "the JSON body is nested too deeply",
+                UnicodeDecodeError: "the body is not valid UTF-8"}
+
+
+def body_decode_error_handler(request: Request, exc: RecursionError | UnicodeDecodeError) -> Response[bytes]:
+    """JSON nested thousands deep exhausts the decoder's recursion; a body declared in another
+    charset is decoded by it and fails: the client's bytes, a 400. Raised anywhere else, these are
+    ours (a 500)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if any(frame.name in ("decode_json", "json") and "litestar" in frame.filename for frame in frames):
+        _log_refusal(request, 400, "malformed_body")
+        return _response(400, ErrorDetail(code="malformed_body", message=_UNDECODABLE[type(exc)]))
+    return internal_error_handler(request, exc)
+
+
+def internal_error_handler(request: Request, exc: Exception, status: int = 500) -> Response[bytes]:
+    """Anything no other handler knows is our bug: logged once with its traceback, and answered in
+    the one error shape without the details (they stay in the log)."""
+    log.error("unhandled error", exc_info=exc,
+              extra={"fields": {"method": request.method, "path": request.url.path, "status": status}})
+    return _response(status, ErrorDetail(code="internal_error", message="internal error"))
 
 
 EXCEPTION_HANDLERS = {
+    Exception: internal_error_handler,
+    RecursionError: body_decode_error_handler,
+    UnicodeDecodeError: body_decode_error_handler,
     ApiError: api_error_handler,
     ValidationException: validation_error_handler,
     HTTPException: http_error_handler,

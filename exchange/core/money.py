@@ -6,17 +6,30 @@ import re
 MICROS_PER_DOLLAR = 1_000_000
 SECONDS_PER_HOUR = 3600
 
-# At most 6 decimals, no sign, no exponent: the only accepted spelling of an amount on the wire.
-MONEY_PATTERN = r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,6})?$"
-_MONEY_RE = re.compile(MONEY_PATTERN)
+# At most 6 decimals, no sign, no exponent, at most 12 digits before the point (so any amount on
+# the wire is below 10**18 micro-dollars, inside bigint): the only accepted spelling of an amount.
+# Matched whole: `(?!\n)$`, because Python's `$` alone also accepts a trailing newline ("2.5\n").
+MONEY_PATTERN = r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,6})?(?!\n)$"
+_MONEY_BODY = re.compile(r"(0|[1-9][0-9]{0,11})(\.[0-9]{1,6})?")
+MAX_WIRE_MICROS = 10**18 - 1  # 999999999999.999999, the largest amount MONEY_PATTERN spells
 
 
 def parse_money(text: str) -> int:
     """'2.35' -> 2_350_000. Raises ValueError for anything but a plain non-negative decimal."""
-    if not _MONEY_RE.match(text):
+    if not isinstance(text, str) or not _MONEY_BODY.fullmatch(text):
         raise ValueError(f"not a decimal amount with at most 6 decimals: {text!r}")
     whole, _, frac = text.partition(".")
     return int(whole) * MICROS_PER_DOLLAR + int(frac.ljust(6, "0") or "0")
+
+
+def money_field(field: str, text: str) -> int:
+    """`parse_money` for a request field: a refusal is a 422 naming the field, never a 500."""
+    from exchange.core.errors import InvalidField
+
+    try:
+        return parse_money(text)
+    except ValueError:
+        raise InvalidField(field, "a decimal amount in USD with at most 6 decimals, e.g. \"2.35\"") from None
 
 
 def format_money(micros: int) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from litestar import Controller, Request, get, post, put
 
 from exchange.core.auth import requires
+from exchange.core.bounds import PathId
 from exchange.core.context import AppContext
 from exchange.hosts import service
 from exchange.offers.schemas import OfferList
@@ -23,11 +24,11 @@ class HostController(Controller):
         return HostList(items=await service.list_hosts(ctx, request.user))
 
     @get("/{host_id:int}", guards=[requires("owner", "admin", "agent")])
-    async def get_host(self, ctx: AppContext, request: Request, host_id: int) -> Host:
+    async def get_host(self, ctx: AppContext, request: Request, host_id: PathId) -> Host:
         return await service.get_host(ctx, request.user, host_id)
 
     @get("/{host_id:int}/earnings", guards=[requires("owner", "admin")])
-    async def earnings(self, ctx: AppContext, request: Request, host_id: int) -> HostEarnings:
+    async def earnings(self, ctx: AppContext, request: Request, host_id: PathId) -> HostEarnings:
         return await service.host_earnings(ctx, request.user, host_id)
 
 

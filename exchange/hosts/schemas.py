@@ -5,11 +5,12 @@ from typing import Annotated
 
 import msgspec
 
+from exchange.core.bounds import SmallCount, whole
 from exchange.core.structs import Struct
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
-GpuModel = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]*$")]
-GpuUuid = Annotated[str, msgspec.Meta(min_length=8, max_length=96, pattern=r"^(GPU|MIG)-[0-9A-Za-z-]+$")]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=whole(r"[A-Za-z0-9][A-Za-z0-9._:-]*"))]
+GpuModel = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=whole(r"[A-Za-z0-9][A-Za-z0-9.-]*"))]
+GpuUuid = Annotated[str, msgspec.Meta(min_length=8, max_length=96, pattern=whole(r"(GPU|MIG)-[0-9A-Za-z-]+"))]
 
 
 class HostCreate(Struct, frozen=True, kw_only=True):
@@ -30,8 +31,8 @@ class InventoryGpu(Struct, frozen=True, kw_only=True):
     memory_mb: Annotated[int, msgspec.Meta(gt=0, le=10_000_000)]
     # Optional details an agent may add; stored nowhere yet but accepted so agents can send them.
     name: str | None = None
-    index: int | None = None
-    power_limit_mw: int | None = None
+    index: SmallCount | None = None  # stored in an int column
+    power_limit_mw: SmallCount | None = None
     mig: bool | None = None
 
 

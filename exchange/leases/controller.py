@@ -6,6 +6,7 @@ from litestar import Controller, Request, get
 from litestar.params import Parameter
 
 from exchange.core.auth import requires
+from exchange.core.bounds import PathId
 from exchange.core.context import AppContext
 from exchange.leases import service
 from exchange.leases.schemas import Lease, LeaseList, LeaseStatus, OwnerLease, OwnerLeaseList
@@ -28,7 +29,7 @@ class LeaseController(Controller):
         return LeaseList(items=items, next=next_cursor)
 
     @get("/{lease_id:int}")
-    async def get_lease(self, ctx: AppContext, request: Request, lease_id: int) -> Lease | OwnerLease:
+    async def get_lease(self, ctx: AppContext, request: Request, lease_id: PathId) -> Lease | OwnerLease:
         return await service.get_lease(ctx, request.user, lease_id)
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 import asyncpg
 
 from exchange.core.auth import Principal
+from exchange.core.bounds import parse_cursor
 from exchange.core.context import AppContext
-from exchange.core.errors import InvalidField, NotFound
+from exchange.core.errors import NotFound
 from exchange.core.money import format_money
 from exchange.leases.schemas import Lease, OwnerLease
 
@@ -62,12 +63,11 @@ def visibility(principal: Principal) -> tuple[str, list]:
 
 async def list_leases(ctx: AppContext, principal: Principal, status: str | None, cursor: str | None,
                       limit: int) -> tuple[list[Lease] | list[OwnerLease], str | None]:
-    if cursor is not None and not cursor.isdigit():
-        raise InvalidField("cursor", "must be the `next` value of a previous page")
+    before = parse_cursor(cursor)
     scope, args = visibility(principal)
     rows = await ctx.pool.fetch(
         f"SELECT {_COLUMNS} FROM leases l WHERE {scope} AND ($2::text IS NULL OR l.status = $2) AND l.id < $3"
-        f" ORDER BY l.id DESC LIMIT $4", *args, status, int(cursor) if cursor else 2**63 - 1, limit + 1)
+        f" ORDER BY l.id DESC LIMIT $4", *args, status, before, limit + 1)
     view = view_for(principal)
     items = [view(r) for r in rows[:limit]]
     return items, (str(items[-1].id) if len(rows) > limit else None)

@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 
+from exchange.core.bounds import check_time
 from exchange.core.context import AppContext
 from exchange.core.errors import InvalidField, NotFound
 from exchange.core.money import format_money
@@ -170,6 +171,8 @@ async def get_candles(ctx: AppContext, model: str, tier: str, interval: str, sta
     market = await require_market(ctx.pool, model, tier)
     if interval not in INTERVAL_SECONDS:
         raise InvalidField("interval", f"one of {', '.join(INTERVAL_SECONDS)}")
+    check_time("start", start)
+    check_time("end", end)
     items = await compute_candles(ctx.pool, market, interval, start=start, end=end, limit=limit)
     return CandleList(market=market, interval=interval, items=items)
 

@@ -5,6 +5,7 @@ from typing import Annotated
 
 import msgspec
 
+from exchange.core.bounds import Seq
 from exchange.core.structs import Struct
 from exchange.hosts.schemas import GpuUuid
 
@@ -28,7 +29,7 @@ class MeterSample(Struct, frozen=True, kw_only=True):
 
 
 class MeterReport(Struct, frozen=True, kw_only=True):
-    seq: Annotated[int, msgspec.Meta(ge=0)]
+    seq: Seq
     samples: Annotated[list[MeterSample], msgspec.Meta(max_length=MAX_SAMPLES_PER_REPORT)]
 
 

@@ -14,6 +14,7 @@ import msgspec
 
 from exchange.core import metrics
 from exchange.core.auth import Principal
+from exchange.core.bounds import EARLIEST_TIME
 from exchange.core.context import AppContext, request_hash
 from exchange.core.errors import ApiError, Conflict, InvalidField
 from exchange.metering import bounds
@@ -127,6 +128,8 @@ async def ingest_report(ctx: AppContext, principal: Principal, report: MeterRepo
     for sample in report.samples:
         if sample.ts.tzinfo is None:
             raise _refuse("naive_time", InvalidField("samples", "ts must be an RFC 3339 time with a zone"))
+        if sample.ts < EARLIEST_TIME:  # (the future is refused per sample, below)
+            raise _refuse("past", InvalidField("samples", f"ts must be after {EARLIEST_TIME.isoformat()}"))
         key = (sample.uuid, sample.ts)
         if key in seen:
             raise _refuse("repeated_sample", InvalidField("samples", f"{sample.uuid} is sampled twice at one instant"))

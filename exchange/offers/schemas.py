@@ -6,12 +6,13 @@ from typing import Annotated
 import msgspec
 
 from exchange.accounts.schemas import Money
+from exchange.core.bounds import Id
 from exchange.core.structs import Struct
 from exchange.hosts.schemas import GpuModel
 
 
 class OfferCreate(Struct, frozen=True, kw_only=True):
-    host_id: int
+    host_id: Id
     gpus: Annotated[int, msgspec.Meta(gt=0, le=1024)]
     floor_price: Money
     available_until: datetime

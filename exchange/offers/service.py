@@ -3,9 +3,10 @@ from __future__ import annotations
 import asyncpg
 
 from exchange.core.auth import Principal
+from exchange.core.bounds import check_times
 from exchange.core.context import AppContext
 from exchange.core.errors import Conflict, InvalidField, NotFound
-from exchange.core.money import format_money, parse_money
+from exchange.core.money import format_money, money_field
 from exchange.hosts.service import host_for
 from exchange.offers.schemas import Offer, OfferCreate
 
@@ -19,17 +20,11 @@ def to_offer(row: asyncpg.Record) -> Offer:
     return Offer(**{k: values[k] for k in Offer.__struct_fields__})
 
 
-def _require_utc(field: str, value) -> None:
-    if value is not None and value.tzinfo is None:
-        raise InvalidField(field, "must be an RFC 3339 time with a zone, e.g. 2026-01-01T00:00:00Z")
-
-
 async def create_offer(ctx: AppContext, principal: Principal, data: OfferCreate) -> Offer:
     """Publish a block of a host's GPUs. Only GPUs the host reported, never more than it has, and
     never twice for overlapping windows."""
-    for name in ("available_until", "available_from", "firm_until"):
-        _require_utc(name, getattr(data, name))
-    floor = parse_money(data.floor_price)
+    check_times(data, "available_until", "available_from", "firm_until")
+    floor = money_field("floor_price", data.floor_price)
     now = ctx.clock()
     available_from = max(data.available_from or now, now)
     if data.available_until <= available_from:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from litestar import Controller, Request, Response, delete, get, post
 
 from exchange.core.auth import requires
+from exchange.core.bounds import PathId
 from exchange.core.context import AppContext
 from exchange.reclaims import service
 from exchange.reclaims.schemas import Reclaim, ReclaimCreate, ReclaimList
@@ -25,9 +26,9 @@ class ReclaimController(Controller):
         return ReclaimList(items=await service.list_reclaims(ctx, request.user))
 
     @get("/{reclaim_id:int}")
-    async def get_reclaim(self, ctx: AppContext, request: Request, reclaim_id: int) -> Reclaim:
+    async def get_reclaim(self, ctx: AppContext, request: Request, reclaim_id: PathId) -> Reclaim:
         return await service.get_reclaim(ctx, request.user, reclaim_id)
 
     @delete("/{reclaim_id:int}", status_code=200)
-    async def release(self, ctx: AppContext, request: Request, reclaim_id: int) -> Reclaim:
+    async def release(self, ctx: AppContext, request: Request, reclaim_id: PathId) -> Reclaim:
         return await service.release_reclaim(ctx, request.user, reclaim_id)

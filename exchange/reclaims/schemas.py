@@ -6,6 +6,7 @@ from typing import Annotated
 import msgspec
 
 from exchange.accounts.schemas import IdempotencyKey
+from exchange.core.bounds import Id
 from exchange.core.structs import Struct
 from exchange.hosts.schemas import GpuModel
 
@@ -13,7 +14,7 @@ from exchange.hosts.schemas import GpuModel
 class ReclaimCreate(Struct, frozen=True, kw_only=True):
     model: GpuModel
     gpus: Annotated[int, msgspec.Meta(gt=0, le=100_000)]
-    host_id: int | None = None
+    host_id: Id | None = None
     at: datetime | None = None
     until: datetime | None = None
     strategy: str | None = None

@@ -10,6 +10,7 @@ import asyncpg
 import msgspec
 
 from exchange.core.auth import Principal
+from exchange.core.bounds import check_times
 from exchange.core.context import AppContext, request_hash
 from exchange.core.errors import Conflict, InvalidField, NotFound
 from exchange.hosts.service import host_for
@@ -66,10 +67,7 @@ async def place_reclaim(ctx: AppContext, principal: Principal, data: ReclaimCrea
     if replayed is not None:
         return await get_reclaim(ctx, principal, replayed), True
     now = ctx.clock()
-    for name in ("at", "until"):
-        value = getattr(data, name)
-        if value is not None and value.tzinfo is None:
-            raise InvalidField(name, "must be an RFC 3339 time with a zone")
+    check_times(data, "at", "until")
     at = data.at if data.at is not None and data.at > now else now
     if data.until is not None and data.until <= at:
         raise InvalidField("until", "must be later than at (and than now)")
