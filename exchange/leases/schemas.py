@@ -8,33 +8,6 @@ from exchange.core.structs import Struct
 LeaseStatus = Literal["active", "ending", "ended", "failed"]
 
 
-class Lease(Struct, frozen=True, kw_only=True):
-    """A lease as its tenant (and the admin) sees it: with the tenant's bid, limit and hold."""
-    id: int
-    bid_id: int
-    market: str
-    tier: str
-    host_id: int
-    offer_id: int
-    gpus: int
-    gpu_uuids: list[str]
-    price: str
-    limit_price: str
-    start_at: datetime
-    planned_end_at: datetime
-    end_at: datetime | None
-    status: LeaseStatus
-    end_reason: str | None
-    hold: str
-    # Metering and settlement (GPU-hours and kWh as decimal strings).
-    metered_gpu_hours: str
-    billed_gpu_hours: str
-    charged: str
-    fees: str
-    energy_kwh: str
-    settled_at: datetime | None
-
-
 class OwnerLease(Struct, frozen=True, kw_only=True):
     """A lease as the owner of its host and the host's agent see it. A counterparty never learns the
     other side's limit: no tenant limit price, hold or bid id (what the tenant reserved tells its
@@ -58,6 +31,14 @@ class OwnerLease(Struct, frozen=True, kw_only=True):
     fees: str
     energy_kwh: str
     settled_at: datetime | None
+
+
+class Lease(OwnerLease, frozen=True, kw_only=True):
+    """A lease as its tenant (and the admin) sees it: the owner's view plus the tenant's bid, limit
+    and hold."""
+    bid_id: int
+    limit_price: str
+    hold: str
 
 
 class LeaseList(Struct, frozen=True, kw_only=True):

@@ -54,16 +54,24 @@ async def _refuse(socket: WebSocket, hub: StreamHub, code: str, message: str, cl
         await socket.close(code=close_code, reason=message[:120])
 
 
+async def _acquire_or_refuse(socket: WebSocket, hub: StreamHub, connections: SharedConnectionLimits, key: str,
+                             limit: int, what: str):
+    """A place among `key`'s open sockets, or None after telling the client it is over the limit."""
+    slot = await connections.acquire(key, limit)
+    if slot is None:
+        await _refuse(socket, hub, "too_many_connections", f"at most {limit} {what}", POLICY_VIOLATION)
+    return slot
+
+
 @websocket("/v1/stream", name="stream")
 async def stream_socket(socket: WebSocket) -> None:
     hub: StreamHub = socket.app.state.stream_hub
     ctx = socket.app.state.ctx
     connections = connection_limits(ctx)
     await socket.accept()
-    slot = await connections.acquire(f"addr:{client_address(socket.scope)}", ctx.settings.ws_per_address)
+    slot = await _acquire_or_refuse(socket, hub, connections, f"addr:{client_address(socket.scope)}",
+                                    ctx.settings.ws_per_address, "open websockets per client address")
     if slot is None:
-        await _refuse(socket, hub, "too_many_connections",
-                      f"at most {ctx.settings.ws_per_address} open websockets per client address", POLICY_VIOLATION)
         return
     try:
         await _serve(socket, hub, ctx, connections)
@@ -83,10 +91,9 @@ async def _serve(socket: WebSocket, hub: StreamHub, ctx, connections: SharedConn
                                                                   '{"op":"auth","key":…}'}))
         await socket.close(code=UNAUTHORISED, reason="unauthorized")
         return
-    slot = await connections.acquire(f"acct:{account_id}", ctx.settings.ws_per_account)
+    slot = await _acquire_or_refuse(socket, hub, connections, f"acct:{account_id}", ctx.settings.ws_per_account,
+                                    "open streams per account")
     if slot is None:
-        await _refuse(socket, hub, "too_many_connections",
-                      f"at most {ctx.settings.ws_per_account} open streams per account", POLICY_VIOLATION)
         return
     try:
         await _stream(socket, hub, account_id, since)
