@@ -2,6 +2,7 @@
 (any process; an advisory lock lets one run at a time)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -20,6 +21,9 @@ def start_jobs(ctx: AppContext, dsn: str) -> tuple[AsyncIOScheduler, MatchingLea
     async def tick_job() -> None:
         try:
             await leader.tick()
+        except asyncio.CancelledError:
+            # Shutdown cancels a tick in flight: its transaction rolls back, nothing to report.
+            log.info("auction tick cancelled by shutdown")
         except Exception:  # a failed tick is retried next interval; never kill the scheduler
             log.exception("auction tick failed")
 
@@ -28,6 +32,8 @@ def start_jobs(ctx: AppContext, dsn: str) -> tuple[AsyncIOScheduler, MatchingLea
             async with ctx.pool.acquire() as conn:
                 await settle(conn, ctx.clock(), fee_bps=ctx.settings.fee_bps, max_gap_s=ctx.settings.meter_max_gap_s,
                              close_after_s=ctx.settings.settle_close_after_s)
+        except asyncio.CancelledError:
+            log.info("settlement cancelled by shutdown")
         except Exception:
             log.exception("settlement failed")
 
