@@ -25,6 +25,7 @@ from exchange.core.context import AppContext
 from exchange.core.errors import EXCEPTION_HANDLERS
 from exchange.core.listener import CONNECTION_ERRORS, ListenOptions
 from exchange.core.metrics_access import require_metrics_token
+from exchange.core.options import AllowHeaderMiddleware
 from exchange.core.limits import RateLimitMiddleware
 from exchange.core.settings import Settings
 from exchange.db.embedded import start_embedded, stop_embedded
@@ -164,7 +165,7 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
         lifespan=[lifespan],
         plugins=[FeedPlugin()],  # market data: /v1/feed, the channels plugin, the page at /
         dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},
-        middleware=[prometheus.middleware, RateLimitMiddleware(exclude=("/healthz", "/metrics")),
+        middleware=[AllowHeaderMiddleware, prometheus.middleware, RateLimitMiddleware(exclude=("/healthz", "/metrics")),
                     DefineMiddleware(ApiKeyAuthentication, exclude=PUBLIC_PATHS)],
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(title="gpu-exchange", version="1.0.0", path="/schema"),
