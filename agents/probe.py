@@ -73,6 +73,7 @@ class GpuSample(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     energy_mj: int
     temp_c: int
     healthy: bool
+    last_xid: int = 0  # the last XID the card raised (0: none); not metered, shown on the agent's metrics
 
 
 class GpuProbe(Protocol):
@@ -192,6 +193,7 @@ def parse_simulate_spec(spec: str) -> tuple[int, str]:
 # Simulated backend
 
 SIMULATED_FAULT_KINDS = frozenset({"xid", "ecc"})
+SIMULATED_XID = 79  # what an injected "xid" fault raises: "GPU has fallen off the bus", a critical one
 
 # Time constants of the simulated card's physics, in seconds.
 _POWER_TAU_S = 1.5
@@ -230,6 +232,7 @@ class _SimulatedGpu:
         self.busy = False
         self.busy_mem_mb = self.idle_mem_mb
         self.faults: set[str] = set()
+        self.last_xid = 0
         self.last_ts: float | None = None
 
     def _equilibrium_temp(self, power_mw: float) -> float:
@@ -268,6 +271,7 @@ class _SimulatedGpu:
             energy_mj=int(self.energy_mj),
             temp_c=round(self.temp_c),
             healthy=not self.faults,
+            last_xid=self.last_xid,
         )
 
 
@@ -365,11 +369,16 @@ class SimulatedProbe:
         """Make a GPU unhealthy as an XID critical error or an uncorrected ECC error would."""
         if kind not in SIMULATED_FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r} (known: {', '.join(sorted(SIMULATED_FAULT_KINDS))})")
-        self._gpu(uuid).faults.add(kind)
+        gpu = self._gpu(uuid)
+        gpu.faults.add(kind)
+        if kind == "xid":
+            gpu.last_xid = SIMULATED_XID
 
     def clear_faults(self, uuid: str) -> None:
         """As a GPU reset would."""
-        self._gpu(uuid).faults.clear()
+        gpu = self._gpu(uuid)
+        gpu.faults.clear()
+        gpu.last_xid = 0
 
     def close(self) -> None:
         """Nothing to release."""
@@ -404,6 +413,7 @@ class _NvmlGpu:
         self.energy_supported = True
         self.integrated_energy_mj = 0.0
         self.last_power: tuple[float, float] | None = None  # (ts, power_mw) for the fallback
+        self.last_xid = 0
 
     def mark_unhealthy(self, reason: str) -> None:
         if reason not in self.unhealthy_reasons:
@@ -530,7 +540,8 @@ class NvmlProbe:
             else:
                 log.warning("GPU %s: NVML read failed: %s", gpu.info.index, error)
             return GpuSample(uuid=gpu.info.uuid, ts=now, util=0, mem_used_mb=0, power_mw=0,
-                             energy_mj=int(gpu.integrated_energy_mj), temp_c=0, healthy=False)
+                             energy_mj=int(gpu.integrated_energy_mj), temp_c=0, healthy=False,
+                             last_xid=gpu.last_xid)
         return GpuSample(
             uuid=gpu.info.uuid,
             ts=now,
@@ -540,6 +551,7 @@ class NvmlProbe:
             energy_mj=int(energy_mj),
             temp_c=int(temp_c or 0),
             healthy=not gpu.unhealthy_reasons,
+            last_xid=gpu.last_xid,
         )
 
     def _energy(self, gpu: _NvmlGpu, now: float, power_mw: float) -> float:
@@ -572,6 +584,7 @@ class NvmlProbe:
                 gpu.event_set = None
                 return
             xid = int(event.eventData)
+            gpu.last_xid = xid  # every XID, critical or not, as DCGM_FI_DEV_XID_ERRORS shows it
             if xid in self._critical_xids:
                 gpu.mark_unhealthy(f"critical XID {xid}")
             else:

@@ -37,6 +37,7 @@ import httpx
 import msgspec
 
 from agents.hooks import HookEvent, run_hook
+from agents.metrics import AgentCounters, MetricsServer, render_metrics
 from agents.policy import Policy, PolicyError, load_policy, select_gpus
 from agents.probe import Clock, GpuInfo, GpuProbe, GpuSample, make_probe
 from agents.spool import MeterSpool, write_file_durably
@@ -455,6 +456,11 @@ class Agent:
         self._identity: AgentIdentity | None = None
         self._inventory = probe.inventory()
         self.rejected_reports = 0
+        # Read by the metrics endpoint (agents/metrics.py); written only here.
+        self.latest_samples: list[GpuSample] = []
+        self.samples_taken = 0
+        self.sent_reports = 0
+        self.live_leases = 0
 
     # -- lifecycle
 
@@ -536,7 +542,9 @@ class Agent:
         next_tick = loop.time()
         while not self._stop.is_set():
             try:
-                batch.extend(meter_sample(sample) for sample in self._probe.sample())
+                samples = self._probe.sample()
+                self.latest_samples, self.samples_taken = samples, self.samples_taken + 1
+                batch.extend(meter_sample(sample) for sample in samples)
             except Exception:
                 log.exception("sampling the GPUs failed")
             ticks += 1
@@ -586,8 +594,8 @@ class Agent:
     async def _send_pending(self) -> None:
         for report in self._spool.pending():
             delivery = await self._client.send_meter(report)
+            self.sent_reports += delivery.outcome != "rejected"
             if delivery.outcome == "rejected":
-                self.rejected_reports += 1
                 log.error("meter report %d rejected by the exchange and dropped: %s", report.seq, delivery.detail)
             elif delivery.outcome == "accepted" and delivery.detail:
                 log.warning("meter report %d: %s", report.seq, delivery.detail)
@@ -688,6 +696,7 @@ class Agent:
             except (ExchangeUnavailable, ExchangeRefused) as error:
                 log.warning("leases: %s", error)
             else:
+                self.live_leases = len(leases)
                 actions, busy = self._lease_book.plan(leases)
                 self._probe.set_busy(sorted(busy & all_gpus), True)
                 self._probe.set_busy(sorted(all_gpus - busy), False)
@@ -742,6 +751,20 @@ class Agent:
 
 # ---------------------------------------------------------------------------------------------
 # Entry point
+
+
+def agent_metrics_server(agent: Agent, spool: MeterSpool, probe: GpuProbe, hostname: str,
+                         port: int) -> MetricsServer:
+    """The agent's Prometheus endpoint, reading the agent's latest figures at each scrape."""
+
+    def render() -> str:
+        counters = AgentCounters(
+            spool_reports=len(spool), spool_bytes=spool.pending_bytes, spool_dropped_reports=spool.dropped,
+            reports_sent=agent.sent_reports, reports_refused=agent.rejected_reports, leases=agent.live_leases,
+            samples_taken=agent.samples_taken)
+        return render_metrics(hostname, probe.inventory(), agent.latest_samples, counters)
+
+    return MetricsServer(render, port=port)
 
 
 class DataDirLock:
@@ -801,6 +824,7 @@ async def run_agent(
     probe: GpuProbe | None = None,
     handle_signals: bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """Run a host agent until ``stop_event`` is set or SIGTERM/SIGINT arrives.
 
@@ -808,6 +832,7 @@ async def run_agent(
     agent meters and follows leases but publishes no offers and runs no hooks. ``host`` names the
     host for the default data dir and the simulated GPUs' UUIDs (default: machine name + token
     digest). ``config`` sets the other intervals; ``sample_interval_s``/``batch_s`` override it.
+    ``metrics_port`` serves Prometheus text on 127.0.0.1 (0: a free port; None: no endpoint).
     """
     policy = load_policy(policy_path) if policy_path is not None else None
     key = host_key(token, host)
@@ -831,14 +856,20 @@ async def run_agent(
                     gpu_probe.close()
                 raise PolicyError(f"{policy_path}: {error}") from None
         client = ExchangeClient(exchange_url, token, timeout_s=config.request_timeout_s, transport=transport)
+        metrics: MetricsServer | None = None
         log.info("agent starting: exchange %s, data dir %s, %d GPU(s), spool next seq %d (%d pending)",
                  exchange_url, directory, len(gpu_probe.inventory()), spool.next_seq, len(spool))
         try:
             agent = Agent(client=client, probe=gpu_probe, spool=spool, lease_book=lease_book, policy=policy,
                           config=config, clock=clock, stop_event=stop, seed=seed)
+            if metrics_port is not None:
+                metrics = agent_metrics_server(agent, spool, gpu_probe, host or socket.gethostname(), metrics_port)
+                await metrics.start()
             with _stop_on_signals(stop) if handle_signals else contextlib.nullcontext():
                 await agent.run()
         finally:
+            if metrics is not None:
+                await metrics.stop()
             await client.aclose()
             if probe is None:
                 gpu_probe.close()

@@ -89,7 +89,8 @@ class AgentProcess:
 
 
 def start_agent(tmp: Path, base_url: str, token: str, *, host: str, simulate: str = "8xH100-80GB",
-                policy: Path | None = None, sample_interval: float = 0.2, batch: float = 1.0) -> AgentProcess:
+                policy: Path | None = None, sample_interval: float = 0.2, batch: float = 1.0,
+                extra_args: tuple[str, ...] = ()) -> AgentProcess:
     data_dir = tmp / f"agent-{host}"
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = tmp / f"agent-{host}.log"
@@ -98,6 +99,7 @@ def start_agent(tmp: Path, base_url: str, token: str, *, host: str, simulate: st
             "--sample-interval", str(sample_interval), "--batch", str(batch)]
     if policy is not None:
         args += ["--policy", str(policy)]
+    args += extra_args
     env = dict(os.environ, PYTHONUNBUFFERED="1", GPUX_LOG_LEVEL="INFO")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
