@@ -6,6 +6,7 @@ import asyncio
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agents.metrics import AgentCounters, MetricsServer, render_metrics
 from agents.probe import SIMULATED_XID, NvmlProbe, SimulatedProbe
@@ -48,6 +49,11 @@ def test_render_uses_dcgm_units_labels_and_the_last_xid() -> None:
     assert values(text, "gpux_agent_meter_reports_sent_total") == {"": "7"}
     assert values(text, "gpux_agent_meter_reports_refused_total") == {"": "1"}
     assert values(text, "gpux_agent_leases") == {"": "2"}
+    # Valid exposition text by Prometheus' own parser; the energy series keeps dcgm-exporter's bare name.
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert families["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"].type == "counter"
+    assert {sample.name for sample in families["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"].samples} == {
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"}
 
     probe.clear_faults(inventory[1].uuid)  # a reset clears it, as DCGM's field does
     assert values(render_metrics("h1", inventory, probe.sample(), COUNTERS), "DCGM_FI_DEV_XID_ERRORS")["1"] == "0"
