@@ -37,6 +37,7 @@ import httpx
 import msgspec
 
 from agents.hooks import HookEvent, run_hook
+from agents.notices import NoticeBoard, serve_metadata
 from agents.policy import Policy, PolicyError, load_policy, select_gpus
 from agents.probe import Clock, GpuInfo, GpuProbe, GpuSample, make_probe
 from agents.spool import MeterSpool, write_file_durably
@@ -438,7 +439,8 @@ class Agent:
 
     def __init__(self, *, client: ExchangeClient, probe: GpuProbe, spool: MeterSpool, lease_book: LeaseBook,
                  policy: Policy | None, config: AgentConfig, clock: Clock, stop_event: asyncio.Event,
-                 seed: int = 0) -> None:
+                 seed: int = 0, notices: NoticeBoard | None = None) -> None:
+        self._notices = notices
         self._client = client
         self._probe = probe
         self._spool = spool
@@ -688,6 +690,8 @@ class Agent:
             except (ExchangeUnavailable, ExchangeRefused) as error:
                 log.warning("leases: %s", error)
             else:
+                if self._notices is not None:  # before the hooks: a notice must not wait for one
+                    self._notices.update(leases)
                 actions, busy = self._lease_book.plan(leases)
                 self._probe.set_busy(sorted(busy & all_gpus), True)
                 self._probe.set_busy(sorted(all_gpus - busy), False)
@@ -728,7 +732,9 @@ class Agent:
             if command is not None:
                 assert self._policy is not None
                 await run_hook(command, event=action.event, lease_id=action.lease_id, gpu_uuids=action.gpu_uuids,
-                               timeout_s=self._policy.hook_timeout_s)
+                               timeout_s=self._policy.hook_timeout_s,
+                               notice_file=None if self._notices is None
+                               else str(self._notices.path_for(action.lease_id)))
             else:
                 log.info("%s of lease %s on %s (no hook)", action.event, action.lease_id, ",".join(action.gpu_uuids))
             self._lease_book.record(action)
@@ -801,6 +807,7 @@ async def run_agent(
     probe: GpuProbe | None = None,
     handle_signals: bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
+    metadata_port: int | None = None,
 ) -> None:
     """Run a host agent until ``stop_event`` is set or SIGTERM/SIGINT arrives.
 
@@ -808,6 +815,8 @@ async def run_agent(
     agent meters and follows leases but publishes no offers and runs no hooks. ``host`` names the
     host for the default data dir and the simulated GPUs' UUIDs (default: machine name + token
     digest). ``config`` sets the other intervals; ``sample_interval_s``/``batch_s`` override it.
+    Notices go to ``<data dir>/notices/``; ``metadata_port`` (0: any free port) also serves them
+    on 127.0.0.1 (agents/notices.py).
     """
     policy = load_policy(policy_path) if policy_path is not None else None
     key = host_key(token, host)
@@ -833,12 +842,19 @@ async def run_agent(
         client = ExchangeClient(exchange_url, token, timeout_s=config.request_timeout_s, transport=transport)
         log.info("agent starting: exchange %s, data dir %s, %d GPU(s), spool next seq %d (%d pending)",
                  exchange_url, directory, len(gpu_probe.inventory()), spool.next_seq, len(spool))
+        notices = NoticeBoard(directory / "notices", clock=clock)
+        metadata = None
         try:
+            if metadata_port is not None:
+                metadata = await serve_metadata(notices, metadata_port)
             agent = Agent(client=client, probe=gpu_probe, spool=spool, lease_book=lease_book, policy=policy,
-                          config=config, clock=clock, stop_event=stop, seed=seed)
+                          config=config, clock=clock, stop_event=stop, seed=seed, notices=notices)
             with _stop_on_signals(stop) if handle_signals else contextlib.nullcontext():
                 await agent.run()
         finally:
+            if metadata is not None:
+                metadata.close()
+                await metadata.wait_closed()
             await client.aclose()
             if probe is None:
                 gpu_probe.close()

@@ -126,15 +126,18 @@ def serve(host: str, port: int, workers: int, home: Path | None) -> None:
 @click.option("--sample-interval", default=1.0, show_default=True, type=float, help="seconds between samples")
 @click.option("--batch", default=5.0, show_default=True, type=float, help="seconds of samples per report")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the simulated readings")
+@click.option("--metadata-port", default=None, type=click.IntRange(0, 65535),
+              help="serve lease notices on http://127.0.0.1:PORT (0: any free port; default: not served)")
 def agent(exchange_url: str, token: str, simulate: str | None, policy_path: str | None, data_dir: str | None,
-          host: str | None, sample_interval: float, batch: float, seed: int) -> None:
+          host: str | None, sample_interval: float, batch: float, seed: int, metadata_port: int | None) -> None:
     """The host agent: reports GPUs, publishes offers, runs lease hooks, meters through NVML."""
     from agents.runner import run_agent
     from exchange.core.logs import configure_logging
 
     configure_logging(os.environ.get("GPUX_LOG_LEVEL", "INFO"))
     asyncio.run(run_agent(exchange_url, token, simulate=simulate, policy_path=policy_path, data_dir=data_dir,
-                          sample_interval_s=sample_interval, batch_s=batch, host=host, seed=seed))
+                          sample_interval_s=sample_interval, batch_s=batch, host=host, seed=seed,
+                          metadata_port=metadata_port))
 
 
 @main.command()
