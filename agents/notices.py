@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +52,7 @@ log = logging.getLogger("gpux.agent.notices")
 
 _json = msgspec.json.Encoder()
 _MAX_REQUEST_BYTES = 8 * 1024  # a GET's request line and headers; more is not a metadata client
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _READ_TIMEOUT_S = 5.0  # a client that opens a connection and sends nothing is dropped after this
 
 
@@ -126,6 +128,9 @@ class NoticeBoard:
             lease_id = str(lease.id)
             running.add(lease_id)
             if lease.status != "ending" or not lease.end_at:
+                continue
+            if not _SAFE_ID.fullmatch(lease_id):  # it names a file: no "/", "..", or the like
+                log.error("lease id %r is not a plain name; no notice file for it", lease_id)
                 continue
             known = self._notices.get(lease_id)
             if known is not None and known.time == lease.end_at and known.reason == lease.end_reason:
