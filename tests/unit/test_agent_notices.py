@@ -71,3 +71,13 @@ async def test_metadata_endpoint(tmp_path: Path) -> None:
     assert [n["lease_id"] for n in listed.json()["items"]] == ["8", "7"]
     assert post.status_code == 405 and unknown.status_code == 404
     assert raw.startswith(b"HTTP/1.1 400 ")
+
+
+def test_a_lease_id_that_is_not_a_plain_name_gets_no_file(tmp_path: Path) -> None:
+    board = NoticeBoard(tmp_path / "notices")
+
+    written = board.update([AgentLease(id="../escape", status="ending", gpu_uuids=UUIDS,
+                                       end_at="2027-01-15T08:00:00Z", end_reason="outbid")])
+
+    assert written == [] and not (tmp_path / "escape.json").exists()
+    assert list((tmp_path / "notices").iterdir()) == []
