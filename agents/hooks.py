@@ -45,9 +45,11 @@ class HookResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
 
 def hook_environment(event: HookEvent, lease_id: str, gpu_uuids: Sequence[str],
-                     base_env: Mapping[str, str] | None = None) -> dict[str, str]:
+                     base_env: Mapping[str, str] | None = None, notice_file: str | None = None) -> dict[str, str]:
     """The agent's environment plus the lease: ``CUDA_VISIBLE_DEVICES`` takes GPU UUIDs as well
-    as indices, so a hook that launches CUDA work sees exactly the lease's cards."""
+    as indices, so a hook that launches CUDA work sees exactly the lease's cards.
+    ``GPUX_NOTICE_FILE`` is where the lease's interruption notice will appear (agents/notices.py):
+    the file does not exist until the exchange gives notice."""
     uuids = ",".join(gpu_uuids)
     env = dict(os.environ if base_env is None else base_env)
     env.update({
@@ -56,6 +58,8 @@ def hook_environment(event: HookEvent, lease_id: str, gpu_uuids: Sequence[str],
         "GPUX_GPU_UUIDS": uuids,
         "CUDA_VISIBLE_DEVICES": uuids,
     })
+    if notice_file is not None:
+        env["GPUX_NOTICE_FILE"] = notice_file
     return env
 
 
@@ -79,13 +83,13 @@ def _kill_group(process: asyncio.subprocess.Process) -> None:
 
 async def run_hook(command: str, *, event: HookEvent, lease_id: str, gpu_uuids: Sequence[str],
                    timeout_s: float = 300.0, base_env: Mapping[str, str] | None = None,
-                   output_limit: int = HOOK_OUTPUT_LIMIT) -> HookResult:
+                   output_limit: int = HOOK_OUTPUT_LIMIT, notice_file: str | None = None) -> HookResult:
     """Run one hook to completion or ``timeout_s``; never raises for the hook's sake.
 
     Cancelling the caller kills the hook's process group, then propagates the cancellation.
     """
     started = time.monotonic()
-    env = hook_environment(event, lease_id, gpu_uuids, base_env)
+    env = hook_environment(event, lease_id, gpu_uuids, base_env, notice_file)
     try:
         process = await asyncio.create_subprocess_shell(
             command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,

@@ -38,6 +38,7 @@ import msgspec
 
 from agents.hooks import HookEvent, run_hook
 from agents.metrics import AgentCounters, MetricsServer, render_metrics
+from agents.notices import NoticeBoard, serve_metadata
 from agents.policy import Policy, PolicyError, load_policy, select_gpus
 from agents.probe import Clock, GpuInfo, GpuProbe, GpuSample, make_probe
 from agents.spool import MeterSpool, write_file_durably
@@ -439,7 +440,8 @@ class Agent:
 
     def __init__(self, *, client: ExchangeClient, probe: GpuProbe, spool: MeterSpool, lease_book: LeaseBook,
                  policy: Policy | None, config: AgentConfig, clock: Clock, stop_event: asyncio.Event,
-                 seed: int = 0) -> None:
+                 seed: int = 0, notices: NoticeBoard | None = None) -> None:
+        self._notices = notices
         self._client = client
         self._probe = probe
         self._spool = spool
@@ -697,6 +699,8 @@ class Agent:
                 log.warning("leases: %s", error)
             else:
                 self.live_leases = len(leases)
+                if self._notices is not None:  # before the hooks: a notice must not wait for one
+                    self._notices.update(leases)
                 actions, busy = self._lease_book.plan(leases)
                 self._probe.set_busy(sorted(busy & all_gpus), True)
                 self._probe.set_busy(sorted(all_gpus - busy), False)
@@ -737,7 +741,9 @@ class Agent:
             if command is not None:
                 assert self._policy is not None
                 await run_hook(command, event=action.event, lease_id=action.lease_id, gpu_uuids=action.gpu_uuids,
-                               timeout_s=self._policy.hook_timeout_s)
+                               timeout_s=self._policy.hook_timeout_s,
+                               notice_file=None if self._notices is None
+                               else str(self._notices.path_for(action.lease_id)))
             else:
                 log.info("%s of lease %s on %s (no hook)", action.event, action.lease_id, ",".join(action.gpu_uuids))
             self._lease_book.record(action)
@@ -825,6 +831,7 @@ async def run_agent(
     handle_signals: bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
     metrics_port: int | None = None,
+    metadata_port: int | None = None,
 ) -> None:
     """Run a host agent until ``stop_event`` is set or SIGTERM/SIGINT arrives.
 
@@ -833,6 +840,8 @@ async def run_agent(
     host for the default data dir and the simulated GPUs' UUIDs (default: machine name + token
     digest). ``config`` sets the other intervals; ``sample_interval_s``/``batch_s`` override it.
     ``metrics_port`` serves Prometheus text on 127.0.0.1 (0: a free port; None: no endpoint).
+    Notices go to ``<data dir>/notices/``; ``metadata_port`` (0: any free port) also serves them
+    on 127.0.0.1 (agents/notices.py).
     """
     policy = load_policy(policy_path) if policy_path is not None else None
     key = host_key(token, host)
@@ -859,9 +868,13 @@ async def run_agent(
         metrics: MetricsServer | None = None
         log.info("agent starting: exchange %s, data dir %s, %d GPU(s), spool next seq %d (%d pending)",
                  exchange_url, directory, len(gpu_probe.inventory()), spool.next_seq, len(spool))
+        notices = NoticeBoard(directory / "notices", clock=clock)
+        metadata = None
         try:
+            if metadata_port is not None:
+                metadata = await serve_metadata(notices, metadata_port)
             agent = Agent(client=client, probe=gpu_probe, spool=spool, lease_book=lease_book, policy=policy,
-                          config=config, clock=clock, stop_event=stop, seed=seed)
+                          config=config, clock=clock, stop_event=stop, seed=seed, notices=notices)
             if metrics_port is not None:
                 metrics = agent_metrics_server(agent, spool, gpu_probe, host or socket.gethostname(), metrics_port)
                 await metrics.start()
@@ -870,6 +883,9 @@ async def run_agent(
         finally:
             if metrics is not None:
                 await metrics.stop()
+            if metadata is not None:
+                metadata.close()
+                await metadata.wait_closed()
             await client.aclose()
             if probe is None:
                 gpu_probe.close()

@@ -130,6 +130,10 @@ class AgentLease(WireReply):
     gpu_uuids: list[str] = []
     start: str | None = None
     end: str | None = None
+    # Set once the lease is under notice (status "ending") or over: when it ends, and why
+    # ("reclaimed", "outbid", ...). Read by agents/notices.py.
+    end_at: str | None = None
+    end_reason: str | None = None
 
 
 class AgentLeases(WireReply):

@@ -129,8 +129,11 @@ def serve(host: str, port: int, workers: int, home: Path | None) -> None:
 @click.option("--metrics-port", default=0, show_default=True, envvar="GPUX_AGENT_METRICS_PORT",
               type=click.IntRange(0, 65535),
               help="serve DCGM-style Prometheus metrics on 127.0.0.1:PORT/metrics (0: off)")
+@click.option("--metadata-port", default=None, type=click.IntRange(0, 65535),
+              help="serve lease notices on http://127.0.0.1:PORT (0: any free port; default: not served)")
 def agent(exchange_url: str, token: str, simulate: str | None, policy_path: str | None, data_dir: str | None,
-          host: str | None, sample_interval: float, batch: float, seed: int, metrics_port: int) -> None:
+          host: str | None, sample_interval: float, batch: float, seed: int, metrics_port: int,
+          metadata_port: int | None) -> None:
     """The host agent: reports GPUs, publishes offers, runs lease hooks, meters through NVML."""
     from agents.runner import run_agent
     from exchange.core.logs import configure_logging
@@ -138,7 +141,7 @@ def agent(exchange_url: str, token: str, simulate: str | None, policy_path: str 
     configure_logging(os.environ.get("GPUX_LOG_LEVEL", "INFO"))
     asyncio.run(run_agent(exchange_url, token, simulate=simulate, policy_path=policy_path, data_dir=data_dir,
                           sample_interval_s=sample_interval, batch_s=batch, host=host, seed=seed,
-                          metrics_port=metrics_port or None))
+                          metrics_port=metrics_port or None, metadata_port=metadata_port))
 
 
 @main.command()
