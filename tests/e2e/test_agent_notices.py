@@ -21,7 +21,7 @@ from tests.e2e.client import Api
 from tests.support import ADMIN_KEY, AgentProcess, free_port, start_server
 
 SERVER_ENV = {"GPUX_TICK_S": "0.2", "GPUX_SETTLE_S": "1", "GPUX_MIN_DURATION_S": "5"}
-NOTICE_S = 4  # the offer's reclaim notice: long enough to read the notice, short enough to see the end
+NOTICE_S = 8  # the offer's reclaim notice: long enough to read the notice, short enough to see the end
 
 
 async def until(predicate, timeout: float = 30, every: float = 0.1):
@@ -73,7 +73,7 @@ async def test_reclaim_notice_reaches_the_file_and_the_local_endpoint(tmp_path: 
             assert await until(offer_live), agent.log()
             tenant = await admin.new_account("tenant", deposit="100.00")
             await tenant.ok("POST", "/v1/bids", 201, json={
-                "market": "H100-80GB/spot", "gpus": 8, "duration_s": 3600, "limit_price": "3.00",
+                "market": "H100-80GB/spot", "gpus": 8, "duration_s": 600, "limit_price": "3.00",
                 "client_order_id": "job-1"})
 
             async def started():
