@@ -36,15 +36,19 @@ class Receiver:
         self.refused = 0  # requests answered with a non-2xx
         self.arrived = asyncio.Event()
         self.server: asyncio.Server | None = None
+        self.open: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
 
     async def stop(self) -> None:
         self.server.close()
+        for writer in list(self.open):  # kept-alive connections too: down means down
+            writer.close()
         await self.server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open.add(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -59,9 +63,10 @@ class Receiver:
                     self.refused += 1
                 writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode())
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, asyncio.CancelledError, ConnectionError):
             pass
         finally:
+            self.open.discard(writer)
             writer.close()
 
     async def wait_for(self, count: int, timeout: float = 30) -> None:
