@@ -11,7 +11,8 @@ import time
 import pytest
 
 from tests.e2e.client import Api, in_seconds, unique
-from tests.support import free_port, start_server
+from tests.conftest import create_database
+from tests.support import ADMIN_KEY, free_port, run_audit, start_server
 
 # Fast retries so a receiver's outage of a few attempts fits a test.
 WEBHOOK_ENV = {"GPUX_WEBHOOK_RETRY_MIN_S": "0.2", "GPUX_WEBHOOK_RETRY_MAX_S": "1", "GPUX_WEBHOOK_TIMEOUT_S": "2"}
@@ -199,3 +200,47 @@ async def test_another_account_sees_no_webhook_and_bad_input_is_refused(admin: A
     assert (await tenant.ok("GET", "/v1/webhooks"))["items"] == listed  # nothing refused was stored
     assert (await tenant.ok("DELETE", f"/v1/webhooks/{hook['id']}"))["id"] == hook["id"]
     assert (await tenant.ok("GET", "/v1/webhooks"))["items"] == []
+
+
+@pytest.fixture
+async def fresh_db(pg_server_url: str, template_db: str) -> str:
+    return await create_database(pg_server_url, template_db)
+
+
+async def test_events_wait_out_a_server_restart_and_two_processes_send_each_once(tmp_path, fresh_db: str) -> None:
+    """The receiver is down while the events happen and while the server stops; once both are back
+    (two server processes), it gets each event once, in order: queue and cursor live in the database."""
+    receiver = Receiver()  # not started: down
+    server = start_server(tmp_path / "a", database_url=fresh_db, extra_env=WEBHOOK_ENV, workers=2)
+    try:
+        async with Api(server.base_url, ADMIN_KEY) as admin:
+            tenant = await admin.new_account("tenant", deposit="100.00")
+            hook = await tenant.ok("POST", "/v1/webhooks", 201, json={"url": receiver.url,
+                                                                     "events": ["fill", "lease_started"]})
+            await filled_lease(admin, tenant)
+            async with asyncio.timeout(30):
+                while not (items := (await tenant.ok("GET", f"/v1/webhooks/{hook['id']}/deliveries"))["items"]) \
+                        or items[-1]["attempts"] < 1:
+                    await asyncio.sleep(0.1)
+            assert items[-1]["delivered_at"] is None and items[-1]["last_error"]
+    finally:
+        server.stop()
+    await receiver.start()
+    server = start_server(tmp_path / "b", database_url=fresh_db, extra_env=WEBHOOK_ENV, workers=2)
+    try:
+        async with Api(server.base_url, tenant.key) as again:
+            await receiver.wait_for(2)
+            # A ping queued now is sent after anything still pending: a duplicate would come before it.
+            await again.ok("POST", f"/v1/webhooks/{hook['id']}/test", 202)
+            await receiver.wait_for(3)
+            log = (await again.ok("GET", f"/v1/webhooks/{hook['id']}/deliveries"))["items"]
+    finally:
+        server.stop()
+        await receiver.stop()
+    bodies = [json.loads(body) for _, body, _ in receiver.received]
+    assert [(b["type"], b["seq"]) for b in bodies] == [("fill", 1), ("lease_started", 2), ("ping", None)]
+    assert all(verify(hook["secret"], headers, body) for headers, body, _ in receiver.received)
+    assert [(d["kind"], d["delivered_at"] is not None) for d in log] == [("ping", True), ("lease_started", True),
+                                                                         ("fill", True)]
+    audit = run_audit(fresh_db)
+    assert audit.returncode == 0, audit.stdout
