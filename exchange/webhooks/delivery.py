@@ -156,8 +156,9 @@ class WebhookDeliverer:
         status: int | None = None
         error: str | None = None
         try:
-            response = await self.client.post(hook["url"], content=body, headers=headers)
-            status = response.status_code
+            # Streamed and never read: only the status counts, and a receiver's large answer costs nothing.
+            async with self.client.stream("POST", hook["url"], content=body, headers=headers) as response:
+                status = response.status_code
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
         except httpx.HTTPError as exc:
