@@ -41,6 +41,8 @@ from exchange.stream.controller import stream_socket
 from exchange.stream.hub import StreamHub
 from exchange.offers.controller import OfferController
 from exchange.scheduler import start_jobs
+from exchange.webhooks.controller import WebhookController
+from exchange.webhooks.delivery import WebhookDeliverer
 
 log = logging.getLogger("exchange")
 
@@ -136,6 +138,13 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
             ctx.extras.setdefault("listeners", {})["stream"] = stream_hub.listener  # /healthz reports them
             app.state.stream_hub = stream_hub
             app.state.ctx = ctx
+            # Every process runs the webhook loop (a webhook is worked by one at a time, SKIP LOCKED);
+            # new events wake it, and so does a LISTEN restored (what it missed is in the table).
+            deliverer = app.state.webhooks = WebhookDeliverer(ctx)
+            ctx.extras["webhook_wake"] = deliverer.wake
+            stream_hub.on_event.append(deliverer.wake)
+            stream_hub.listener.on_restored.append(deliverer.resync)
+            deliverer.start()
             if settings.run_scheduler:
                 # Compile the matching kernels now (cached on disk), not in the first tick.
                 from matching import warm_up
@@ -148,6 +157,8 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
                 await leader.close()
+            if "webhooks" in app.state:
+                await app.state.webhooks.stop()
             if "stream_hub" in app.state:
                 await app.state.stream_hub.stop()
             await pool.close()
@@ -161,7 +172,7 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
     return Litestar(
         route_handlers=[healthz, MetricsController, AccountController, HostController, AgentController,
                         OfferController, BidController, MarketController, LeaseController, AgentLeaseController,
-                        MeterController, ReclaimController, stream_socket],
+                        MeterController, ReclaimController, WebhookController, stream_socket],
         lifespan=[lifespan],
         plugins=[FeedPlugin()],  # market data: /v1/feed, the channels plugin, the page at /
         dependencies={"ctx": Provide(provide_ctx, sync_to_thread=False)},

@@ -50,6 +50,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     listen_retry_min_s: float = 0.1
     listen_retry_max_s: float = 5.0
     listen_check_s: float = 5.0
+    # Webhooks (exchange/webhooks/delivery.py): the wait after a failed attempt (doubling from min to
+    # max), one POST's timeout, and how often the loop looks for due retries (new events wake it).
+    webhook_retry_min_s: float = 1.0
+    webhook_retry_max_s: float = 300.0
+    webhook_timeout_s: float = 5.0
+    webhook_poll_s: float = 1.0
     log_level: str = "INFO"
 
     @classmethod
@@ -84,6 +90,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "listen_retry_min_s": float(env.get("GPUX_LISTEN_RETRY_MIN_S", d.listen_retry_min_s)),
             "listen_retry_max_s": float(env.get("GPUX_LISTEN_RETRY_MAX_S", d.listen_retry_max_s)),
             "listen_check_s": float(env.get("GPUX_LISTEN_CHECK_S", d.listen_check_s)),
+            "webhook_retry_min_s": float(env.get("GPUX_WEBHOOK_RETRY_MIN_S", d.webhook_retry_min_s)),
+            "webhook_retry_max_s": float(env.get("GPUX_WEBHOOK_RETRY_MAX_S", d.webhook_retry_max_s)),
+            "webhook_timeout_s": float(env.get("GPUX_WEBHOOK_TIMEOUT_S", d.webhook_timeout_s)),
+            "webhook_poll_s": float(env.get("GPUX_WEBHOOK_POLL_S", d.webhook_poll_s)),
             "log_level": env.get("GPUX_LOG_LEVEL", "INFO"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -111,5 +121,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if not 0 < self.listen_retry_min_s <= self.listen_retry_max_s or self.listen_check_s <= 0:
             raise ValueError("GPUX_LISTEN_RETRY_MIN_S must be positive and at most GPUX_LISTEN_RETRY_MAX_S;"
                              " GPUX_LISTEN_CHECK_S positive")
+        if not 0 < self.webhook_retry_min_s <= self.webhook_retry_max_s or self.webhook_timeout_s <= 0 \
+                or self.webhook_poll_s <= 0:
+            raise ValueError("GPUX_WEBHOOK_RETRY_MIN_S must be positive and at most GPUX_WEBHOOK_RETRY_MAX_S;"
+                             " GPUX_WEBHOOK_TIMEOUT_S and GPUX_WEBHOOK_POLL_S positive")
         if self.max_gang_gpus < 1:
             raise ValueError("GPUX_MAX_GANG_GPUS must be at least 1")

@@ -28,7 +28,7 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     errors."""
     channel: str
     type: Literal["snapshot", "update", "heartbeat", "error",
-                  "ready", "fill", "lease_started", "notice", "lease_ended"]
+                  "ready", "fill", "lease_started", "notice", "lease_ended", "ping"]
     market: str | None
     seq: int | None
     ts: datetime

@@ -304,7 +304,21 @@ METER_CHECKS = [
           ORDER BY s.host_id, s.uuid, s.ts"""),
 ]
 
-CHECKS: list[Check] = LEDGER_CHECKS + MARKET_CHECKS + OWNER_CHECKS + METER_CHECKS
+# Webhooks (migration 0011): a cursor moves only over events that exist, and every delivery of an
+# event is one of its account's events the cursor has passed, of its kind (what the receiver got is
+# what happened).
+WEBHOOK_CHECKS = [
+    Check("a webhook's cursor is within its account's events",
+          "SELECT w.id AS webhook_id, w.cursor_seq, a.event_seq FROM webhooks w JOIN accounts a ON a.id = w.account_id"
+          " WHERE w.cursor_seq > a.event_seq ORDER BY w.id"),
+    Check("each webhook delivery of an event is its account's event, at or before the cursor",
+          "SELECT d.id AS delivery_id, d.webhook_id, d.seq, d.kind, e.kind AS event_kind, w.cursor_seq"
+          " FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
+          " LEFT JOIN account_events e ON e.account_id = w.account_id AND e.seq = d.seq"
+          " WHERE d.seq IS NOT NULL AND (e.kind IS DISTINCT FROM d.kind OR d.seq > w.cursor_seq) ORDER BY d.id"),
+]
+
+CHECKS: list[Check] = LEDGER_CHECKS + MARKET_CHECKS + OWNER_CHECKS + METER_CHECKS + WEBHOOK_CHECKS
 
 _DEFAULTS = Settings()
 

@@ -41,6 +41,8 @@ class StreamHub:
         self.listener = Listener("stream", partial(asyncpg.connect, dsn), listen)
         self.listener.on_restored.append(self.resync)
         self.tasks: set[asyncio.Task] = set()
+        # Others told of each account's new events (the webhook loop), on the same LISTEN.
+        self.on_event: list[Callable[[int], None]] = []
 
     async def start(self) -> None:
         await self.listener.start()
@@ -59,6 +61,8 @@ class StreamHub:
                 self._spawn(client)
 
     def _notified(self, _conn, _pid, _channel, payload: str) -> None:
+        for hook in self.on_event:
+            hook(int(payload))
         for client in list(self.clients.get(int(payload), ())):
             self._spawn(client)
 

@@ -219,6 +219,18 @@ CORRUPTIONS: dict[str, str] = {
     "no stored meter sample breaks the meter bounds":
         "UPDATE meter_samples SET energy_mj = 9000000000000000000"
         " WHERE (uuid, ts) = (SELECT uuid, ts FROM meter_samples ORDER BY ts DESC, uuid LIMIT 1)",
+    # Webhooks (migration 0011): a cursor past the account's last event.
+    "a webhook's cursor is within its account's events":
+        "INSERT INTO webhooks (account_id, url, events, secret, cursor_seq, created_at)"
+        f" SELECT id, 'https://example.com/h', ARRAY['fill'], 'whsec_x', event_seq + 1, now() FROM accounts"
+        f" WHERE id = {TENANT}",
+    # A delivery of the tenant's first event under the wrong kind.
+    "each webhook delivery of an event is its account's event, at or before the cursor":
+        "WITH w AS (INSERT INTO webhooks (account_id, url, events, secret, cursor_seq, created_at)"
+        f" SELECT id, 'https://example.com/h', ARRAY['fill', 'notice'], 'whsec_x', event_seq, now() FROM accounts"
+        f" WHERE id = {TENANT} RETURNING id)"
+        " INSERT INTO webhook_deliveries (webhook_id, seq, kind, body, created_at, next_attempt_at)"
+        " SELECT w.id, 1, 'notice', '{}', now(), now() FROM w",
 }
 
 
