@@ -66,6 +66,10 @@ class Ticker(Struct, frozen=True, kw_only=True):
     open_bids: int
     last_trade_at: datetime | None
     risk: RiskIndex
+    # Utilisation now, the number an owner looks for first: GPUs of the live offers this market can
+    # sell now (a firm market: only offers whose firm window is open), and GPUs held by its live leases.
+    gpus_offered: int = 0
+    gpus_leased: int = 0
     seq: int = 0
     at: datetime | None = None
 
