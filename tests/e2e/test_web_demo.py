@@ -61,6 +61,7 @@ async def test_the_page_fills_for_both_markets_of_a_running_demo(tmp_path: Path)
                              "--home", str(home)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(demo.stdout), daemon=True)
     try:
         for line in demo.stdout:
             output.append(line)
@@ -68,7 +69,7 @@ async def test_the_page_fills_for_both_markets_of_a_running_demo(tmp_path: Path)
                 break
         assert f"Web page: {base}/" in "".join(output), "".join(output)
         # Keep reading its terminal output, so that a full pipe never stalls it.
-        threading.Thread(target=lambda: output.extend(demo.stdout), daemon=True).start()
+        reader.start()
         # The demo's progress, read over REST: a trade in each market and a preemption in spot.
         deadline = time.monotonic() + 90
         while not (await _market_has_run(base, "H100-80GB/spot", True)
@@ -108,6 +109,9 @@ async def test_the_page_fills_for_both_markets_of_a_running_demo(tmp_path: Path)
         except subprocess.TimeoutExpired:
             demo.kill()
             demo.wait(10)
+        if reader.is_alive():
+            reader.join(10)  # the demo has exited: its output ends
+        demo.stdout.close()
 
     assert demo.returncode == 128 + signal.SIGTERM, "".join(output)
     assert processes_using(home) == []
