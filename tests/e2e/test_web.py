@@ -116,20 +116,23 @@ async def test_static_files_and_the_vendored_chart_library_are_served(server) ->
 
 async def test_the_ticker_counts_gpus_offered_and_leased_per_market(admin: Api, server) -> None:
     # Arrange: one host of 8 GPUs offered spot only, all 8 leased by a crossing; a second host offers 4
-    # GPUs firm for the next hours (firm offers are sold in both markets, as the book counts them).
+    # GPUs with a firm window open (sold in both markets), 2 of them leased firm.
     model, owner, host = await new_market(admin, gpus=8)
     host2, _ = await owner.new_host(gpus=4, model=model, fabric=unique("pod"))
     await owner.ok("POST", "/v1/offers", 201, json={"host_id": host2["id"], "gpus": 4, "floor_price": "9.00",
                                                     "available_until": in_hours(24), "firm_until": in_hours(6)})
-    await cross(admin, owner, host, model, gpus=8, delay_s=1.0)
+    tenant = await cross(admin, owner, host, model, gpus=8, delay_s=1.0)
+    await tenant.ok("POST", "/v1/bids", 201, json={"market": f"{model}/firm", "gpus": 2, "duration_s": 3600,
+                                                    "limit_price": "9.50", "client_order_id": unique("f")})
     api = admin.as_key(None)
-    for _ in range(60):
+    for _ in range(80):
         spot = await api.ok("GET", f"/v1/markets/{model}/spot/ticker")
-        if spot["gpus_leased"] == 8:
+        firm = await api.ok("GET", f"/v1/markets/{model}/firm/ticker")
+        if spot["gpus_leased"] == 8 and firm["gpus_leased"] == 2:
             break
         await asyncio.sleep(0.25)
-    firm = await api.ok("GET", f"/v1/markets/{model}/firm/ticker")
 
-    # Assert: spot offers 8 + 4 GPUs and leases 8; firm offers only the 4 of the open firm window.
-    assert (spot["gpus_offered"], spot["gpus_leased"]) == (12, 8), spot
-    assert (firm["gpus_offered"], firm["gpus_leased"]) == (4, 0), firm
+    # Assert: each market counts its own leases plus the free GPUs it can still sell (its ask depth):
+    # spot 8 leased of 8 + 2 free; firm 2 leased of 2 + 2 free (the GPUs leased firm are not spot's).
+    assert (spot["gpus_offered"], spot["gpus_leased"]) == (10, 8), spot
+    assert (firm["gpus_offered"], firm["gpus_leased"]) == (4, 2), firm
