@@ -234,7 +234,7 @@ async def compute_tickers(db: Db, now: datetime, markets: list[str], books: dict
     open_bids = {r["market"]: r["n"] for r in await db.fetch(
         "SELECT market, count(*) AS n FROM bids WHERE status = 'open' AND market = ANY($1::text[]) GROUP BY market",
         markets)}
-    offered, leased = await compute_utilisation(db, now, markets)
+    leased = await compute_leased(db, markets)
     out: dict[str, Ticker] = {}
     for market in markets:
         row = info.get(market)
@@ -252,26 +252,15 @@ async def compute_tickers(db: Db, now: datetime, markets: list[str], books: dict
             high_24h=_money(d["high"] if d else None), low_24h=_money(d["low"] if d else None),
             change_24h=_money(change), change_24h_pct=round(100 * change / ref, 4) if change is not None and ref else None,
             open_bids=open_bids.get(market, 0), last_trade_at=row["last_trade_at"], risk=risk[market],
-            gpus_offered=offered.get(market, 0), gpus_leased=leased.get(market, 0), at=now)
+            gpus_offered=leased.get(market, 0) + sum(asks.values()), gpus_leased=leased.get(market, 0), at=now)
     return out
 
 
-async def compute_utilisation(db: Db, now: datetime, markets: list[str]) -> tuple[dict[str, int], dict[str, int]]:
-    """Per market: the GPUs of live offers available now (leased or free; a firm market counts only
-    offers whose firm window is still open, as its book does), and the GPUs of its live leases."""
-    models = sorted({m.rsplit("/", 1)[0] for m in markets})
-    offered: dict[str, int] = {}
-    for r in await db.fetch(
-            "SELECT model, sum(gpus)::bigint AS spot,"
-            " coalesce(sum(gpus) FILTER (WHERE firm_until IS NOT NULL AND firm_until > $1), 0)::bigint AS firm"
-            " FROM offers WHERE status = 'live' AND available_from <= $1 AND available_until > $1"
-            " AND model = ANY($2::text[]) GROUP BY model", now, models):
-        for tier in TIERS:
-            offered[market_id(r["model"], tier)] = r[tier]
-    leased = {r["market"]: r["gpus"] for r in await db.fetch(
+async def compute_leased(db: Db, markets: list[str]) -> dict[str, int]:
+    """Per market: the GPUs its live (active or ending) leases hold now."""
+    return {r["market"]: r["gpus"] for r in await db.fetch(
         "SELECT market, sum(gpus)::bigint AS gpus FROM leases WHERE status IN ('active', 'ending')"
         " AND market = ANY($1::text[]) GROUP BY market", markets)}
-    return offered, leased
 
 
 async def get_ticker(ctx: AppContext, model: str, tier: str) -> Ticker:

@@ -132,7 +132,10 @@ async def test_the_ticker_counts_gpus_offered_and_leased_per_market(admin: Api, 
             break
         await asyncio.sleep(0.25)
 
+    # Both leases exist now and nothing else moves in this model: read both tickers afresh.
+    spot = await api.ok("GET", f"/v1/markets/{model}/spot/ticker")
+    firm = await api.ok("GET", f"/v1/markets/{model}/firm/ticker")
     # Assert: each market counts its own leases plus the free GPUs it can still sell (its ask depth):
     # spot 8 leased of 8 + 2 free; firm 2 leased of 2 + 2 free (the GPUs leased firm are not spot's).
-    assert (spot["gpus_offered"], spot["gpus_leased"]) == (10, 8), spot
+    assert (spot["gpus_offered"], spot["gpus_leased"]) == (10, 8), (spot, firm)
     assert (firm["gpus_offered"], firm["gpus_leased"]) == (4, 2), firm
