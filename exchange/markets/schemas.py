@@ -66,6 +66,12 @@ class Ticker(Struct, frozen=True, kw_only=True):
     open_bids: int
     last_trade_at: datetime | None
     risk: RiskIndex
+    # Utilisation now, the number an owner looks for first. gpus_leased: GPUs held by this market's
+    # live leases. gpus_offered: those plus the free GPUs its book offers now (the ask depth), so
+    # offered - leased is what can still be bought here. The two tiers share the hosts: a GPU leased
+    # in firm is in neither figure of spot, and a free GPU of an open firm window is in both markets'.
+    gpus_offered: int = 0
+    gpus_leased: int = 0
     seq: int = 0
     at: datetime | None = None
 

@@ -234,6 +234,7 @@ async def compute_tickers(db: Db, now: datetime, markets: list[str], books: dict
     open_bids = {r["market"]: r["n"] for r in await db.fetch(
         "SELECT market, count(*) AS n FROM bids WHERE status = 'open' AND market = ANY($1::text[]) GROUP BY market",
         markets)}
+    leased = await compute_leased(db, markets)
     out: dict[str, Ticker] = {}
     for market in markets:
         row = info.get(market)
@@ -250,8 +251,16 @@ async def compute_tickers(db: Db, now: datetime, markets: list[str], books: dict
             volume_24h_gpu_h=round(float(d["gpu_s"] if d else 0) / 3600, 6), trades_24h=d["n"] if d else 0,
             high_24h=_money(d["high"] if d else None), low_24h=_money(d["low"] if d else None),
             change_24h=_money(change), change_24h_pct=round(100 * change / ref, 4) if change is not None and ref else None,
-            open_bids=open_bids.get(market, 0), last_trade_at=row["last_trade_at"], risk=risk[market], at=now)
+            open_bids=open_bids.get(market, 0), last_trade_at=row["last_trade_at"], risk=risk[market],
+            gpus_offered=leased.get(market, 0) + sum(asks.values()), gpus_leased=leased.get(market, 0), at=now)
     return out
+
+
+async def compute_leased(db: Db, markets: list[str]) -> dict[str, int]:
+    """Per market: the GPUs its live (active or ending) leases hold now."""
+    return {r["market"]: r["gpus"] for r in await db.fetch(
+        "SELECT market, sum(gpus)::bigint AS gpus FROM leases WHERE status IN ('active', 'ending')"
+        " AND market = ANY($1::text[]) GROUP BY market", markets)}
 
 
 async def get_ticker(ctx: AppContext, model: str, tier: str) -> Ticker:

@@ -8,17 +8,16 @@ import asyncio
 import os
 import random
 import shutil
-import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from tests.e2e.browser import CHROMIUM, chromium_page
 from tests.e2e.client import Api, in_hours, unique
 from tests.e2e.test_feed import cross, new_market
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 async def backfill_history(db_url: str, market: str, minutes: int = 90) -> None:
@@ -47,55 +46,17 @@ async def backfill_history(db_url: str, market: str, minutes: int = 90) -> None:
 async def screenshot(url: str, path: Path, profile: Path, ready: str, timeout: float = 30) -> dict:
     """Load `url` in headless Chromium, wait until the JS expression `ready` holds, save a PNG."""
     import base64
-    import itertools
     import json
-    import time
 
-    import httpx
-    import websockets
-
-    proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                             "--mute-audio", "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-                             "--window-size=1400,820", "--remote-debugging-port=0", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + timeout
-        while not port_file.exists() or not port_file.read_text().strip():
-            assert time.monotonic() < deadline, "chromium did not start"
-            await asyncio.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        async with httpx.AsyncClient() as http:
-            targets = (await http.get(f"http://127.0.0.1:{port}/json/list")).json()
-        page = next(t for t in targets if t["type"] == "page")
-        ids = itertools.count(1)
-        async with websockets.connect(page["webSocketDebuggerUrl"], max_size=2 ** 26) as cdp:
-            async def call(method: str, **params):
-                msg_id = next(ids)
-                await cdp.send(json.dumps({"id": msg_id, "method": method, "params": params}))
-                while True:
-                    reply = json.loads(await cdp.recv())
-                    if reply.get("id") == msg_id:
-                        return reply.get("result", {})
-
-            async def evaluate(expression: str):
-                return (await call("Runtime.evaluate", expression=expression, returnByValue=True))["result"].get("value")
-
-            await call("Page.enable")
-            await call("Page.navigate", url=url)
-            is_ready = False
-            while time.monotonic() < deadline and not is_ready:
-                await asyncio.sleep(0.25)
-                is_ready = bool(await evaluate(ready))
-            await asyncio.sleep(0.5)  # let the chart finish its frame
-            state = await evaluate("JSON.stringify({candles: document.body.dataset.candles, book: document.body.dataset.book,"
-                                   " canvases: document.querySelectorAll('canvas').length})")
-            png = await call("Page.captureScreenshot", format="png")
-            path.write_bytes(base64.b64decode(png["data"]))
-        return dict(json.loads(state), ready=is_ready)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    async with chromium_page(profile, timeout) as page:
+        await page.call("Page.navigate", url=url)
+        is_ready = await page.wait_for(ready, timeout)
+        await asyncio.sleep(0.5)  # let the chart finish its frame
+        state = await page.evaluate("JSON.stringify({candles: document.body.dataset.candles, book: document.body.dataset.book,"
+                                    " canvases: document.querySelectorAll('canvas').length})")
+        png = await page.call("Page.captureScreenshot", format="png")
+        path.write_bytes(base64.b64decode(png["data"]))
+    return dict(json.loads(state), ready=is_ready)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
@@ -151,3 +112,30 @@ async def test_static_files_and_the_vendored_chart_library_are_served(server) ->
         assert lib.status_code == 200 and len(lib.content) > 100_000
         assert (await http.get("/static/vendor/lightweight-charts/LICENSE")).status_code == 200
         assert (await http.get("/static/nope.js")).status_code == 404
+
+
+async def test_the_ticker_counts_gpus_offered_and_leased_per_market(admin: Api, server) -> None:
+    # Arrange: one host of 8 GPUs offered spot only, all 8 leased by a crossing; a second host offers 4
+    # GPUs with a firm window open (sold in both markets), 2 of them leased firm.
+    model, owner, host = await new_market(admin, gpus=8)
+    host2, _ = await owner.new_host(gpus=4, model=model, fabric=unique("pod"))
+    await owner.ok("POST", "/v1/offers", 201, json={"host_id": host2["id"], "gpus": 4, "floor_price": "9.00",
+                                                    "available_until": in_hours(24), "firm_until": in_hours(6)})
+    tenant = await cross(admin, owner, host, model, gpus=8, delay_s=1.0)
+    await tenant.ok("POST", "/v1/bids", 201, json={"market": f"{model}/firm", "gpus": 2, "duration_s": 3600,
+                                                    "limit_price": "9.50", "client_order_id": unique("f")})
+    api = admin.as_key(None)
+    for _ in range(80):
+        spot = await api.ok("GET", f"/v1/markets/{model}/spot/ticker")
+        firm = await api.ok("GET", f"/v1/markets/{model}/firm/ticker")
+        if spot["gpus_leased"] == 8 and firm["gpus_leased"] == 2:
+            break
+        await asyncio.sleep(0.25)
+
+    # Both leases exist now and nothing else moves in this model: read both tickers afresh.
+    spot = await api.ok("GET", f"/v1/markets/{model}/spot/ticker")
+    firm = await api.ok("GET", f"/v1/markets/{model}/firm/ticker")
+    # Assert: each market counts its own leases plus the free GPUs it can still sell (its ask depth):
+    # spot 8 leased of 8 + 2 free; firm 2 leased of 2 + 2 free (the GPUs leased firm are not spot's).
+    assert (spot["gpus_offered"], spot["gpus_leased"]) == (10, 8), (spot, firm)
+    assert (firm["gpus_offered"], firm["gpus_leased"]) == (4, 2), firm

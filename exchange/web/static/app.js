@@ -77,6 +77,8 @@
   function renderTicker(k) {
     if (!k) return;
     $("t-last").textContent = money(k.last);
+    const offered = k.gpus_offered ?? 0, leased = k.gpus_leased ?? 0;
+    $("t-util").textContent = `${leased} / ${offered}` + (offered ? ` (${(100 * leased / offered).toFixed(0)}%)` : "");
     const ch = $("t-change");
     ch.textContent = k.change_24h === null ? "–" : `${k.change_24h} (${k.change_24h_pct.toFixed(2)}%)`;
     ch.className = k.change_24h === null ? "" : (toNum(k.change_24h) >= 0 ? "up" : "down");
@@ -155,7 +157,9 @@
       state.ws.send(JSON.stringify({ op: "unsubscribe", channels: ["ticker", "book", "trades", "candles"], markets: [state.market] }));
     }
     state.market = m; state.trades = []; state.preemptions = []; state.bids = new Map(); state.asks = new Map();
-    const u = new URL(location.href); u.searchParams.set("market", m); history.replaceState(null, "", u);
+    // The market lives in the URL's fragment (`/#H100-80GB/spot`): a link or a reload opens that market.
+    const u = new URL(location.href); u.searchParams.delete("market"); u.hash = m; history.replaceState(null, "", u);
+    document.body.dataset.market = m;
     await loadCandles();
     if (state.ws && state.ws.readyState === 1) subscribe();
   }
@@ -167,12 +171,20 @@
   }));
   document.querySelectorAll("button[data-interval]").forEach((x) => x.classList.toggle("active", x.dataset.interval === state.interval));
   $("market").addEventListener("change", (e) => selectMarket(e.target.value));
+  // Editing the fragment (or following a link to another market) switches the market in place.
+  window.addEventListener("hashchange", () => {
+    const m = decodeURIComponent(location.hash.slice(1));
+    if (m && m !== state.market && [...$("market").options].some((o) => o.value === m)) {
+      $("market").value = m; selectMarket(m);
+    }
+  });
 
   (async function start() {
     const markets = await (await fetch("/v1/markets")).json();
     const sel = $("market");
     sel.innerHTML = markets.map((m) => `<option>${m.id}</option>`).join("");
-    const wanted = params.get("market");
+    // `/#MODEL/tier` selects the market; `?market=` (older links) still works.
+    const wanted = decodeURIComponent(location.hash.slice(1)) || params.get("market");
     const first = markets.find((m) => m.id === wanted) || markets.find((m) => m.last_price !== null) || markets[0];
     if (!first) { $("conn").textContent = "no markets yet"; return; }
     sel.value = first.id;
