@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from typing import Literal
 
 import msgspec
 
+from agents.spool import write_file_durably
 from agents.wire import AgentLease, format_rfc3339
 
 __all__ = ["Notice", "NoticeBoard", "serve_metadata"]
@@ -80,17 +80,7 @@ _notice_decoder = msgspec.json.Decoder(Notice)
 def _write_atomically(path: Path, data: bytes) -> None:
     """Whole file or nothing at ``path``. World-readable (0644): the workload may run as another
     user than the agent; a notice holds nothing secret."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o644)  # umask may have narrowed it
-    os.replace(tmp, path)
+    write_file_durably(path, data, mode=0o644)
 
 
 class NoticeBoard:

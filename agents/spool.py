@@ -72,10 +72,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file_durably(path: Path, data: bytes) -> None:
-    """Whole file or nothing at ``path``, on disk when this returns."""
+def write_file_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Whole file or nothing at ``path``, on disk when this returns, with permissions ``mode``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)
         while view:
@@ -83,6 +83,7 @@ def write_file_durably(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    os.chmod(tmp, mode)  # the umask may have narrowed it
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
