@@ -15,7 +15,7 @@ from exchange.accounts.schemas import (Account, AccountCreate, AccountCreated, B
                                        LedgerEntry, LedgerPage, Role)
 from exchange.bids.schemas import Bid, BidCost, BidCreate, BidList, BidStatus
 from exchange.client.errors import ConnectionFailed, error_from_response
-from exchange.hosts.schemas import Host, HostCreate, HostCreated, HostEarnings, HostList
+from exchange.hosts.schemas import AgentIdentity, Host, HostCreate, HostCreated, HostEarnings, HostList, Inventory
 from exchange.leases.schemas import Lease, LeaseList, LeaseStatus, OwnerLease, OwnerLeaseList
 from exchange.markets.schemas import Book, CandleList, Market, RiskIndex, Ticker, TradeList
 from exchange.offers.schemas import Offer, OfferCreate, OfferList
@@ -142,6 +142,14 @@ class AsyncClient:
 
     async def host_earnings(self, host_id: int) -> HostEarnings:
         return await self._call("GET", f"/v1/hosts/{host_id}/earnings", HostEarnings)
+
+    # --- the host agent (its token acts for its one host) ---------------------------------------
+    async def agent_me(self) -> AgentIdentity:
+        return await self._call("GET", "/v1/agent/me", AgentIdentity)
+
+    async def put_inventory(self, inventory: Inventory) -> Host:
+        """The host's GPUs as the agent found them; a replace, so a retry is harmless."""
+        return await self._call("PUT", "/v1/agent/inventory", Host, body=inventory, repeatable=True)
 
     # --- offers (owner, agent) ---------------------------------------------------------------
     async def create_offer(self, host_id: int, gpus: int, floor_price: str, available_until: datetime,
