@@ -10,11 +10,14 @@ from typing import Any, AsyncIterator, Literal, TypeVar
 
 import httpx
 import msgspec
+import websockets
 
 from exchange.accounts.schemas import (Account, AccountCreate, AccountCreated, Balance, Deposit, DepositCreate,
                                        LedgerEntry, LedgerPage, Role)
 from exchange.bids.schemas import Bid, BidCost, BidCreate, BidList, BidStatus
-from exchange.client.errors import ConnectionFailed, error_from_response
+from exchange.client.errors import ConnectionFailed, Unauthorized, error_from_response
+from exchange.feed.client import ws_url
+from exchange.feed.schemas import Envelope, envelope_decoder
 from exchange.hosts.schemas import AgentIdentity, Host, HostCreate, HostCreated, HostEarnings, HostList, Inventory
 from exchange.leases.schemas import Lease, LeaseList, LeaseStatus, OwnerLease, OwnerLeaseList
 from exchange.markets.schemas import Book, CandleList, Market, RiskIndex, Ticker, TradeList
@@ -263,6 +266,56 @@ class AsyncClient:
 
     async def test_webhook(self, webhook_id: int) -> Delivery:
         return await self._call("POST", f"/v1/webhooks/{webhook_id}/test", Delivery)
+
+    # --- the private stream (WS /v1/stream) -------------------------------------------------------
+    async def stream(self, since: int | None = None, *, max_reconnects: int | None = None,
+                     ) -> AsyncIterator[Envelope]:
+        """The account's events (fill, lease_started, notice, lease_ended) as the server's
+        Envelope, `data` decoded as the lease in this account's view (Lease or OwnerLease).
+
+        since: replay the events after that seq (0: all); None: from now on. On a dropped
+        connection it reconnects (backoff up to 5 s; at most max_reconnects times in a row, None:
+        forever) and resumes after the last seq it yielded, so nothing is lost or repeated."""
+        url = ws_url(self.base_url).removesuffix("/v1/feed") + "/v1/stream"
+        last_seq = since
+        failures = 0
+        delay = self.backoff_s
+        while True:
+            try:
+                async with websockets.connect(url, max_size=2 ** 24) as ws:
+                    # Text, not bytes: the server reads the first message as a text frame.
+                    await ws.send(_encoder.encode({"op": "auth", "key": self.key, "since": last_seq}).decode())
+                    async for message in ws:
+                        env = envelope_decoder.decode(message)
+                        if env.type == "error":
+                            code = (env.data or {}).get("code", "error")
+                            if code == "unauthorized":
+                                raise Unauthorized(401, code, (env.data or {}).get("message", ""))
+                            continue  # over a limit: the server closes; reconnect after backoff
+                        if env.type == "ready":
+                            failures, delay = 0, self.backoff_s
+                            if last_seq is None:
+                                last_seq = env.seq
+                            continue
+                        if env.type == "heartbeat" or env.seq is None:
+                            continue
+                        if last_seq is not None and env.seq <= last_seq:
+                            continue  # already yielded before a reconnect
+                        last_seq = env.seq
+                        yield msgspec.structs.replace(env, data=_lease_view(env.data))
+            except (OSError, EOFError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as exc:
+                failures += 1
+                if max_reconnects is not None and failures > max_reconnects:
+                    raise ConnectionFailed(f"stream: {type(exc).__name__}: {exc}") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _lease_view(data: Any) -> Lease | OwnerLease:
+    try:
+        return msgspec.convert(data, Lease, strict=False)
+    except msgspec.ValidationError:
+        return msgspec.convert(data, OwnerLease, strict=False)
 
 
 def _decode_lease_view(raw: msgspec.Raw, tenant_type: Any, owner_type: Any) -> Any:

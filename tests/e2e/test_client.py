@@ -174,15 +174,20 @@ async def test_the_blocking_client_has_the_same_methods_and_iterators(server, ro
     assert [type(b) for b in bids] == [Bid]
 
 
-class DroppingProxy:
-    """A TCP proxy in front of the server that, for the first `drops` connections, forwards the
-    request, lets the server answer, then closes the client's side without passing the answer on:
-    the request acted but the client saw a dropped connection."""
+class Proxy:
+    """A TCP proxy in front of the server, to break connections the way a network does.
 
-    def __init__(self, target_port: int, drops: int) -> None:
+    drops: for the first that many connections, forward the request, let the server answer, then
+    close the client's side without passing the answer on (the request acted; the client saw a
+    dropped connection). sever(): cut every open connection. refusing: close new connections at
+    once (the server looks unreachable)."""
+
+    def __init__(self, target_port: int, drops: int = 0) -> None:
         self.target_port = target_port
         self.drops = drops
         self.connections = 0
+        self.refusing = False
+        self.open: set[asyncio.StreamWriter] = set()
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self) -> str:
@@ -191,12 +196,22 @@ class DroppingProxy:
 
     async def close(self) -> None:
         assert self.server is not None
+        self.sever()
         self.server.close()
 
+    def sever(self) -> None:
+        for writer in list(self.open):
+            writer.transport.abort()
+        self.open.clear()
+
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            client_w.transport.abort()
+            return
         self.connections += 1
         drop = self.connections <= self.drops
         server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.open.update((client_w, server_w))
 
         async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -224,7 +239,7 @@ async def test_a_create_retried_over_a_dropped_connection_acts_once(server, root
     created, unused = await new_account(root, "tenant", deposit="10.00")
     await unused.aclose()
     port = int(server.base_url.rsplit(":", 1)[1])
-    proxy = DroppingProxy(port, drops=1)
+    proxy = Proxy(port, drops=1)
     url = await proxy.start()
     try:
         async with AsyncClient(url, created.api_key, backoff_s=0.01) as tenant:
@@ -243,7 +258,7 @@ async def test_a_create_without_a_key_is_not_resent_after_it_may_have_acted(serv
     created, unused = await new_account(root, "owner")
     await unused.aclose()
     port = int(server.base_url.rsplit(":", 1)[1])
-    proxy = DroppingProxy(port, drops=1)
+    proxy = Proxy(port, drops=1)
     url = await proxy.start()
     try:
         async with AsyncClient(url, created.api_key, backoff_s=0.01) as owner:
@@ -256,3 +271,44 @@ async def test_a_create_without_a_key_is_not_resent_after_it_may_have_acted(serv
     # A host has no idempotency key: resending could make two, so the client reports the failure
     # and the caller looks; the server made exactly one.
     assert len(hosts) == 1
+
+
+async def test_the_stream_resumes_after_a_disconnect_with_no_event_lost(server, root: AsyncClient) -> None:
+    # Arrange: a 2-GPU host offered with notice; a tenant whose stream goes through a proxy.
+    _, owner = await new_account(root, "owner")
+    created, direct = await new_account(root, "tenant", deposit="100.00")
+    model = f"C{unique('gpu').replace('-', '')}-80GB"
+    host = await new_host(root, owner, 2, model)
+    await owner.create_offer(host.id, 2, "1.00", hours(2), reclaim_notice_s=90)
+    proxy = Proxy(int(server.base_url.rsplit(":", 1)[1]))
+    url = await proxy.start()
+    seen: list = []
+    try:
+        async with AsyncClient(url, created.api_key, backoff_s=0.05) as tenant, owner, direct:
+            events = tenant.stream()
+            first = asyncio.ensure_future(anext(events))  # connects, then waits for the fill
+            await eventually(lambda: _connected(proxy))
+            await direct.place_bid(f"{model}/spot", 2, 3600, "2.00")
+            seen.append(await asyncio.wait_for(first, 30))
+
+            # Act: the connection drops and the server stays unreachable while the owner reclaims
+            # (the notice is written while the tenant is away); then the network comes back.
+            proxy.refusing = True
+            proxy.sever()
+            await owner.reclaim(model, 2, host_id=host.id)
+            proxy.refusing = False
+            async with asyncio.timeout(30):
+                while "notice" not in {e.type for e in seen}:
+                    seen.append(await anext(events))
+            await events.aclose()
+    finally:
+        await proxy.close()
+
+    # Assert: every event once, in order, seq rising by one, across the reconnect.
+    assert [(e.type, e.seq) for e in seen] == [("fill", 1), ("lease_started", 2), ("notice", 3)]
+    assert all(type(e.data) is Lease for e in seen) and seen[2].data.end_reason == "reclaimed"
+    assert proxy.connections >= 2
+
+
+async def _connected(proxy: Proxy) -> bool:
+    return proxy.connections >= 1
