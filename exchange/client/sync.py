@@ -38,11 +38,21 @@ class Client:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._async, name)
-        if inspect.iscoroutinefunction(attr):
-            return lambda *args, **kwargs: self._run(attr(*args, **kwargs))
-        if inspect.isasyncgenfunction(attr) or name in _ITERATORS:
-            return lambda *args, **kwargs: self._iterate(attr(*args, **kwargs))
-        return attr
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            # Decided by what the call returns, so no list of method kinds is kept here.
+            result = attr(*args, **kwargs)
+            if inspect.iscoroutine(result):
+                return self._run(result)
+            if hasattr(result, "__anext__"):
+                return self._iterate(result)
+            return result
+
+        call.__name__ = name
+        call.__doc__ = attr.__doc__
+        return call
 
     def __enter__(self) -> "Client":
         return self
@@ -57,7 +67,3 @@ class Client:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
-
-
-# Methods that return an async iterator without being async generators themselves.
-_ITERATORS = frozenset({"ledger", "bids"})

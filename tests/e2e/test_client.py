@@ -13,7 +13,7 @@ from exchange.bids.schemas import Bid, BidCost
 from exchange.client import AsyncClient, BadRequest, Client, Conflict, ConnectionFailed, Forbidden, NotFound
 from exchange.hosts.schemas import Host, HostCreated, Inventory, InventoryGpu
 from exchange.leases.schemas import Lease, OwnerLease
-from exchange.markets.schemas import Book, CandleList, Market, Ticker, TradeList
+from exchange.markets.schemas import Book, CandleList, Market, RiskIndex, Ticker, TradeList
 from exchange.offers.schemas import Offer
 from exchange.reclaims.schemas import Reclaim
 from exchange.webhooks.schemas import Delivery, Webhook
@@ -120,6 +120,8 @@ async def test_every_resource_round_trips_as_the_servers_structs(root: AsyncClie
         assert isinstance(trades, TradeList) and [t.gpus for t in trades.items] == [2]
         candles = await tenant.candles(market, "1m")
         assert isinstance(candles, CandleList) and candles.items
+        assert (await tenant.candles(market, "1m", start=hours(-1), end=hours(1))).items == candles.items
+        assert isinstance(await tenant.risk(market), RiskIndex)
 
         hook = await tenant.create_webhook("http://127.0.0.1:9/hook", ["fill", "notice"])
         assert isinstance(hook, Webhook) and hook.secret
