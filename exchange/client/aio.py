@@ -16,6 +16,7 @@ from exchange.accounts.schemas import (Account, AccountCreate, AccountCreated, B
                                        LedgerEntry, LedgerPage, Role)
 from exchange.bids.schemas import Bid, BidCost, BidCreate, BidList, BidStatus
 from exchange.client.errors import ConnectionFailed, Unauthorized, error_from_response
+from exchange.client.lenient import lenient
 from exchange.feed.client import ws_url
 from exchange.feed.schemas import Envelope, envelope_decoder
 from exchange.hosts.schemas import AgentIdentity, Host, HostCreate, HostCreated, HostEarnings, HostList, Inventory
@@ -97,7 +98,7 @@ class AsyncClient:
                 continue
             if response.status_code >= 400:
                 raise error_from_response(response.status_code, response.content, dict(response.headers))
-            return msgspec.json.decode(response.content, type=type_)
+            return decode(response.content, type_)
         raise AssertionError("unreachable")
 
     async def _pages(self, path: str, page_type: Any, params: dict[str, Any], page_size: int) -> AsyncIterator[Any]:
@@ -311,17 +312,27 @@ class AsyncClient:
             delay = min(delay * 2, 5.0)
 
 
+def decode(content: bytes | msgspec.Raw, type_: Any) -> Any:
+    """An answer as the server's struct. When the server is newer than this client and sends a
+    field the client does not know, the same shape is decoded by a subclass that ignores it
+    (exchange/client/lenient.py) instead of failing: isinstance still holds, only `==` against a
+    struct built here sees two types. A missing or mistyped field still raises."""
+    try:
+        return msgspec.json.decode(content, type=type_)
+    except msgspec.ValidationError as exc:
+        if "unknown field" not in str(exc):
+            raise
+        return msgspec.json.decode(content, type=lenient(type_))
+
+
 def _lease_view(data: Any) -> Lease | OwnerLease:
-    try:
-        return msgspec.convert(data, Lease, strict=False)
-    except msgspec.ValidationError:
-        return msgspec.convert(data, OwnerLease, strict=False)
+    return _decode_lease_view(msgspec.json.encode(data), Lease, OwnerLease)
 
 
-def _decode_lease_view(raw: msgspec.Raw, tenant_type: Any, owner_type: Any) -> Any:
-    """The tenant's view has fields the owner's lacks (bid_id, limit_price, hold) and both refuse
-    unknown fields, so exactly one of the two decodes."""
+def _decode_lease_view(raw: bytes | msgspec.Raw, tenant_type: Any, owner_type: Any) -> Any:
+    """The tenant's view has fields the owner's lacks (bid_id, limit_price, hold): tried first, it
+    decodes a tenant's lease and fails on an owner's for want of them."""
     try:
-        return msgspec.json.decode(raw, type=tenant_type)
+        return decode(raw, tenant_type)
     except msgspec.ValidationError:
-        return msgspec.json.decode(raw, type=owner_type)
+        return decode(raw, owner_type)
