@@ -22,6 +22,7 @@ from exchange.feed.schemas import Envelope, envelope_decoder
 from exchange.hosts.schemas import AgentIdentity, Host, HostCreate, HostCreated, HostEarnings, HostList, Inventory
 from exchange.leases.schemas import Lease, LeaseList, LeaseStatus, OwnerLease, OwnerLeaseList
 from exchange.markets.schemas import Book, CandleList, Market, RiskIndex, Ticker, TradeList
+from exchange.metering.schemas import MeterAck, MeterReport
 from exchange.offers.schemas import Offer, OfferCreate, OfferList
 from exchange.reclaims.schemas import Reclaim, ReclaimCreate, ReclaimList
 from exchange.webhooks.schemas import Delivery, DeliveryList, EventKind, Webhook, WebhookCreate, WebhookList
@@ -154,6 +155,19 @@ class AsyncClient:
     async def put_inventory(self, inventory: Inventory) -> Host:
         """The host's GPUs as the agent found them; a replace, so a retry is harmless."""
         return await self._call("PUT", "/v1/agent/inventory", Host, body=inventory, repeatable=True)
+
+    async def agent_offers(self) -> list[Offer]:
+        """The host's live offers (the agent keeps exactly one published)."""
+        return (await self._call("GET", "/v1/agent/offers", OfferList)).items
+
+    def agent_leases(self, status: LeaseStatus | None = None, *, page_size: int = 500) -> AsyncIterator[OwnerLease]:
+        """The leases on the agent's host, in the owner's view."""
+        return self._pages("/v1/agent/leases", OwnerLeaseList, {"status": status}, page_size)
+
+    async def meter(self, report: MeterReport) -> MeterAck:
+        """One meter report. Its `seq` makes a resend harmless (answered `duplicate: true`). A 409
+        for a seq out of order raises Conflict with the expected seq in `extra`."""
+        return await self._call("POST", "/v1/agent/meter", MeterAck, body=report, repeatable=True)
 
     # --- offers (owner, agent) ---------------------------------------------------------------
     async def create_offer(self, host_id: int, gpus: int, floor_price: str, available_until: datetime,

@@ -11,7 +11,8 @@ import pytest
 from exchange.accounts.schemas import AccountCreated, Balance, Deposit, LedgerEntry
 from exchange.bids.schemas import Bid, BidCost
 from exchange.client import AsyncClient, BadRequest, Client, Conflict, ConnectionFailed, Forbidden, NotFound
-from exchange.hosts.schemas import Host, HostCreated, Inventory, InventoryGpu
+from exchange.hosts.schemas import AgentIdentity, Host, HostCreated, Inventory, InventoryGpu
+from exchange.metering.schemas import MeterAck, MeterReport, MeterSample
 from exchange.leases.schemas import Lease, OwnerLease
 from exchange.markets.schemas import Book, CandleList, Market, RiskIndex, Ticker, TradeList
 from exchange.offers.schemas import Offer
@@ -314,3 +315,25 @@ async def test_the_stream_resumes_after_a_disconnect_with_no_event_lost(server, 
 
 async def _connected(proxy: Proxy) -> bool:
     return proxy.connections >= 1
+
+
+async def test_the_agent_calls_round_trip(root: AsyncClient) -> None:
+    _, owner = await new_account(root, "owner")
+    async with owner:
+        model = f"C{unique('gpu').replace('-', '')}-80GB"
+        host = await new_host(root, owner, 1, model)
+        offer = await owner.create_offer(host.id, 1, "1.00", hours(2))
+        uuid = (await owner.host(host.id)).gpus[0].uuid
+        async with AsyncClient(root.base_url, host.agent_token) as agent:
+            me = await agent.agent_me()
+            offers = await agent.agent_offers()
+            leases = [le async for le in agent.agent_leases()]
+            sample = MeterSample(uuid=uuid, ts=datetime.now(timezone.utc), util=50, mem_used_mb=1000,
+                                 power_mw=300_000, energy_mj=1_000, temp_c=60, healthy=True)
+            ack = await agent.meter(MeterReport(seq=1, samples=[sample]))
+            again = await agent.meter(MeterReport(seq=1, samples=[sample]))
+
+    assert isinstance(me, AgentIdentity) and me.host_id == host.id
+    assert [o.id for o in offers] == [offer.id] and leases == []
+    assert isinstance(ack, MeterAck) and ack.seq == 1 and not ack.duplicate
+    assert again.duplicate  # a resent report (same seq) is harmless: why meter() is retried
