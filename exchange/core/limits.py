@@ -110,10 +110,13 @@ class MemoryWindowCounter:
 
 class _Budget:
     """This process's share of one key's budget in one window."""
-    __slots__ = ("window", "available", "exhausted", "last_total")
+    __slots__ = ("window", "available", "exhausted", "last_total", "reserving")
 
     def __init__(self, window: int) -> None:
         self.window = window
+        # One reservation at a time: concurrent requests finding the slice used up wait for it, instead
+        # of each reserving a slice (a burst would reserve far past the limit and refuse its own tail).
+        self.reserving = asyncio.Lock()
         self.available = 0  # reserved from the shared counter, not yet used
         self.exhausted = False  # the shared count reached the limit: nothing more this window
         self.last_total = 0  # the shared count after our latest reservation
@@ -159,16 +162,19 @@ class RateLimiter:
         budget = self._budgets.get(key)
         if budget is None:
             budget = self._budgets[key] = _Budget(window)
-        if budget.available == 0 and not budget.exhausted:
-            size = self._slice(limit)
-            total = await self.counter.add(key, window, size)
-            granted = max(0, min(size, limit - (total - size)))
-            if budget.window == window and self._budgets.get(key) is budget:
+        while budget.available == 0 and not budget.exhausted:
+            async with budget.reserving:
+                if budget.available or budget.exhausted:  # another request's reservation came first
+                    break
+                size = self._slice(limit)
+                total = await self.counter.add(key, window, size)
+                granted = max(0, min(size, limit - (total - size)))
+                if self._budgets.get(key) is not budget:
+                    # The window turned while we waited: this request counts in the one it reserved in.
+                    return Decision(granted > 0, limit, max(0, limit - total), reset_s)
                 budget.available += granted
                 budget.last_total = max(budget.last_total, total)
-                budget.exhausted = budget.exhausted or granted < size
-            elif granted:  # the window turned while we waited: this request still counts in its own
-                return Decision(True, limit, max(0, limit - total), reset_s)
+                budget.exhausted = granted < size
         if budget.available == 0:
             budget.exhausted = True
             return Decision(False, limit, 0, reset_s)

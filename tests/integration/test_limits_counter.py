@@ -42,6 +42,20 @@ async def test_processes_sharing_a_counter_never_serve_more_than_the_limit(db_ur
         await pool.close()
 
 
+async def test_a_burst_within_the_limit_is_served_whole(db_url: str) -> None:
+    """One process, a burst of 30 concurrent requests against a limit of 200 in slices of 20: every
+    one is served. (Each request finding the slice used up used to reserve a slice of its own, so the
+    burst reserved 600 of 200 and the tail's reservations came back empty.)"""
+    pool = await create_pool(db_url, max_size=8)
+    try:
+        limiter = RateLimiter(PostgresWindowCounter(pool), slice_size=20, clock=FrozenClock(3_000_000.25))
+        decisions = await asyncio.gather(*(limiter.take("acct:7", 200) for _ in range(30)))
+        assert all(d.allowed for d in decisions)
+        assert await pool.fetchval("SELECT hits FROM rate_limit_counters WHERE key = 'acct:7'") == 40
+    finally:
+        await pool.close()
+
+
 async def test_without_its_database_a_process_counts_alone(db_url: str) -> None:
     pool = await create_pool(db_url, max_size=2)
     await pool.close()  # every query now fails
