@@ -238,7 +238,13 @@ async def test_events_wait_out_a_server_restart_and_two_processes_send_each_once
             # A ping queued now is sent after anything still pending: a duplicate would come before it.
             await again.ok("POST", f"/v1/webhooks/{hook['id']}/test", 202)
             await receiver.wait_for(3)
-            log = (await again.ok("GET", f"/v1/webhooks/{hook['id']}/deliveries"))["items"]
+            # The receiver has the ping once it answered; the server records it as delivered just after.
+            async with asyncio.timeout(10):
+                while True:
+                    log = (await again.ok("GET", f"/v1/webhooks/{hook['id']}/deliveries"))["items"]
+                    if log and all(d["delivered_at"] for d in log):
+                        break
+                    await asyncio.sleep(0.1)
     finally:
         server.stop()
         await receiver.stop()
