@@ -3,9 +3,7 @@ scraped over HTTP: dcgm-exporter's names, labels and units for every GPU, and th
 figures (spool depth, reports sent/refused, live leases) following a real lease."""
 from __future__ import annotations
 
-import asyncio
 import socket
-import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +11,7 @@ import pytest
 
 from tests.conftest import create_database
 from tests.e2e.client import Api
+from tests.e2e.test_agent_settlement import until
 from tests.support import ADMIN_KEY, start_agent, start_server
 
 SERVER_ENV = {"GPUX_TICK_S": "0.5", "GPUX_SETTLE_S": "1", "GPUX_MIN_DURATION_S": "5"}
@@ -44,15 +43,6 @@ def parse(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
         labels = dict(part.split("=", 1) for part in rest.rstrip("}").split(",")) if rest else {}
         series.setdefault(name, []).append(({k: v.strip('"') for k, v in labels.items()}, float(value)))
     return series
-
-
-async def until(predicate, timeout: float = 30, every: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(every)
 
 
 @pytest.fixture

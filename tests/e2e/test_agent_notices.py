@@ -4,7 +4,6 @@ the file named by the hooks' GPUX_NOTICE_FILE and on the agent's 127.0.0.1 endpo
 and both are gone once the lease has ended."""
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -18,19 +17,11 @@ import pytest
 
 from tests.conftest import create_database
 from tests.e2e.client import Api
+from tests.e2e.test_agent_settlement import until
 from tests.support import ADMIN_KEY, AgentProcess, free_port, start_server
 
 SERVER_ENV = {"GPUX_TICK_S": "0.2", "GPUX_SETTLE_S": "1", "GPUX_MIN_DURATION_S": "5"}
 NOTICE_S = 8  # the offer's reclaim notice: long enough to read the notice, short enough to see the end
-
-
-async def until(predicate, timeout: float = 30, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(every)
 
 
 def start_agent_with_metadata(tmp: Path, base_url: str, token: str, policy: Path, port: int) -> AgentProcess:
@@ -70,7 +61,7 @@ async def test_reclaim_notice_reaches_the_file_and_the_local_endpoint(tmp_path: 
             async def offer_live():
                 return bool((await owner.ok("GET", "/v1/offers", params={"status": "live"}))["items"])
 
-            assert await until(offer_live), agent.log()
+            assert await until(offer_live, every=0.1), agent.log()
             tenant = await admin.new_account("tenant", deposit="100.00")
             await tenant.ok("POST", "/v1/bids", 201, json={
                 "market": "H100-80GB/spot", "gpus": 8, "duration_s": 600, "limit_price": "3.00",
@@ -79,7 +70,7 @@ async def test_reclaim_notice_reaches_the_file_and_the_local_endpoint(tmp_path: 
             async def started():
                 return hooks.exists() and hooks.read_text().split()
 
-            line = await until(started)
+            line = await until(started, every=0.1)
             assert line and line[0] == "start", agent.log()
             lease_id, notice_file = line[1], Path(line[2])
             # Before any notice: no file, and the endpoint answers 404 (AWS: 404 until a notice).
@@ -108,7 +99,7 @@ async def test_reclaim_notice_reaches_the_file_and_the_local_endpoint(tmp_path: 
             async def file_removed():
                 return not notice_file.exists() and (await metadata.get(f"/v1/leases/{lease_id}/notice")).status_code == 404
 
-            removed = await until(file_removed, timeout=NOTICE_S + 30)
+            removed = await until(file_removed, timeout=NOTICE_S + 30, every=0.1)
     finally:
         if agent is not None:
             agent.stop()
