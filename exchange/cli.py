@@ -1,4 +1,5 @@
-"""`gpux`: serve, agent, demo, audit, sim, bench, watch."""
+"""`gpux`: serve, agent, demo, audit, sim, bench, watch; and the tenant's, owner's and admin's
+commands over the Python client (exchange/commands)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,9 +15,35 @@ import click
 from exchange.core.settings import Settings
 
 
-@click.group()
+class _Gpux(click.Group):
+    """The `gpux` group. A usage error (a missing option, a bad value) under `--json` is also
+    written as the error object on stdout, so a program reading stdout always gets JSON."""
+
+    def main(self, args: list[str] | None = None, **extra: object) -> None:  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            exc.show()
+            if "--json" in args:
+                import json
+
+                click.echo(json.dumps({"error": {"code": "usage", "message": exc.format_message()}}, indent=2))
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Gpux)
 def main() -> None:
-    """gpu-exchange: a spot market for spare GPU time."""
+    """gpu-exchange: a spot market for spare GPU time.
+
+    Tenants: login, markets, book, quote, bid, bids, cancel, leases, cost, balance, ledger, events,
+    watch. Owners: hosts, host, offers, offer, reclaim, reclaims, earnings, agent. Admin: account,
+    deposit. Every API command takes --json (one JSON document) and --profile."""
 
 
 def _database_url(settings: Settings):
@@ -283,6 +310,15 @@ def bench_api(users: int, seconds: float, workers: int, as_json: bool) -> None:
     """Durable bids/s and p50/p99 latency under locust, against the raw durable insert rate."""
     _run_bench("bench_api", as_json, users=users, seconds=seconds, workers=workers)
 
+
+def _add_client_commands() -> None:
+    from exchange.commands import all_commands
+
+    for command in all_commands():
+        main.add_command(command)
+
+
+_add_client_commands()
 
 if __name__ == "__main__":
     main()
