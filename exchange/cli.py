@@ -286,16 +286,29 @@ def bench_feed(subscribers: int, ticks: int, tick_s: float, workers: int, as_jso
 
 @main.command()
 @click.argument("market")
-@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="the exchange's base URL")
+@click.option("--url", default=None,
+              help="the exchange's base URL (default: GPUX_URL, the profile's, else http://127.0.0.1:8000)")
+@click.option("--profile", envvar="GPUX_PROFILE", default=None, help="take the URL from this profile")
 @click.option("--once", is_flag=True, help="print one view once the snapshots are in, then exit")
 @click.option("--seconds", type=float, default=None, help="stop after this long")
 @click.option("--no-color", is_flag=True)
-def watch(market: str, url: str, once: bool, seconds: float | None, no_color: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="each feed message as one JSON line (JSON Lines)")
+def watch(market: str, url: str | None, profile: str | None, once: bool, seconds: float | None, no_color: bool,
+          as_json: bool) -> None:
     """A live terminal view of MARKET (e.g. H100-80GB/spot): price, depth, trades, from /v1/feed."""
+    from exchange.commands.profile import ProfileError, config_path, load_config, resolve
     from exchange.watch import watch as run_watch
 
+    if url is None:
+        try:
+            url = resolve(load_config(config_path()), profile).url
+        except ProfileError as missing:
+            if profile is not None:
+                raise click.UsageError(str(missing)) from None
+            url = "http://127.0.0.1:8000"  # the public feed needs no key: a local server by default
     try:
-        code = asyncio.run(run_watch(url, market, once=once, seconds=seconds, color=not no_color))
+        code = asyncio.run(run_watch(url, market, once=once, seconds=seconds, color=not no_color,
+                                     as_json=as_json))
     except KeyboardInterrupt:
         code = 0
     sys.exit(code)

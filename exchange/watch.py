@@ -8,6 +8,8 @@ import sys
 import time
 from datetime import datetime
 
+import msgspec
+
 from exchange.core.money import format_money
 from exchange.feed.client import FeedClient, MarketView
 
@@ -57,7 +59,9 @@ def render(market: str, view: MarketView, client: FeedClient, depth: int = 8, co
 
 
 async def watch(base_url: str, market: str, *, once: bool = False, seconds: float | None = None,
-                color: bool = True, out=sys.stdout) -> int:
+                color: bool = True, as_json: bool = False, out=sys.stdout) -> int:
+    """Redraw the view on every message; with `as_json`, write each feed message (heartbeats aside)
+    as one JSON line instead, for programs. `once`: stop when every channel's snapshot is in."""
     async with FeedClient(base_url, [market]) as client:
         deadline = time.monotonic() + seconds if seconds else None
         snapshots = 0
@@ -67,10 +71,17 @@ async def watch(base_url: str, market: str, *, once: bool = False, seconds: floa
                 env = await asyncio.wait_for(client.recv(), timeout)
             except asyncio.TimeoutError:
                 return 0
+            if as_json and env.type != "heartbeat":
+                out.write(msgspec.json.encode(env).decode() + "\n")
+                out.flush()
             if env.type == "error":
-                print(f"error: {env.data.get('message')}", file=sys.stderr)
+                print(f"gpux: error: {env.data.get('code')}: {env.data.get('message')}", file=sys.stderr)
                 return 1
             snapshots += env.type == "snapshot"
+            if as_json:
+                if once and snapshots >= len(client.channels):
+                    return 0
+                continue
             if snapshots < len(client.channels):
                 continue  # draw once everything is in
             frame = render(market, client.views[market], client, color=color)
