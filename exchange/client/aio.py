@@ -17,7 +17,7 @@ from exchange.accounts.schemas import (Account, AccountCreate, AccountCreated, B
 from exchange.bids.schemas import Bid, BidCost, BidCreate, BidList, BidStatus
 from exchange.client.errors import ConnectionFailed, Unauthorized, error_from_response
 from exchange.client.lenient import lenient
-from exchange.feed.client import ws_url
+from exchange.feed.client import FeedClient, ws_url
 from exchange.feed.schemas import Envelope, envelope_decoder
 from exchange.hosts.schemas import AgentIdentity, Host, HostCreate, HostCreated, HostEarnings, HostList, Inventory
 from exchange.leases.schemas import Lease, LeaseList, LeaseStatus, OwnerLease, OwnerLeaseList
@@ -264,6 +264,12 @@ class AsyncClient:
 
     async def risk(self, market: str) -> RiskIndex:
         return await self._call("GET", f"{_market_path(market)}/risk", RiskIndex)
+
+    def feed(self, markets: list[str], channels: list[str] | None = None) -> FeedClient:
+        """The public feed (WS /v1/feed) for `markets`: `async with api.feed([...]) as feed:` then
+        `await feed.recv()`; it keeps each market's view from the snapshot and the deltas and
+        resyncs on a gap. The feed's own client, reused: one implementation of that protocol."""
+        return FeedClient(self.base_url, markets, channels)
 
     # --- webhooks (tenant, owner) ------------------------------------------------------------
     async def create_webhook(self, url: str, events: list[EventKind]) -> Webhook:
