@@ -13,7 +13,7 @@ from exchange.commands.session import api_command
 from exchange.commands.terms import duration_s, moment
 from exchange.core.money import format_money, parse_money
 from exchange.core.structs import Struct
-from exchange.hosts.schemas import HostEarnings
+from exchange.hosts.schemas import EarningsFigures, HostEarnings
 
 
 @click.command()
@@ -165,14 +165,8 @@ def reclaims(out: Output, api: Client) -> None:
         ("SHORTFALL", lambda r: r.shortfall)]))
 
 
-class EarningsTotal(Struct, frozen=True, kw_only=True):
+class EarningsTotal(EarningsFigures, frozen=True, kw_only=True):
     hosts: int
-    leases: int
-    billed_gpu_hours: str
-    charged: str
-    fees: str
-    earned: str
-    energy_kwh: str
 
 
 class Earnings(Struct, frozen=True, kw_only=True):

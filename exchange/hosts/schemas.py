@@ -67,11 +67,15 @@ class AgentIdentity(Struct, frozen=True, kw_only=True):
     fabric: str
 
 
-class HostEarnings(Struct, frozen=True, kw_only=True):
-    host_id: int
+class EarningsFigures(Struct, frozen=True, kw_only=True):
+    """What leases earned: a host's (HostEarnings), or the sum over an owner's hosts (the CLI's)."""
     leases: int
     billed_gpu_hours: str
     charged: str
     fees: str
     earned: str
     energy_kwh: str
+
+
+class HostEarnings(EarningsFigures, frozen=True, kw_only=True):
+    host_id: int
