@@ -32,9 +32,11 @@ T = TypeVar("T")
 # Errors after which the request may or may not have reached the server. A connect error means it
 # did not (safe to resend anything); a read/protocol error after sending means it may have acted, so
 # only a request that is safe to repeat is resent: a read, or a create carrying an idempotency key
-# (client_order_id, idempotency_key), which the server answers with the first result.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
-_MAYBE_SENT = (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadTimeout)
+# (client_order_id, idempotency_key), which the server answers with the first result. Any other
+# transport failure (a bad URL, a proxy error) is not retried; every one becomes ConnectionFailed,
+# so that a caller never has to know the HTTP library's exceptions.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_MAYBE_SENT = (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadTimeout, httpx.WriteTimeout)
 
 _encoder = msgspec.json.Encoder()
 
@@ -109,8 +111,8 @@ class AsyncClient:
             self.attempts += 1
             try:
                 response = await self.http.request(method, path, content=content, headers=headers, params=params)
-            except _NOT_SENT + _MAYBE_SENT as exc:
-                retry = isinstance(exc, _NOT_SENT) or repeatable
+            except httpx.TransportError as exc:
+                retry = isinstance(exc, _NOT_SENT) or (repeatable and isinstance(exc, _MAYBE_SENT))
                 if not retry or attempt == self.retries:
                     raise ConnectionFailed(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
                 await asyncio.sleep(delay)

@@ -8,9 +8,10 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import pytest
 
-from exchange.client import AsyncClient, RateLimited, ServerError
+from exchange.client import AsyncClient, ConnectionFailed, RateLimited, ServerError
 from exchange.hosts.schemas import AgentIdentity
 
 IDENTITY = {"host_id": 1, "name": "h1", "fabric": "default"}
@@ -135,3 +136,17 @@ async def test_a_status_not_opted_in_is_not_resent() -> None:
                 await api.agent_me()
 
     assert server.requests == ["GET /v1/agent/me"]
+
+
+@pytest.mark.parametrize("failure", [httpx.PoolTimeout, httpx.WriteTimeout, httpx.UnsupportedProtocol,
+                                     httpx.LocalProtocolError])
+async def test_every_transport_failure_is_connection_failed(failure: type[httpx.TransportError]) -> None:
+    """A caller (the host agent: "try later") handles ConnectionFailed; an HTTP library exception
+    escaping instead would end the agent's task."""
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise failure("simulated", request=request)
+
+    async with AsyncClient("http://exchange.invalid", "token", backoff_s=0.001,
+                           transport=httpx.MockTransport(fail)) as api:
+        with pytest.raises(ConnectionFailed, match=failure.__name__):
+            await api.agent_me()
