@@ -44,7 +44,8 @@ from typing import Literal
 import msgspec
 
 from agents.spool import write_file_durably
-from agents.wire import AgentLease, format_rfc3339
+from agents.wire import as_sent, format_rfc3339
+from exchange.leases.schemas import OwnerLease
 
 __all__ = ["Notice", "NoticeBoard", "serve_metadata"]
 
@@ -109,7 +110,7 @@ class NoticeBoard:
     def all(self) -> list[Notice]:
         return sorted(self._notices.values(), key=lambda n: (n.time, n.lease_id))
 
-    def update(self, live: Sequence[AgentLease]) -> list[Notice]:
+    def update(self, live: Sequence[OwnerLease]) -> list[Notice]:
         """Take the host's running leases (the latest listing); write notices that are new or
         changed, remove those of leases no longer running. Returns the notices written now."""
         written: list[Notice] = []
@@ -117,15 +118,16 @@ class NoticeBoard:
         for lease in live:
             lease_id = str(lease.id)
             running.add(lease_id)
-            if lease.status != "ending" or not lease.end_at:
+            if lease.status != "ending" or lease.end_at is None:
                 continue
+            ends_at = as_sent(lease.end_at)
             if not _SAFE_ID.fullmatch(lease_id):  # it names a file: no "/", "..", or the like
                 log.error("lease id %r is not a plain name; no notice file for it", lease_id)
                 continue
             known = self._notices.get(lease_id)
-            if known is not None and known.time == lease.end_at and known.reason == lease.end_reason:
+            if known is not None and known.time == ends_at and known.reason == lease.end_reason:
                 continue
-            notice = Notice(lease_id=lease_id, time=lease.end_at, reason=lease.end_reason,
+            notice = Notice(lease_id=lease_id, time=ends_at, reason=lease.end_reason,
                             gpu_uuids=list(lease.gpu_uuids),
                             noticed_at=known.noticed_at if known else format_rfc3339(self._clock()))
             try:

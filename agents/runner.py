@@ -33,7 +33,6 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from pathlib import Path
 from typing import Literal, TypeVar
 
-import httpx
 import msgspec
 
 from agents.hooks import HookEvent, run_hook
@@ -42,22 +41,13 @@ from agents.notices import NoticeBoard, serve_metadata
 from agents.policy import Policy, PolicyError, load_policy, select_gpus
 from agents.probe import Clock, GpuInfo, GpuProbe, GpuSample, make_probe
 from agents.spool import MeterSpool, write_file_durably
-from agents.wire import (
-    AgentIdentity,
-    AgentLease,
-    AgentLeases,
-    AgentOffer,
-    AgentOffers,
-    InventoryGpu,
-    InventoryReport,
-    MeterAck,
-    MeterConflict,
-    MeterReport,
-    MeterSample,
-    OfferCreate,
-    format_rfc3339,
-    parse_rfc3339,
-)
+from agents.wire import as_sent, epoch_s, utc
+from exchange.client import ApiError, AsyncClient, Conflict, ConnectionFailed, NotFound
+from exchange.client.aio import TRANSIENT_STATUSES, Transport
+from exchange.hosts.schemas import AgentIdentity, Inventory, InventoryGpu
+from exchange.leases.schemas import LeaseStatus, OwnerLease
+from exchange.metering.schemas import MeterReport, MeterSample
+from exchange.offers.schemas import Offer, OfferCreate
 
 __all__ = [
     "Agent",
@@ -67,6 +57,7 @@ __all__ = [
     "ExchangeClient",
     "ExchangeRefused",
     "ExchangeUnavailable",
+    "UnreadableAnswer",
     "HookAction",
     "LeaseBook",
     "MeterDelivery",
@@ -128,6 +119,11 @@ class ExchangeRefused(Exception):
         self.detail = detail
 
 
+class UnreadableAnswer(ExchangeRefused):
+    """A success answer in a shape the agent cannot read (a server of another protocol version):
+    not a refusal of the request, so what it concerned (a meter report) is kept and tried again."""
+
+
 class MeterDelivery(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What became of one meter report; the spool may drop everything up to ``ack_through``."""
 
@@ -138,129 +134,107 @@ class MeterDelivery(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 # Answers that say "not now" rather than "no": the report or request is kept and retried. 401/403
 # are here too: a token being rotated must not make the agent throw away metering data; 404 is a
-# route missing on a server mid-upgrade.
-_RETRY_STATUSES = frozenset({401, 403, 404, 408, 425, 429})
+# route missing on a server mid-upgrade. Every 5xx counts as "not now" as well.
+_NOT_NOW_STATUSES = frozenset({401, 403, 404, 408, 425, 429})
 
-_MAX_PAGES = 1000  # a cursor that never ends is a server bug, not a reason to loop forever
-
-_json = msgspec.json.Encoder()
-_identity_decoder = msgspec.json.Decoder(AgentIdentity)
-_offers_decoder = msgspec.json.Decoder(AgentOffers)
-_offer_decoder = msgspec.json.Decoder(AgentOffer)
-_leases_decoder = msgspec.json.Decoder(AgentLeases)
-_meter_ack_decoder = msgspec.json.Decoder(MeterAck)
-_meter_conflict_decoder = msgspec.json.Decoder(MeterConflict)
+# A listing that never ends is a server bug, not a reason to loop forever (the old bound: 1000
+# pages, here counted in leases since the client follows the cursor itself).
+_MAX_LISTED_LEASES = 500_000
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+@contextlib.contextmanager
+def _as_agent_outcome(what: str) -> Iterator[None]:
+    """The client's exceptions as the agent's two: try later (kept) or refused."""
     try:
-        return float(response.headers["retry-after"])
-    except (KeyError, ValueError):
-        return None
+        yield
+    except ConnectionFailed as error:
+        raise ExchangeUnavailable(f"{what}: {error}") from error
+    except ApiError as error:
+        detail = f"{what}: HTTP {error.status} {error.code}: {error.message}"
+        if error.status >= 500 or error.status in _NOT_NOW_STATUSES:
+            raise ExchangeUnavailable(detail, retry_after_s=error.retry_after_s) from error
+        raise ExchangeRefused(error.status, detail) from error
+    except msgspec.DecodeError as error:  # ValidationError included: an answer of another shape
+        raise UnreadableAnswer(200, f"{what}: unexpected answer ({error})") from None
 
 
 class ExchangeClient:
-    """The exchange's agent API over HTTP; ``transport`` lets tests route it anywhere."""
+    """The exchange's agent API as the agent needs it: the Python client's calls (one definition
+    of the protocol), their failures sorted into "try later" and "refused", and a meter answer
+    turned into what the spool may forget. ``transport`` lets tests route it anywhere.
+
+    The client itself resends a repeatable call (the reads, the inventory, a meter report: its seq
+    makes a resend harmless) on a connection error or a "not now" status, honouring a short
+    Retry-After; what is still failing after that comes here, and the agent's loops back off."""
 
     def __init__(self, base_url: str, token: str, *, timeout_s: float = 10.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport,
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json",
-                     "User-Agent": "gpux-agent/1"})
+                 transport: Transport | None = None) -> None:
+        self._api = AsyncClient(base_url, token, timeout_s=timeout_s, transport=transport,
+                                retry_statuses=TRANSIENT_STATUSES, user_agent="gpux-agent/1")
 
     async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def _call(self, method: str, path: str, body: msgspec.Struct | None = None, *,
-                    params: Mapping[str, str] | None = None,
-                    retry_statuses: frozenset[int] = _RETRY_STATUSES) -> httpx.Response:
-        content = None if body is None else _json.encode(body)
-        try:
-            response = await self._http.request(method, path, content=content, params=params)
-        except httpx.TransportError as error:
-            raise ExchangeUnavailable(f"{method} {path}: {type(error).__name__}: {error}") from error
-        if response.status_code >= 500 or response.status_code in retry_statuses:
-            raise ExchangeUnavailable(f"{method} {path}: HTTP {response.status_code}: {response.text[:500]}",
-                                      retry_after_s=_retry_after(response))
-        return response
-
-    @staticmethod
-    def _decode(decoder: msgspec.json.Decoder[_T], response: httpx.Response) -> _T:
-        try:
-            return decoder.decode(response.content)
-        except msgspec.DecodeError as error:
-            raise ExchangeRefused(response.status_code, f"unexpected answer ({error}): {response.text[:500]}") from None
-
-    @staticmethod
-    def _expect(response: httpx.Response, *statuses: int) -> None:
-        if response.status_code not in statuses:
-            raise ExchangeRefused(response.status_code, response.text[:1000])
+        await self._api.aclose()
 
     async def me(self) -> AgentIdentity:
-        """``GET /v1/agent/me`` -> ``{"host_id","name","fabric"}``."""
-        response = await self._call("GET", "/v1/agent/me")
-        self._expect(response, 200)
-        return self._decode(_identity_decoder, response)
+        """``GET /v1/agent/me``."""
+        with _as_agent_outcome("GET /v1/agent/me"):
+            return await self._api.agent_me()
 
-    async def put_inventory(self, report: InventoryReport) -> None:
-        """``PUT /v1/agent/inventory`` -> 200 (204 accepted too)."""
-        self._expect(await self._call("PUT", "/v1/agent/inventory", report), 200, 204)
+    async def put_inventory(self, report: Inventory) -> None:
+        """``PUT /v1/agent/inventory``."""
+        with _as_agent_outcome("PUT /v1/agent/inventory"):
+            await self._api.put_inventory(report)
 
-    async def list_offers(self) -> list[AgentOffer]:
-        """``GET /v1/agent/offers`` -> ``{"items":[{"id","gpus","available_until",...}]}``."""
-        response = await self._call("GET", "/v1/agent/offers")
-        self._expect(response, 200)
-        return self._decode(_offers_decoder, response).items
+    async def list_offers(self) -> list[Offer]:
+        """``GET /v1/agent/offers``: the host's live offers."""
+        with _as_agent_outcome("GET /v1/agent/offers"):
+            return await self._api.agent_offers()
 
-    async def create_offer(self, offer: OfferCreate) -> AgentOffer:
-        """``POST /v1/offers`` -> 201 ``{"id",...}``; 409 (overlap) raises :class:`ExchangeRefused`."""
-        response = await self._call("POST", "/v1/offers", offer)
-        self._expect(response, 200, 201)
-        return self._decode(_offer_decoder, response)
+    async def create_offer(self, offer: OfferCreate) -> Offer:
+        """``POST /v1/offers``; 409 (overlap) raises :class:`ExchangeRefused`."""
+        with _as_agent_outcome("POST /v1/offers"):
+            return await self._api.create_offer(**msgspec.structs.asdict(offer))
 
-    async def delete_offer(self, offer_id: str | int) -> None:
+    async def delete_offer(self, offer_id: int) -> None:
         """``DELETE /v1/offers/{id}``; an offer already gone (404) is fine."""
-        response = await self._call("DELETE", f"/v1/offers/{offer_id}", retry_statuses=_RETRY_STATUSES - {404})
-        self._expect(response, 200, 202, 204, 404)
+        with _as_agent_outcome(f"DELETE /v1/offers/{offer_id}"):
+            with contextlib.suppress(NotFound):
+                await self._api.withdraw_offer(offer_id)
 
-    async def list_leases(self, status: str | None = None) -> list[AgentLease]:
-        """``GET /v1/agent/leases[?status=S][&cursor=C]`` ->
-        ``{"items":[{"id","status","gpu_uuids",...}],"next":cursor|null}``, every page followed."""
-        leases: list[AgentLease] = []
-        cursor: str | None = None
-        for _ in range(_MAX_PAGES):
-            params = {key: value for key, value in (("status", status), ("cursor", cursor)) if value is not None}
-            response = await self._call("GET", "/v1/agent/leases", params=params)
-            self._expect(response, 200)
-            page = self._decode(_leases_decoder, response)
-            leases.extend(page.items)
-            if not page.next:
-                return leases
-            cursor = page.next
-        raise ExchangeRefused(200, f"more than {_MAX_PAGES} pages of leases")
+    async def list_leases(self, status: LeaseStatus | None = None) -> list[OwnerLease]:
+        """``GET /v1/agent/leases[?status=S]``, every page followed."""
+        leases: list[OwnerLease] = []
+        with _as_agent_outcome("GET /v1/agent/leases"):
+            async for lease in self._api.agent_leases(status):
+                leases.append(lease)
+                if len(leases) > _MAX_LISTED_LEASES:
+                    raise UnreadableAnswer(200, f"more than {_MAX_LISTED_LEASES} leases listed")
+        return leases
 
     async def send_meter(self, report: MeterReport) -> MeterDelivery:
         """``POST /v1/agent/meter``.
 
-        200/202 ``{"accepted","duplicate"}``: delivered. 409 ``{"expected_seq":k}``: the exchange
-        already has this sequence (and, when k is higher, everything below k). 400/413/422: the
-        exchange will never take this report; it is dropped (logged) so that it cannot block the
-        ones behind it. Anything retryable raises :class:`ExchangeUnavailable`.
+        200/202: delivered (``duplicate`` when the exchange had it). 409 with ``expected_seq`` k:
+        the exchange already has this sequence (and, when k is higher, everything below k).
+        400/413/422: the exchange will never take this report; it is dropped (logged) so that it
+        cannot block the ones behind it. Anything retryable raises :class:`ExchangeUnavailable`.
         """
-        response = await self._call("POST", "/v1/agent/meter", report)
-        status = response.status_code
-        if status in (200, 201, 202):
-            ack = self._decode(_meter_ack_decoder, response)
-            # Refused samples are not retried: the exchange will refuse them again; the report is delivered.
-            detail = f"{ack.refused} sample(s) refused: {ack.refused_reasons}" if ack.refused else ""
-            return MeterDelivery(outcome="duplicate" if ack.duplicate else "accepted", ack_through=report.seq,
-                                 detail=detail)
-        if status == 409:
-            expected = self._decode(_meter_conflict_decoder, response).expected_seq
-            through = report.seq if expected is None else max(report.seq, expected - 1)
-            return MeterDelivery(outcome="duplicate", ack_through=through, detail=response.text[:500])
-        return MeterDelivery(outcome="rejected", ack_through=report.seq, detail=f"HTTP {status}: {response.text[:1000]}")
+        try:
+            with _as_agent_outcome("POST /v1/agent/meter"):
+                try:
+                    ack = await self._api.meter(report)
+                except Conflict as conflict:
+                    expected = conflict.extra.get("expected_seq")
+                    through = max(report.seq, expected - 1) if isinstance(expected, int) else report.seq
+                    return MeterDelivery(outcome="duplicate", ack_through=through, detail=str(conflict))
+        except UnreadableAnswer:
+            raise  # keep the report, try again
+        except ExchangeRefused as refused:
+            return MeterDelivery(outcome="rejected", ack_through=report.seq, detail=refused.detail)
+        # Refused samples are not retried: the exchange will refuse them again; the report is delivered.
+        detail = f"{ack.refused} sample(s) refused: {ack.refused_reasons}" if ack.refused else ""
+        return MeterDelivery(outcome="duplicate" if ack.duplicate else "accepted", ack_through=report.seq,
+                             detail=detail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,13 +242,13 @@ class ExchangeClient:
 
 
 def meter_sample(sample: GpuSample) -> MeterSample:
-    return MeterSample(uuid=sample.uuid, ts=format_rfc3339(sample.ts), util=sample.util,
+    return MeterSample(uuid=sample.uuid, ts=utc(sample.ts), util=sample.util,
                        mem_used_mb=sample.mem_used_mb, power_mw=sample.power_mw, energy_mj=sample.energy_mj,
                        temp_c=sample.temp_c, healthy=sample.healthy)
 
 
-def inventory_report(gpus: Iterable[GpuInfo]) -> InventoryReport:
-    return InventoryReport(gpus=[
+def inventory_report(gpus: Iterable[GpuInfo]) -> Inventory:
+    return Inventory(gpus=[
         InventoryGpu(uuid=gpu.uuid, model=gpu.model, memory_mb=gpu.memory_mb, index=gpu.index, name=gpu.name,
                      power_limit_mw=gpu.power_limit_mw or None, mig=gpu.mig)
         for gpu in gpus])
@@ -345,6 +319,7 @@ class AgentState(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     leases: dict[str, Literal["started", "ended"]] = {}
 
 
+_json = msgspec.json.Encoder()
 _state_decoder = msgspec.json.Decoder(AgentState)
 
 
@@ -373,7 +348,7 @@ class LeaseBook:
     def phase_of(self, lease_id: str) -> str | None:
         return self._leases.get(lease_id)
 
-    def plan(self, leases: Sequence[AgentLease]) -> tuple[list[HookAction], set[str]]:
+    def plan(self, leases: Sequence[OwnerLease]) -> tuple[list[HookAction], set[str]]:
         """Hooks to run for this listing, and the GPUs the listing says are leased.
 
         A lease seen running for the first time gets its start hook; a lease whose start hook ran
@@ -655,33 +630,37 @@ class Agent:
                 return
             created = await self._client.create_offer(offer)
             log.info("published offer %s: %d GPU(s) at %s from %s until %s", created.id, offer.gpus,
-                     offer.floor_price, offer.available_from or "now", offer.available_until)
+                     offer.floor_price, as_sent(offer.available_from) if offer.available_from else "now",
+                     as_sent(offer.available_until))
         except ExchangeUnavailable as error:
             log.warning("offer: exchange unavailable (%s); will retry", error)
         except ExchangeRefused as error:
             # 409: an overlapping window exists (published meanwhile); the next check sees it.
             log.warning("offer refused: %s", error)
 
-    def _next_offer(self, identity: AgentIdentity, policy: Policy, offers: Sequence[AgentOffer],
+    def _next_offer(self, identity: AgentIdentity, policy: Policy, offers: Sequence[Offer],
                     now: float) -> OfferCreate | None:
         """The offer to publish so that one stays live, or None while the live one has time left."""
-        ends = [parse_rfc3339(offer.available_until) for offer in offers if offer.available_until and offer.is_live]
-        live_until = max(ends, default=None)
-        if live_until is not None and live_until - now >= policy.renew_before_s:
+        # The listing holds live offers only; the status check keeps that true for any server.
+        live_until = max((offer.available_until for offer in offers if offer.status == "live"),
+                         key=epoch_s, default=None)
+        if live_until is not None and epoch_s(live_until) - now >= policy.renew_before_s:
             return None
         gpus = select_gpus(policy, self._inventory)
         if not gpus:
             return None
-        starts_at = live_until if live_until is not None and live_until > now else None
-        firm_from = starts_at if starts_at is not None else now
+        # Back to back: the new window starts exactly where the live one ends (the same datetime,
+        # not a float round trip of it).
+        starts_at = live_until if live_until is not None and epoch_s(live_until) > now else None
+        firm_from_s = epoch_s(starts_at) if starts_at is not None else now
         models = {gpu.model for gpu in gpus}
         return OfferCreate(
             host_id=identity.host_id,
             gpus=len(gpus),
             floor_price=policy.floor_price,
-            available_from=None if starts_at is None else format_rfc3339(starts_at),
-            available_until=format_rfc3339(now + policy.offer_horizon_s),
-            firm_until=format_rfc3339(firm_from + policy.firm_window_s) if policy.firm_window_s else None,
+            available_from=starts_at,
+            available_until=utc(now + policy.offer_horizon_s),
+            firm_until=utc(firm_from_s + policy.firm_window_s) if policy.firm_window_s else None,
             reclaim_notice_s=policy.reclaim_notice_s,
             reclaim_rate_per_h=policy.reclaim_rate_per_h,
             model=models.pop() if len(models) == 1 else None,
@@ -711,11 +690,11 @@ class Agent:
                         self._hook_queue.put_nowait(action)
             await self._sleep_or_stop(self._config.lease_poll_s)
 
-    async def _live_leases(self) -> list[AgentLease]:
+    async def _live_leases(self) -> list[OwnerLease]:
         """The host's running leases, fetched by status so that the cost is the live leases, not the
         host's whole history. "active" before "ending": a lease only moves active -> ending ->
         ended, so asking in that order never misses a live one (it may be seen twice)."""
-        by_id: dict[str, AgentLease] = {}
+        by_id: dict[str, OwnerLease] = {}
         for status in _LIVE_LEASE_STATUSES:
             for lease in await self._client.list_leases(status):
                 by_id[str(lease.id)] = lease
@@ -829,7 +808,7 @@ async def run_agent(
     config: AgentConfig | None = None,
     probe: GpuProbe | None = None,
     handle_signals: bool = True,
-    transport: httpx.AsyncBaseTransport | None = None,
+    transport: Transport | None = None,
     metrics_port: int | None = None,
     metadata_port: int | None = None,
 ) -> None:

@@ -2,8 +2,9 @@
 
 Format (one directory):
 
-- ``reports/<seq, 20 digits>.json``: one :class:`~agents.wire.MeterReport` per file, exactly the
-  body that is sent. Written to ``.<name>.tmp``, fsynced, renamed into place, then the directory is
+- ``reports/<seq, 20 digits>.json``: one meter report per file, the exchange's own
+  :class:`~exchange.metering.schemas.MeterReport`, exactly the body that is sent (a report from an
+  older agent, ``ts`` spelled with microseconds, reads the same). Written to ``.<name>.tmp``, fsynced, renamed into place, then the directory is
   fsynced: a report is either whole on disk or absent, and ``append`` returns only once it is
   durable. Zero-padded names sort in sequence order.
 - ``spool-state.json``: the highest acknowledged sequence, a floor for the next sequence and the
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import msgspec
 
-from agents.wire import MeterReport, MeterSample
+from exchange.metering.schemas import MeterReport, MeterSample
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_REPORTS", "MeterSpool", "SpoolState", "write_file_durably"]
 

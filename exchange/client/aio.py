@@ -15,7 +15,7 @@ import websockets
 from exchange.accounts.schemas import (Account, AccountCreate, AccountCreated, Balance, Deposit, DepositCreate,
                                        LedgerEntry, LedgerPage, Role)
 from exchange.bids.schemas import Bid, BidCost, BidCreate, BidList, BidStatus
-from exchange.client.errors import ConnectionFailed, Unauthorized, error_from_response
+from exchange.client.errors import ConnectionFailed, Unauthorized, error_from_response, parse_retry_after_s
 from exchange.client.lenient import lenient
 from exchange.feed.client import FeedClient, ws_url
 from exchange.feed.schemas import Envelope, envelope_decoder
@@ -32,11 +32,21 @@ T = TypeVar("T")
 # Errors after which the request may or may not have reached the server. A connect error means it
 # did not (safe to resend anything); a read/protocol error after sending means it may have acted, so
 # only a request that is safe to repeat is resent: a read, or a create carrying an idempotency key
-# (client_order_id, idempotency_key), which the server answers with the first result.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
-_MAYBE_SENT = (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadTimeout)
+# (client_order_id, idempotency_key), which the server answers with the first result. Any other
+# transport failure (a bad URL, a proxy error) is not retried; every one becomes ConnectionFailed,
+# so that a caller never has to know the HTTP library's exceptions.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_MAYBE_SENT = (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadTimeout, httpx.WriteTimeout)
 
 _encoder = msgspec.json.Encoder()
+
+# The transport type callers may inject (tests route the client anywhere); named here so that code
+# built on the client needs no HTTP library of its own.
+Transport = httpx.AsyncBaseTransport
+
+# What a caller that wants status retries usually passes: "not now" answers. 429: over a rate
+# limit; 502/503/504: a proxy or the server itself could not serve it at the moment.
+TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 
 
 def new_key(prefix: str) -> str:
@@ -52,16 +62,26 @@ def _market_path(market: str) -> str:
 class AsyncClient:
     """`async with AsyncClient(url, key) as api: bid = await api.place_bid(...)`.
 
-    retries: how many times a failed attempt is resent (connection errors only; an answer from
-    the server, error or not, is never retried), after backoff_s, doubled each time."""
+    retries: how many times a failed attempt is resent, after backoff_s, doubled each time.
+    Connection errors are retried (see _call for which calls); an answer from the server is
+    retried only when its status is in retry_statuses (opt-in, default none: a CLI user would
+    rather see a 503 at once than wait) and the call is safe to repeat. A Retry-After in such an
+    answer is honoured: the resend waits at least that long, and an answer asking for more than
+    retry_after_max_s is not retried here but raised, for the caller to schedule."""
 
     def __init__(self, base_url: str, key: str | None = None, *, timeout_s: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.1, transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 backoff_s: float = 0.1, transport: Transport | None = None,
+                 retry_statuses: frozenset[int] = frozenset(), retry_after_max_s: float = 10.0,
+                 user_agent: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.key = key
         self.retries = retries
         self.backoff_s = backoff_s
+        self.retry_statuses = frozenset(retry_statuses)
+        self.retry_after_max_s = retry_after_max_s
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if user_agent:
+            headers["User-Agent"] = user_agent
         self.http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout_s,
                                       transport=transport)
         self.attempts = 0  # requests sent, retries included (tests and logs read it)
@@ -78,8 +98,9 @@ class AsyncClient:
     # --- the one request path ----------------------------------------------------------------
     async def _call(self, method: str, path: str, type_: type[T] | Any, *, body: msgspec.Struct | None = None,
                     params: dict[str, Any] | None = None, repeatable: bool | None = None) -> T:
-        """Send, retry on connection errors, decode the answer as `type_` or raise ApiError. The body
-        is encoded once, so every retry carries the same bytes (and so the same idempotency key)."""
+        """Send, retry on connection errors (and on the opted-in statuses), decode the answer as
+        `type_` or raise ApiError. The body is encoded once, so every retry carries the same bytes
+        (and so the same idempotency key)."""
         content = _encoder.encode(body) if body is not None else None
         headers = {"Content-Type": "application/json"} if content is not None else None
         params = {k: v for k, v in (params or {}).items() if v is not None}
@@ -90,14 +111,21 @@ class AsyncClient:
             self.attempts += 1
             try:
                 response = await self.http.request(method, path, content=content, headers=headers, params=params)
-            except _NOT_SENT + _MAYBE_SENT as exc:
-                retry = isinstance(exc, _NOT_SENT) or repeatable
+            except httpx.TransportError as exc:
+                retry = isinstance(exc, _NOT_SENT) or (repeatable and isinstance(exc, _MAYBE_SENT))
                 if not retry or attempt == self.retries:
                     raise ConnectionFailed(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
             if response.status_code >= 400:
+                # Only a repeatable call: a 502/504 from a proxy may come after the server acted.
+                if repeatable and response.status_code in self.retry_statuses and attempt < self.retries:
+                    wait_s = parse_retry_after_s(response.headers.get("retry-after"))
+                    if wait_s is None or wait_s <= self.retry_after_max_s:
+                        await asyncio.sleep(max(delay, wait_s or 0.0))
+                        delay *= 2
+                        continue
                 raise error_from_response(response.status_code, response.content, dict(response.headers))
             return decode(response.content, type_)
         raise AssertionError("unreachable")
@@ -336,11 +364,12 @@ def decode(content: bytes | msgspec.Raw, type_: Any) -> Any:
     """An answer as the server's struct. When the server is newer than this client and sends a
     field the client does not know, the same shape is decoded by a subclass that ignores it
     (exchange/client/lenient.py) instead of failing: isinstance still holds, only `==` against a
-    struct built here sees two types. A missing or mistyped field still raises."""
+    struct built here sees two types. A value outside a closed set (a lease status added later)
+    is read the same way, as its plain type. A missing or mistyped field still raises."""
     try:
         return msgspec.json.decode(content, type=type_)
     except msgspec.ValidationError as exc:
-        if "unknown field" not in str(exc):
+        if "unknown field" not in str(exc) and "Invalid enum value" not in str(exc):
             raise
         return msgspec.json.decode(content, type=lenient(type_))
 

@@ -27,6 +27,11 @@ class ApiError(ClientError):
         self.headers = headers or {}
         self.extra = extra or {}
 
+    @property
+    def retry_after_s(self) -> float | None:
+        """The answer's Retry-After in seconds (a 429, or a 503 that knows when it is back)."""
+        return parse_retry_after_s(self.headers.get("retry-after"))
+
 
 class BadRequest(ApiError):
     """400: a malformed request."""
@@ -55,14 +60,6 @@ class InvalidInput(ApiError):
 class RateLimited(ApiError):
     """429: over a rate limit; `retry_after_s` when the server said."""
 
-    @property
-    def retry_after_s(self) -> float | None:
-        value = self.headers.get("retry-after")
-        try:
-            return float(value) if value is not None else None
-        except ValueError:
-            return None
-
 
 class ServerError(ApiError):
     """5xx."""
@@ -70,6 +67,15 @@ class ServerError(ApiError):
 
 class ConnectionFailed(ClientError):
     """The request could not be completed over the network, after every retry allowed."""
+
+
+def parse_retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds. The HTTP-date form gives None (the caller's own backoff applies):
+    this API's server sends seconds."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 _BY_STATUS: dict[int, type[ApiError]] = {400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound,

@@ -1,15 +1,19 @@
-"""Reply types that ignore fields they do not know.
+"""Reply types that ignore fields and values they do not know.
 
 The server's wire structs refuse unknown fields: right for what the server *reads* (a typo in a
 request fails loudly). For what a client *reads* it is wrong: a client installed before the server
 grew a field would break on every answer carrying it. So replies are decoded as subclasses of the
 server's structs, derived here mechanically, that differ only in ignoring unknown fields. Each shape
-is still defined once (the server's struct); `isinstance(reply, Bid)` holds."""
+is still defined once (the server's struct); `isinstance(reply, Bid)` holds.
+
+The same holds for values: a closed set of values (a `Literal`, e.g. a lease status) grows on the
+server too, so it is read as its plain type (str) and the reader decides what an unknown value
+means (the host agent leaves a lease in an unknown status alone)."""
 from __future__ import annotations
 
 import types
 import typing
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
@@ -46,6 +50,9 @@ def _derive(tp: Any) -> Any:
                                  forbid_unknown_fields=False)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Literal:
+        kinds = tuple(dict.fromkeys(type(a) for a in args))
+        return kinds[0] if len(kinds) == 1 else Union[kinds]  # type: ignore[return-value]
     if origin is Annotated:
         return Annotated[(lenient(args[0]), *tp.__metadata__)]  # type: ignore[return-value]
     if origin in (Union, types.UnionType):

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agents import wire
 from agents.runner import ExchangeClient
+from exchange.metering.schemas import MeterReport, MeterSample
 from tests.conftest import create_database
 from tests.e2e.client import Api, in_hours, rfc3339
 from tests.e2e.test_agent_settlement import until
@@ -100,15 +100,15 @@ async def test_impossible_readings_are_refused_counted_and_every_lease_settles(t
             # refused samples named; a report refused whole as rejected (dropped, never blocking).
             client = ExchangeClient(server.base_url, host["agent_token"], timeout_s=10)
             try:
-                at = rfc3339(start + timedelta(seconds=9))
-                mixed = await client.send_meter(wire.MeterReport(seq=3, samples=[
-                    wire.MeterSample(uuid=o2, ts=at, util=90, mem_used_mb=1, power_mw=POWER_MW,
-                                     energy_mj=1_000_000 + 9 * POWER_MW, temp_c=60, healthy=True),
-                    wire.MeterSample(uuid=o1, ts=at, util=101, mem_used_mb=1, power_mw=POWER_MW,
-                                     energy_mj=1_000_000 + 9 * POWER_MW, temp_c=60, healthy=True)]))
-                rejected = await client.send_meter(wire.MeterReport(seq=4, samples=[
-                    wire.MeterSample(uuid=o1, ts=at, util=101, mem_used_mb=1, power_mw=POWER_MW,
-                                     energy_mj=1_000_000 + 9 * POWER_MW, temp_c=60, healthy=True)]))
+                at = start + timedelta(seconds=9)
+                mixed = await client.send_meter(MeterReport(seq=3, samples=[
+                    MeterSample(uuid=o2, ts=at, util=90, mem_used_mb=1, power_mw=POWER_MW,
+                                energy_mj=1_000_000 + 9 * POWER_MW, temp_c=60, healthy=True),
+                    MeterSample(uuid=o1, ts=at, util=101, mem_used_mb=1, power_mw=POWER_MW,
+                                energy_mj=1_000_000 + 9 * POWER_MW, temp_c=60, healthy=True)]))
+                rejected = await client.send_meter(MeterReport(seq=4, samples=[
+                    MeterSample(uuid=o1, ts=at, util=101, mem_used_mb=1, power_mw=POWER_MW,
+                                energy_mj=1_000_000 + 9 * POWER_MW, temp_c=60, healthy=True)]))
             finally:
                 await client.aclose()
             assert (mixed.outcome, mixed.ack_through) == ("accepted", 3)

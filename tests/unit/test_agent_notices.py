@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime
 from pathlib import Path
 
 import httpx
+import msgspec
 
 from agents.notices import NoticeBoard, serve_metadata
-from agents.wire import AgentLease
+from exchange.leases.schemas import OwnerLease
+from tests.unit.exchange_answers import owner_lease
 
 UUIDS = ["GPU-a", "GPU-b"]
 
 
-def lease(status: str, end_at: str | None = None, reason: str | None = None, lease_id: int = 7) -> AgentLease:
-    return AgentLease(id=lease_id, status=status, gpu_uuids=UUIDS, end_at=end_at, end_reason=reason)
+def lease(status: str, end_at: str | None = None, reason: str | None = None, lease_id: int = 7) -> OwnerLease:
+    return owner_lease(lease_id, status, UUIDS, end_at=datetime.fromisoformat(end_at) if end_at else None,
+                       end_reason=reason)
 
 
 def test_notice_file_lifecycle(tmp_path: Path) -> None:
@@ -76,8 +80,9 @@ async def test_metadata_endpoint(tmp_path: Path) -> None:
 def test_a_lease_id_that_is_not_a_plain_name_gets_no_file(tmp_path: Path) -> None:
     board = NoticeBoard(tmp_path / "notices")
 
-    written = board.update([AgentLease(id="../escape", status="ending", gpu_uuids=UUIDS,
-                                       end_at="2027-01-15T08:00:00Z", end_reason="outbid")])
+    # The exchange's ids are integers; the check guards the file name whatever an id becomes.
+    escape = msgspec.structs.replace(lease("ending", "2027-01-15T08:00:00Z", "outbid"), id="../escape")
+    written = board.update([escape])
 
     assert written == [] and not (tmp_path / "escape.json").exists()
     assert list((tmp_path / "notices").iterdir()) == []

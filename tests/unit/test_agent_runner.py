@@ -6,11 +6,13 @@ import asyncio
 import json
 import random
 import time
+from datetime import UTC, datetime
 from urllib.parse import parse_qs, urlsplit
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from agents.probe import SimulatedProbe
@@ -24,7 +26,10 @@ from agents.runner import (
     host_key,
     run_agent,
 )
-from agents.wire import AgentLease, MeterReport, MeterSample, parse_rfc3339
+from agents.wire import format_rfc3339, parse_rfc3339
+from exchange.metering.schemas import MeterReport, MeterSample
+from tests.unit.exchange_answers import (error_json, host_json, identity_json, offer_json, owner_lease,
+                                         owner_lease_json)
 
 TOKEN = "agent-token-1"
 FAST = AgentConfig(lease_poll_s=0.05, offer_check_s=0.05, backoff_initial_s=0.02, backoff_max_s=0.1,
@@ -32,14 +37,16 @@ FAST = AgentConfig(lease_poll_s=0.05, offer_check_s=0.05, backoff_initial_s=0.02
 
 
 class FakeExchange:
-    """The agent endpoints of the exchange, in memory, over minimal HTTP/1.1 with keep-alive."""
+    """The agent endpoints of the exchange, in memory, over minimal HTTP/1.1 with keep-alive,
+    answering in the exchange's own shapes (the agent reads them with the exchange's structs)."""
 
     def __init__(self) -> None:
         self.port = 0
         self.meter: dict[int, list[dict[str, Any]]] = {}  # stored reports by seq
         self.meter_posts: list[int] = []  # every seq posted, in arrival order
         self.inventory: dict[str, Any] | None = None
-        self.offers: list[dict[str, Any]] = []
+        self.offers: list[dict[str, Any]] = []  # as the exchange answers them
+        self.offer_bodies: list[dict[str, Any]] = []  # as the agent posted them
         self.leases: list[dict[str, Any]] = []
         self.lease_queries: list[str | None] = []
         self.failing = False  # answer 503 to everything
@@ -104,27 +111,27 @@ class FakeExchange:
         url = urlsplit(target)
         path, query = url.path, {key: values[0] for key, values in parse_qs(url.query).items()}
         if headers.get("authorization") != f"Bearer {TOKEN}":
-            return 401, {"error": "unauthorized"}
+            return 401, error_json("unauthorized", "unknown key")
         if self.failing:
-            return 503, {"error": "down for maintenance"}
-        now = asyncio.get_running_loop().time()
+            return 503, error_json("unavailable", "down for maintenance")
         match method, path:
             case "GET", "/v1/agent/me":
-                return 200, {"host_id": "host-1", "name": "h1", "fabric": "pod-a", "extra": "ignored"}
+                return 200, {**identity_json(), "extra": "ignored"}  # a newer server's field
             case "PUT", "/v1/agent/inventory":
                 self.inventory = body
-                return 200, {"gpus": len(body["gpus"])}
+                return 200, host_json(body["gpus"])
             case "GET", "/v1/agent/offers":
                 live = [o for o in self.offers if parse_rfc3339(o["available_until"]) > time.time()]
                 return 200, {"items": live}
-            case "POST", "/v1/offers":
-                start = parse_rfc3339(body["available_from"]) if "available_from" in body else time.time()
+            case "POST", "/v1/offers" | "/v1/offers/":
+                start = parse_rfc3339(body["available_from"]) if body.get("available_from") else time.time()
                 end = parse_rfc3339(body["available_until"])
                 for offer in self.offers:
-                    if start < parse_rfc3339(offer["available_until"]) and offer["_start"] < end:
-                        return 409, {"error": "overlapping offer"}
-                offer = {"id": len(self.offers) + 1, **body, "status": "live", "_start": start, "_at": now}
+                    if start < parse_rfc3339(offer["available_until"]) and parse_rfc3339(offer["available_from"]) < end:
+                        return 409, error_json("overlapping_offer", "an offer of this host overlaps")
+                offer = offer_json(len(self.offers) + 1, body, body.get("available_from") or format_rfc3339(start))
                 self.offers.append(offer)
+                self.offer_bodies.append(body)
                 return 201, offer
             case "GET", "/v1/agent/leases":
                 # Newest first, one lease a page: the agent must follow the cursor.
@@ -138,17 +145,17 @@ class FakeExchange:
                 seq = body["seq"]
                 self.meter_posts.append(seq)
                 if seq in self.reject_seqs:
-                    return 422, {"error": "unknown GPU", "field": "samples[0].uuid"}
+                    return 422, error_json("invalid_field", "unknown GPU")
                 if seq in self.meter:
                     if self.duplicate_answer == "409":
-                        return 409, {"expected_seq": max(self.meter) + 1}
-                    return 200, {"accepted": 0, "duplicate": True}
+                        return 409, error_json("replayed_sequence", "received already", expected_seq=max(self.meter) + 1)
+                    return 200, {"seq": seq, "accepted": 0, "duplicate": True}
                 self.meter[seq] = body["samples"]
                 if self.lose_next_meter_answer:
                     self.lose_next_meter_answer = False
                     return None
-                return 202, {"accepted": len(body["samples"]), "duplicate": False}
-        return 404, {"error": f"no route {method} {path}"}
+                return 202, {"seq": seq, "accepted": len(body["samples"]), "duplicate": False}
+        return 404, error_json("not_found", f"no route {method} {path}")
 
 
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
@@ -311,9 +318,8 @@ async def test_leases_run_hooks_once_and_drive_the_simulated_load(exchange: Fake
         return {s["uuid"]: s["power_mw"] for s in latest}
 
     # Two live leases on two pages of the listing, and an old one that ended long ago.
-    exchange.leases = [{"id": 7, "status": "active", "gpu_uuids": [gpu_a], "start": "2025-01-01T00:00:00Z"},
-                       {"id": 5, "status": "ending", "gpu_uuids": [gpu_b]},
-                       {"id": 2, "status": "ended", "gpu_uuids": [free]}]
+    exchange.leases = [owner_lease_json(7, "active", [gpu_a]), owner_lease_json(5, "ending", [gpu_b]),
+                       owner_lease_json(2, "ended", [free])]
     await eventually(lambda: len(hooks_run()) == 2, what="start hooks")
     assert hooks_run() == [f"start 5 {gpu_b}", f"start 7 {gpu_a}"]
     await eventually(lambda: min(latest_power().get(gpu_a, 0), latest_power().get(gpu_b, 0)) > 300_000,
@@ -331,7 +337,7 @@ async def test_leases_run_hooks_once_and_drive_the_simulated_load(exchange: Fake
     assert hooks_run() == expected
 
     # A restart remembers what ran; a lease that came and went while the agent was away runs nothing.
-    exchange.leases.append({"id": 8, "status": "ended", "gpu_uuids": [free]})
+    exchange.leases.append(owner_lease_json(8, "ended", [free]))
     stop = asyncio.Event()
     task = start_agent(exchange, data_dir, stop, policy=policy, simulate="3xH100-80GB")
     await asyncio.sleep(0.4)
@@ -350,10 +356,10 @@ async def test_the_agent_keeps_one_offer_live_and_renews_it_back_to_back(exchang
     await eventually(lambda: len(exchange.offers) >= 3, what="renewed offers")
     await stop_agent(task, stop)
 
-    first, second = exchange.offers[0], exchange.offers[1]
+    first, second = exchange.offer_bodies[0], exchange.offer_bodies[1]
     assert {k: first[k] for k in ("host_id", "gpus", "floor_price", "reclaim_notice_s", "reclaim_rate_per_h")} == {
-        "host_id": "host-1", "gpus": 2, "floor_price": "2.50", "reclaim_notice_s": 300, "reclaim_rate_per_h": 0.25}
-    assert "available_from" not in first and first["model"] == "H100-80GB"
+        "host_id": 1, "gpus": 2, "floor_price": "2.50", "reclaim_notice_s": 300, "reclaim_rate_per_h": 0.25}
+    assert first["available_from"] is None and first["model"] == "H100-80GB"
     assert second["available_from"] == first["available_until"]
     assert parse_rfc3339(first["firm_until"]) == pytest.approx(time.time() + 60, abs=5)
 
@@ -381,8 +387,8 @@ async def test_two_agents_cannot_share_a_data_dir(exchange: FakeExchange, tmp_pa
 
 
 async def test_client_maps_unreachable_and_failing_exchanges_to_unavailable(exchange: FakeExchange) -> None:
-    report = MeterReport(seq=1, samples=[MeterSample(uuid="GPU-a", ts="2025-01-01T00:00:00Z", util=1, mem_used_mb=1,
-                                                     power_mw=1, energy_mj=1, temp_c=1, healthy=True)])
+    report = MeterReport(seq=1, samples=[MeterSample(uuid="GPU-aaaaaaaa", ts=datetime(2025, 1, 1, tzinfo=UTC), util=1,
+                                                     mem_used_mb=1, power_mw=1, energy_mj=1, temp_c=1, healthy=True)])
     client = ExchangeClient(exchange.url, TOKEN, timeout_s=2)
     try:
         assert (await client.send_meter(report)).outcome == "accepted"
@@ -407,10 +413,8 @@ async def test_client_maps_unreachable_and_failing_exchanges_to_unavailable(exch
 
 def test_lease_book_plans_hooks_and_busy_gpus(tmp_path: Path) -> None:
     book = LeaseBook(tmp_path / "state.json")
-    leases = [AgentLease(id="a", status="active", gpu_uuids=["g1"]),
-              AgentLease(id="b", status="ending", gpu_uuids=["g2"]),
-              AgentLease(id="c", status="ended", gpu_uuids=["g3"]),
-              AgentLease(id="d", status="pending", gpu_uuids=["g4"])]
+    leases = [owner_lease("a", "active", ["g1"]), owner_lease("b", "ending", ["g2"]),  # type: ignore[arg-type]
+              owner_lease("c", "ended", ["g3"]), owner_lease("d", "pending", ["g4"])]  # type: ignore[arg-type]
 
     actions, busy = book.plan(leases)
 
@@ -421,7 +425,7 @@ def test_lease_book_plans_hooks_and_busy_gpus(tmp_path: Path) -> None:
     for action in actions:
         book.record(action)
     restarted = LeaseBook(tmp_path / "state.json")
-    actions, busy = restarted.plan([AgentLease(id="a", status="failed", gpu_uuids=["g1"])])
+    actions, busy = restarted.plan([owner_lease("a", "failed", ["g1"])])  # type: ignore[arg-type]
 
     assert [(a.event, a.lease_id, a.gpu_uuids) for a in actions] == [("lease_end", "a", ["g1"]),
                                                                      ("lease_end", "b", [])]
@@ -446,3 +450,23 @@ def test_default_data_dir_and_host_key() -> None:
     assert default_data_dir("a/b", {}) == Path(".gpux/agent-a_b")
     assert host_key("t", "h1") == "h1"
     assert host_key("t1") != host_key("t2") and host_key("t1") == host_key("t1")
+
+
+async def test_an_injected_transport_carries_every_call() -> None:
+    """A transport given to run_agent (passed on to ExchangeClient) reaches the client: the calls go
+    where a test routes them, with the agent token and the agent's User-Agent."""
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=identity_json())
+
+    client = ExchangeClient("http://exchange.invalid", TOKEN, timeout_s=2, transport=httpx.MockTransport(answer))
+    try:
+        identity = await client.me()
+    finally:
+        await client.aclose()
+
+    assert identity.host_id == 1
+    assert [(r.method, r.url.path, r.headers["authorization"], r.headers["user-agent"]) for r in seen] == [
+        ("GET", "/v1/agent/me", f"Bearer {TOKEN}", "gpux-agent/1")]

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from agents.spool import MeterSpool
-from agents.wire import MeterSample
+from exchange.metering.schemas import MeterSample
 
 
 def sample(n: int) -> MeterSample:
-    return MeterSample(uuid="GPU-a", ts=f"2025-01-01T00:00:{n % 60:02d}.000000Z", util=n % 101, mem_used_mb=n,
-                       power_mw=70_000 + n, energy_mj=1_000_000 + n, temp_c=40, healthy=True)
+    return MeterSample(uuid="GPU-aaaaaaaa", ts=datetime(2025, 1, 1, 0, 0, n % 60, tzinfo=UTC), util=n % 101,
+                       mem_used_mb=n, power_mw=70_000 + n, energy_mj=1_000_000 + n, temp_c=40, healthy=True)
 
 
 def seqs(spool: MeterSpool) -> list[int]:
@@ -163,3 +164,17 @@ def test_over_the_byte_bound_the_oldest_are_dropped_but_never_the_newest(tmp_pat
 def test_a_spool_must_hold_something(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         MeterSpool(tmp_path, max_reports=0)
+
+
+def test_a_report_spooled_by_an_older_agent_reads_back_as_the_exchanges_struct(tmp_path: Path) -> None:
+    """Agents before the move onto the client spelled ts with microseconds: an upgrade must still
+    send what it left spooled."""
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / f"{4:020d}.json").write_bytes(
+        b'{"seq":4,"samples":[{"uuid":"GPU-aaaaaaaa","ts":"2025-01-01T00:00:07.000000Z","util":7,'
+        b'"mem_used_mb":7,"power_mw":70007,"energy_mj":1000007,"temp_c":40,"healthy":true}]}')
+
+    spool = MeterSpool(tmp_path)
+
+    assert [(r.seq, r.samples) for r in spool.pending()] == [(4, [sample(7)])]
+    assert spool.dropped == 0 and spool.next_seq == 5

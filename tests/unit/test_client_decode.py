@@ -48,3 +48,18 @@ def test_a_lease_decodes_in_the_view_the_server_sent(extra: bytes) -> None:
     assert isinstance(tenant, Lease) and tenant.bid_id == 3
     assert isinstance(owner, OwnerLease) and not isinstance(owner, Lease)
     assert isinstance(owners, OwnerLeaseList) and not isinstance(owners.items[0], Lease)
+
+
+def test_a_status_a_newer_server_added_is_read_as_a_plain_string() -> None:
+    """The host agent leaves a lease in a status it does not know alone (agents/runner.py
+    LEASE_PHASES); for that it must be able to read the lease at all."""
+    unknown = OWNER_LEASE.replace(b'"status":"active"', b'"status":"paused"')
+    page = decode(b'{"items":[' + unknown + b'}],"next":null}', OwnerLeaseList)
+    tenant = _decode_lease_view(unknown + b',"bid_id":3,"limit_price":"2.00","hold":"4.00"}', Lease, OwnerLease)
+    owner = _decode_lease_view(unknown + b"}", Lease, OwnerLease)
+
+    assert isinstance(page.items[0], OwnerLease) and page.items[0].status == "paused"
+    assert isinstance(tenant, Lease) and tenant.status == "paused"
+    assert isinstance(owner, OwnerLease) and not isinstance(owner, Lease) and owner.status == "paused"
+    with pytest.raises(msgspec.ValidationError):  # a mistyped value still fails
+        decode(OWNER_LEASE.replace(b'"status":"active"', b'"status":5') + b"}", OwnerLease)
