@@ -9,6 +9,7 @@ each load reads the rows whose change_xid is at or above the xmin of the previou
 in one snapshot of its own, and skips those it already applied at the same change number."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -111,7 +112,9 @@ class BookSync:
         assert self.snapshot is None and not self.models, "load_model fills a fresh BookSync"
         rows = await conn.fetch(BID_COLUMNS + " WHERE b.status = 'open' AND m.model = $1"
                                 " AND NOT (b.time_in_force = 'gtd' AND b.expire_at <= $2)", model, now)
-        self._apply(rows)
+        # Off the event loop: building the engine's book costs CPU in proportion to the model's open
+        # bids (~0.2 s for 100,000), and an API process serves other requests meanwhile.
+        await asyncio.to_thread(self._apply, rows)
         await self.load_blocks(conn, now, of_model=model)
         return self.state(model)
 

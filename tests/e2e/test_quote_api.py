@@ -89,7 +89,8 @@ async def test_a_quote_that_fills_is_what_placing_the_bid_gets(admin: Api) -> No
     assert answer["would_fill"] is True and answer["price"] == "2.50", answer
     assert answer["eligible_gpus"] == 4 and answer["unfilled_reason"] is None and answer["unfilled_shortfall"] is None
     assert answer["hold"] == "12.00" and answer["available"] == "100.00"
-    assert (answer["market"], answer["gpus"], answer["duration_s"], answer["limit_price"]) == (market, 4, HOUR_S, "3.00")
+    echoed = (answer["market"], answer["gpus"], answer["duration_s"], answer["limit_price"])
+    assert echoed == (market, 4, HOUR_S, "3.00")
     bid = await place(me, body)
     assert await until(lambda: filled(me, bid)), "the quoted bid did not fill"
     [lease] = (await me.ok("GET", "/v1/leases"))["items"]
