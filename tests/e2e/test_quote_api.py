@@ -238,3 +238,15 @@ async def test_bad_quotes_are_refused_in_the_error_shape(admin: Api) -> None:
             assert error.get("field") == field, (body, response.text)
     not_json = await me.request("POST", "/v1/bids/quote", content=b"{", headers={"Content-Type": "application/json"})
     assert not_json.status_code == 400 and not_json.json()["error"]["code"]
+
+
+async def test_a_market_with_no_supply_says_so(admin: Api) -> None:
+    # A model a host has reported (so its markets exist) but nobody offers.
+    owner = await admin.new_account("owner")
+    model = f"Q{unique('gpu').replace('-', '')}-80GB"
+    await owner.new_host(gpus=8, model=model, fabric=unique("pod"))
+    me = await admin.new_account("tenant", deposit="100.00")
+
+    answer = await quote(me, terms(f"{model}/firm", 1, "2.00"))
+
+    assert (answer["would_fill"], answer["eligible_gpus"], answer["unfilled_reason"]) == (False, 0, "no_supply_window")
