@@ -540,6 +540,14 @@ class ModelBook:
         self._inc_ids = np.ascontiguousarray(ids[order])
         self._inc_lim = np.ascontiguousarray(lim[order])
 
+    def eligible_free(self, tier, now: int, duration_s: int, min_notice_s: int, hazard_budget: int) -> int:
+        """Free GPUs now on the blocks that a bid with these terms is eligible for (the rule's
+        eligibility without floor), as the next tick would see them: call it before `tick`."""
+        idx = self._index_for_tick()
+        now = int(now)
+        return int(K.eligible_free(int(Tier(tier)), idx.lf, idx.n, now, now + int(duration_s),
+                                   int(min_notice_s), int(hazard_budget)))
+
     def compact(self) -> None:
         """Drop dead bids and fold pending additions into the main runs (optional upkeep)."""
         self._bids.compact()

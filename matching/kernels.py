@@ -153,6 +153,17 @@ def eligible(tier, rows, i, now, end, mn, budget):
 
 
 @njit(cache=True)
+def eligible_free(tier, lf, n, now, end, mn, budget):
+    """Free GPUs on the blocks a bid's terms fit (`eligible`: without floor, whatever the host
+    size): what a quote reports as eligible, by the same test the tick applies."""
+    total = 0
+    for i in range(n):
+        if lf[i, L_FREE] > 0 and eligible(tier, lf, i, now, end, mn, budget):
+            total += lf[i, L_FREE]
+    return total
+
+
+@njit(cache=True)
 def node_may_fit(tier, t, node, now, end, mn, budget, pmask):
     """False when no leaf under `node` can pass eligibility.  The aggregates are per-dimension
     bounds; the reclaim-profile bitset `pmask` (profiles that may pass notice and survival)

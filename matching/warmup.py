@@ -33,6 +33,7 @@ def warm_up() -> None:
             np.full(6, INT64_MAX), np.zeros(6),
         )
     book.set_incumbents(np.array([7, 3]), np.array([2_000_000, 9_000_000]))
+    book.eligible_free(Tier.SPOT, now, hour, 60, 1000)  # a quote's count (exchange/bids/quote.py)
     book.tick(now)
     book.remove_bids(Tier.SPOT, np.array([110]))
     book.add_bids(Tier.SPOT, np.array([300]), np.array([50]), np.array([2]), np.array([hour]),

@@ -9,6 +9,7 @@ each load reads the rows whose change_xid is at or above the xmin of the previou
 in one snapshot of its own, and skips those it already applied at the same change number."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -102,6 +103,21 @@ class BookSync:
         rows = await conn.fetch(BID_COLUMNS + " WHERE b.id = ANY($1::bigint[])", [int(i) for i in bid_ids])
         self._apply(rows)
 
+    async def load_model(self, conn: asyncpg.Connection, model: str, now: datetime) -> ModelState:
+        """One model's whole book (open bids and live offers, both tiers: one walk clears both) as
+        the caller's transaction sees it, into this fresh BookSync, for a one-off clearing that
+        writes nothing (a quote, exchange/bids/quote.py); not for incremental loads after it.
+        Good-till-date bids past their expire_at are left out, as the tick expires them before
+        it clears. Incumbents are not loaded: they only decide which running leases are outbid."""
+        assert self.snapshot is None and not self.models, "load_model fills a fresh BookSync"
+        rows = await conn.fetch(BID_COLUMNS + " WHERE b.status = 'open' AND m.model = $1"
+                                " AND NOT (b.time_in_force = 'gtd' AND b.expire_at <= $2)", model, now)
+        # Off the event loop: building the engine's book costs CPU in proportion to the model's open
+        # bids (~0.2 s for 100,000), and an API process serves other requests meanwhile.
+        await asyncio.to_thread(self._apply, rows)
+        await self.load_blocks(conn, now, of_model=model)
+        return self.state(model)
+
     def reset_model(self, model: str) -> None:
         """Forget a model's book (when its tick could not be persisted, its winners are out of the
         engine and its ioc cancels undone); the next load rebuilds it from the database."""
@@ -179,9 +195,10 @@ class BookSync:
                        if bid_id not in found or (found[bid_id]["seen"] and not found[bid_id]["open"]))
         return missing, extra
 
-    async def load_blocks(self, conn: asyncpg.Connection, now: datetime) -> None:
-        """Refresh every live offer as a block: what is free changes with every lease, so blocks are
-        re-sent each tick (there are far fewer of them than bids)."""
+    async def load_blocks(self, conn: asyncpg.Connection, now: datetime, *, of_model: str | None = None) -> None:
+        """Refresh every live offer (of `of_model` only, when given) as a block: what is free changes
+        with every lease, so blocks are re-sent each tick (there are far fewer of them than bids)."""
+        where_model = "" if of_model is None else " AND o.model = $2"
         rows = await conn.fetch(
             # The owner's own demand comes first: GPUs an active reclaim takes are not for sale,
             # less those a lease under the reclaim's notice still holds (counted as leased already;
@@ -205,7 +222,8 @@ class BookSync:
             "   FROM gpus g WHERE g.host_id = o.host_id AND g.present AND g.model = o.model) hg"
             " LEFT JOIN reclaimed rc ON rc.host_id = o.host_id AND rc.model = o.model"
             " LEFT JOIN noticed nt ON nt.host_id = o.host_id AND nt.model = o.model"
-            " WHERE o.status = 'live' AND o.available_from <= $1 AND o.available_until > $1 ORDER BY o.id", now)
+            " WHERE o.status = 'live' AND o.available_from <= $1 AND o.available_until > $1" + where_model +
+            " ORDER BY o.id", now, *([] if of_model is None else [of_model]))
         by_model: dict[str, list[asyncpg.Record]] = {}
         for row in rows:
             by_model.setdefault(row["model"], []).append(row)

@@ -6,7 +6,8 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import Parameter
 
 from exchange.bids import service
-from exchange.bids.schemas import Bid, BidCost, BidCreate, BidList, BidStatus
+from exchange.bids.quote import quote_bid
+from exchange.bids.schemas import Bid, BidCost, BidCreate, BidList, BidStatus, Quote, QuoteRequest
 from exchange.core.auth import requires
 from exchange.core.bounds import PathId
 from exchange.core.context import AppContext
@@ -21,6 +22,11 @@ class BidController(Controller):
     async def place(self, ctx: AppContext, request: Request, data: BidCreate) -> Response[Bid]:
         bid, replayed = await service.place_bid(ctx, request.user.account_id, data)
         return Response(bid, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
+
+    @post("/quote", status_code=200)
+    async def quote(self, ctx: AppContext, request: Request, data: QuoteRequest) -> Quote:
+        """A dry run of a bid: what these terms would get if the market cleared now. Writes nothing."""
+        return await quote_bid(ctx, request.user.account_id, data)
 
     @get("/")
     async def list_bids(self, ctx: AppContext, request: Request, status: BidStatus | None = None,

@@ -5,7 +5,7 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
-from exchange.bids.schemas import Bid, BidCost, BidCreate
+from exchange.bids.schemas import Bid, BidCost, BidCreate, QuoteRequest
 from exchange.core.context import AppContext, request_hash
 from exchange.core import metrics
 from exchange.core.errors import ApiError, Conflict, InvalidField, NotFound
@@ -35,8 +35,13 @@ def to_bid(row: asyncpg.Record) -> Bid:
                created_at=row["created_at"], updated_at=row["updated_at"])
 
 
-def validate_bid(ctx: AppContext, data: BidCreate, now: datetime) -> int:
-    """Checks the body beyond its shape; returns the limit price in micro-dollars."""
+def unknown_market(market: str) -> InvalidField:
+    return InvalidField("market", f"unknown market {market!r} (see GET /v1/markets)")
+
+
+def validate_bid(ctx: AppContext, data: BidCreate | QuoteRequest, now: datetime) -> int:
+    """Checks a bid's terms beyond their shape (placed or quoted); returns the limit price in
+    micro-dollars."""
     settings = ctx.settings
     if data.gpus > settings.max_gang_gpus:
         raise InvalidField("gpus", f"at most {settings.max_gang_gpus} GPUs in one gang")
@@ -107,7 +112,7 @@ async def insert_bid(conn: asyncpg.Connection, ctx: AppContext, account_id: int,
             account_id, data.market, data.gpus, data.duration_s, limit, data.min_survival, data.min_notice_s,
             tif, data.expire_at, data.client_order_id, fingerprint, data.requeue_on_preempt, hold, now)
     except asyncpg.ForeignKeyViolationError:  # the market does not exist: no bid, no hold
-        raise InvalidField("market", f"unknown market {data.market!r} (see GET /v1/markets)") from None
+        raise unknown_market(data.market) from None
     if row is not None:
         await ledger.place_hold(conn, account_id=account_id, amount=hold, now=now, ref_type="bid", ref_id=row["id"])
         return row, False

@@ -14,7 +14,7 @@ import websockets
 
 from exchange.accounts.schemas import (Account, AccountCreate, AccountCreated, Balance, Deposit, DepositCreate,
                                        LedgerEntry, LedgerPage, Role)
-from exchange.bids.schemas import Bid, BidCost, BidCreate, BidList, BidStatus
+from exchange.bids.schemas import Bid, BidCost, BidCreate, BidList, BidStatus, Quote, QuoteRequest
 from exchange.client.errors import ConnectionFailed, Unauthorized, error_from_response, parse_retry_after_s
 from exchange.client.lenient import lenient
 from exchange.feed.client import FeedClient, ws_url
@@ -224,6 +224,12 @@ class AsyncClient:
         body = BidCreate(market=market, gpus=gpus, duration_s=duration_s, limit_price=limit_price,
                          client_order_id=client_order_id or new_key("cli"), **options)
         return await self._call("POST", "/v1/bids/", Bid, body=body, repeatable=True)
+
+    async def quote(self, market: str, gpus: int, duration_s: int, limit_price: str, **options: Any) -> Quote:
+        """A dry run of a bid with these terms (options: the other QuoteRequest fields, as for
+        place_bid). It writes nothing, so it is resent like a read."""
+        body = QuoteRequest(market=market, gpus=gpus, duration_s=duration_s, limit_price=limit_price, **options)
+        return await self._call("POST", "/v1/bids/quote", Quote, body=body, repeatable=True)
 
     async def bid(self, bid_id: int) -> Bid:
         return await self._call("GET", f"/v1/bids/{bid_id}", Bid)

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from exchange.accounts.schemas import AccountCreated, Balance, Deposit, LedgerEntry
-from exchange.bids.schemas import Bid, BidCost
+from exchange.bids.schemas import Bid, BidCost, Quote
 from exchange.client import AsyncClient, BadRequest, Client, Conflict, ConnectionFailed, Forbidden, NotFound
 from exchange.hosts.schemas import AgentIdentity, Host, HostCreated, Inventory, InventoryGpu
 from exchange.metering.schemas import MeterAck, MeterReport, MeterSample
@@ -89,6 +89,9 @@ async def test_every_resource_round_trips_as_the_servers_structs(root: AsyncClie
         assert isinstance(offer, Offer) and offer.status == "live" and offer.model == model
         assert [o.id for o in await owner.offers("live")] == [offer.id]
 
+        quote = await tenant.quote(market, 2, 3600, "2.00")  # alone in the book: it would fill at the floor
+        assert isinstance(quote, Quote) and (quote.would_fill, quote.price, quote.eligible_gpus) == (True, "1.00", 4)
+        assert (quote.hold, quote.available) == ("4.00", "100.00")
         bid = await tenant.place_bid(market, 2, 3600, "2.00")
         assert isinstance(bid, Bid) and bid.client_order_id.startswith("cli-")
         filled = await eventually(lambda: _filled(tenant, bid.id))
