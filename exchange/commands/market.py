@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from exchange.client.sync import Client
-from exchange.commands.output import Output, table
+from exchange.commands.output import Output, cell, table
 from exchange.commands.session import api_command
 from exchange.markets.schemas import Book
 
@@ -21,7 +21,7 @@ def markets(out: Output, api: Client) -> None:
 def _book_text(book: Book, depth: int) -> str:
     asks = list(reversed(book.asks[:depth]))
     bids = book.bids[:depth]
-    lines = [f"{book.market}  seq {book.seq}  as of {book.at or '-'}", f"{'':6}{'PRICE':>12}  {'GPUS':>6}"]
+    lines = [f"{book.market}  seq {book.seq}  as of {cell(book.at)}", f"{'':6}{'PRICE':>12}  {'GPUS':>6}"]
     lines += [f"{'ask':6}{level.price:>12}  {level.gpus:>6}" for level in asks]
     lines.append("-" * 26)
     lines += [f"{'bid':6}{level.price:>12}  {level.gpus:>6}" for level in bids]

@@ -66,7 +66,16 @@ def _terms(market: str | None, gpus: int | None, duration: str | None, limit_pri
 def quote(out: Output, api: Client, **options: Any) -> None:
     """A dry run of a bid against the book now: would it fill, at what price, on how many eligible
     GPUs, and if not, why and by how much. Nothing is placed or held."""
-    out.emit(api.quote(**_terms(**options)))
+    out.emit(api.quote(**_terms(**options)), lambda q: _quote_line(q) + "\n" + fields(q))
+
+
+def _quote_line(q: Any) -> str:
+    if q.would_fill:
+        return (f"would fill now: {q.gpus} GPU(s) of {q.market} at {q.price}/GPU-h (limit {q.limit_price}),"
+                f" {q.eligible_gpus} eligible GPU(s) free; placing it holds {q.hold} of {q.available} available")
+    shortfall = f", short by {q.unfilled_shortfall}" if q.unfilled_shortfall else ""
+    return (f"would not fill now: {q.unfilled_reason}{shortfall}; {q.eligible_gpus} eligible GPU(s) free;"
+            f" placing it holds {q.hold} of {q.available} available")
 
 
 def _differences(asked: dict[str, Any], bid: Bid) -> list[str]:
