@@ -20,7 +20,8 @@ from tests.conftest import create_database
 from tests.e2e.client import unique
 from tests.support import ADMIN_KEY, start_agent, start_server
 
-SERVER_ENV = {"GPUX_TICK_S": "0.2", "GPUX_SETTLE_S": "1", "GPUX_MIN_DURATION_S": "5"}
+SERVER_ENV = {"GPUX_TICK_S": "0.2", "GPUX_SETTLE_S": "1", "GPUX_SETTLE_CLOSE_AFTER_S": "2",
+              "GPUX_MIN_DURATION_S": "5"}
 
 
 @dataclass
