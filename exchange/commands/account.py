@@ -9,8 +9,8 @@ import click
 
 from exchange.client.sync import Client
 from exchange.commands.output import Output, answers, table
-from exchange.commands.profile import DEFAULT_PROFILE, config_path, load_config, save_config, with_profile, \
-    without_profile
+from exchange.commands.profile import (DEFAULT_PROFILE, config_path, load_config, update_config, with_profile,
+                                       without_profile)
 from exchange.commands.session import api_command
 from exchange.core.structs import Struct
 
@@ -36,7 +36,7 @@ def login(out: Output, url: str, key: str, profile_name: str, make_default: bool
     with Client(url, key) as api:
         account = api.me()  # refuses a wrong key or URL before anything is saved
     path = config_path()
-    save_config(path, with_profile(load_config(path), profile_name, url, key, make_default))
+    update_config(path, lambda config: with_profile(config, profile_name, url, key, make_default))
     out.emit(LoggedIn(profile=profile_name, url=url.rstrip("/"), config=str(path), account_id=account.id,
                       name=account.name, role=account.role),
              lambda v: f"logged in to {v.url} as {v.name} ({v.role}, account {v.account_id}); "
@@ -49,10 +49,9 @@ def login(out: Output, url: str, key: str, profile_name: str, make_default: bool
 def logout(out: Output, profile_name: str) -> None:
     """Forget a profile's URL and key."""
     path = config_path()
-    config = load_config(path)
-    found = profile_name in config.profiles
+    found = profile_name in load_config(path).profiles
     if found:
-        save_config(path, without_profile(config, profile_name))
+        update_config(path, lambda config: without_profile(config, profile_name))
     out.emit({"profile": profile_name, "removed": found},
              lambda v: f"profile {profile_name!r} " + ("removed" if found else "was not there"))
 

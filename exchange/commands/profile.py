@@ -11,10 +11,12 @@ The file, `$GPUX_CONFIG`, else `$XDG_CONFIG_HOME/gpux/config.toml`, else `~/.con
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -100,6 +102,20 @@ def save_config(path: Path, config: Config) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def update_config(path: Path, change: Callable[[Config], Config]) -> Config:
+    """Read, change and write the file under an exclusive lock beside it, so that two `gpux login`
+    runs at once (say, two profiles set up by one script) both land: neither overwrites the other's."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock_fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        changed = change(load_config(path))
+        save_config(path, changed)
+        return changed
+    finally:
+        os.close(lock_fd)  # closing releases the lock
 
 
 def with_profile(config: Config, name: str, url: str, key: str, make_default: bool) -> Config:

@@ -84,3 +84,16 @@ def test_earnings_add_up_exactly() -> None:
     total = total_earnings(hosts)
     assert (total.hosts, total.leases, total.charged, total.fees) == (3, 6, "0.000003", "0.30")
     assert total.earned == "1000000000000.000001" and total.billed_gpu_hours == "0.3" and total.energy_kwh == "0.9"
+
+
+def test_logins_at_once_all_land(tmp_path: Path) -> None:
+    """Twenty processes each save their own profile at the same moment: the lock keeps every one."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "config.toml"
+    code = ("import sys; from pathlib import Path; from exchange.commands.profile import update_config, with_profile;"
+            "update_config(Path(sys.argv[1]), lambda c: with_profile(c, sys.argv[2], 'http://x', 'k', False))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), f"p{i}"]) for i in range(20)]
+    assert [p.wait(60) for p in procs] == [0] * 20
+    assert sorted(load_config(path).profiles) == sorted(f"p{i}" for i in range(20))
