@@ -7,24 +7,13 @@ arranged to be stable between ticks (every resting bid loses on every tick until
 arrives), so the quote and the tick after the placement clear the same book."""
 from __future__ import annotations
 
-import asyncio
-import time
 
 import asyncpg
 
 from tests.e2e.client import Api, in_hours, unique
+from tests.e2e.test_agent_settlement import until
 
 HOUR_S = 3600
-
-
-async def until(predicate, timeout: float = 30, every: float = 0.1):
-    """Poll until the predicate answers something true (a deadline only against hanging forever)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(every)
 
 
 async def a_market(admin: Api, floor: str, gpus: int = 8, **offer: object) -> tuple[str, dict]:
