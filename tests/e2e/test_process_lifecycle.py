@@ -4,6 +4,7 @@ a SIGKILLed server's data folder is taken over by the next start. `gpux demo` le
 running. Real processes throughout; "left running" is read from the process table."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -108,7 +109,8 @@ async def test_a_stale_postmaster_pid_naming_another_process_does_not_stop_the_s
     first.stop(signal.SIGKILL)
     postgres = [psutil.Process(pid) for pid in postgres_pids(pgdata)]
     for proc in postgres:
-        proc.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()  # a backend may already have gone by itself, its postmaster killed just before
     psutil.wait_procs(postgres, timeout=60)
     stranger = subprocess.Popen(["sleep", "600"])
     try:
