@@ -11,6 +11,7 @@ from exchange.bids.schemas import Bid, BidCost, BidCreate, BidList, BidStatus, Q
 from exchange.core.auth import requires
 from exchange.core.bounds import PathId
 from exchange.core.context import AppContext
+from exchange.core.limits import take_quote
 
 
 class BidController(Controller):
@@ -25,7 +26,10 @@ class BidController(Controller):
 
     @post("/quote", status_code=200)
     async def quote(self, ctx: AppContext, request: Request, data: QuoteRequest) -> Quote:
-        """A dry run of a bid: what these terms would get if the market cleared now. Writes nothing."""
+        """A dry run of a bid: what these terms would get if the market cleared now. Writes nothing.
+        Limited per account beyond the request limit (GPUX_QUOTE_LIMIT_PER_S): a quote rebuilds its
+        model's book, so quotes are what a tenant could spend the server's CPU with."""
+        await take_quote(ctx, request.user.account_id)
         return await quote_bid(ctx, request.user.account_id, data)
 
     @get("/")

@@ -190,6 +190,14 @@ class RateLimiter:
             budget.available += 1
 
 
+async def take_quote(ctx: Any, account_id: int) -> None:
+    """Charge one quote to the account's quote budget (its own key beside the request budget, shared
+    by every process like it), or refuse with 429 and Retry-After."""
+    decision = await limiter_of(ctx).take(f"quote:{account_id}", ctx.settings.quote_limit_per_s)
+    if not decision.allowed:
+        raise _too_many(decision, "per account to POST /v1/bids/quote")
+
+
 def _too_many(decision: Decision, what: str) -> TooManyRequestsException:
     return TooManyRequestsException(
         detail=f"rate limit: at most {decision.limit} requests per second {what}; retry after {decision.reset_s} s",

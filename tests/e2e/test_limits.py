@@ -343,3 +343,48 @@ async def test_unknown_markets_are_refused_each_with_an_error(ws_server) -> None
         messages = await _until_heartbeat(ws)
         assert [(m["type"], m["market"]) for m in messages] == [("error", "NOPE/spot"), ("snapshot", market)], messages
         assert messages[0]["data"]["code"] == "unknown_market"
+
+
+QUOTES_PER_S = 3
+
+
+@pytest.fixture(scope="module")
+def quote_server(tmp_path_factory, server_db):
+    """Ordinary request limits, a small quote limit."""
+    proc = start_server(tmp_path_factory.mktemp("quotes"), database_url=server_db,
+                        extra_env={"GPUX_SCHEDULER": "0", "GPUX_QUOTE_LIMIT_PER_S": str(QUOTES_PER_S)})
+    yield proc
+    proc.stop()
+
+
+async def test_quotes_are_limited_per_account_apart_from_other_requests(quote_server) -> None:
+    async with Api(quote_server.base_url, ADMIN_KEY) as admin:
+        owner = await admin.new_account("owner")
+        model = f"L{unique('gpu').replace('-', '')}-80GB"
+        await owner.new_host(gpus=2, model=model, fabric=unique("pod"))
+        tenant = await admin.new_account("tenant", deposit="100.00")
+        other = await admin.new_account("tenant", deposit="100.00")
+    terms = {"market": f"{model}/spot", "gpus": 1, "duration_s": 3600, "limit_price": "1.00"}
+    async with httpx.AsyncClient(base_url=quote_server.base_url,
+                                 headers={"Authorization": f"Bearer {tenant.key}"}) as client:
+        await client.get("/v1/accounts/me")  # the key known to the process: no auth charge below
+        log: list[httpx.Response] = []
+        for _ in range(MAX_REQUESTS):
+            response = await client.post("/v1/bids/quote", json=terms)
+            log.append(response)
+            if response.status_code != 200:
+                break
+        # The same account's other requests are another budget; another account's quotes too.
+        bids = await client.get("/v1/bids")
+        placed = await client.post("/v1/bids", json={**terms, "client_order_id": "after-quotes"})
+    async with httpx.AsyncClient(base_url=quote_server.base_url,
+                                 headers={"Authorization": f"Bearer {other.key}"}) as client:
+        others = await client.post("/v1/bids/quote", json=terms)
+
+    _assert_rate_limited(log[-1])
+    assert "quote" in log[-1].json()["error"]["message"]
+    # Counted exactly (the slice of a limit of 3 is 1): 3 served in the refused one's window.
+    window = log[-1 - QUOTES_PER_S:-1]
+    assert [r.status_code for r in window] == [200] * QUOTES_PER_S, [r.status_code for r in log]
+    assert bids.status_code == 200 and placed.status_code == 201, (bids.text, placed.text)
+    assert others.status_code == 200, others.text

@@ -45,7 +45,7 @@ def _iso(moment: datetime) -> str:
 def fuzz_server(tmp_path_factory, server_db):
     # A rate limit far above what the fuzzer sends: a 429 would hide what a request does.
     proc = start_server(tmp_path_factory.mktemp("fuzz"), database_url=server_db,
-                        extra_env={"GPUX_RATE_LIMIT_PER_S": "100000"})
+                        extra_env={"GPUX_RATE_LIMIT_PER_S": "100000", "GPUX_QUOTE_LIMIT_PER_S": "100000"})
     yield proc
     proc.stop()
 
