@@ -323,16 +323,19 @@ class AsyncClient:
         return await self._call("POST", f"/v1/webhooks/{webhook_id}/test", Delivery)
 
     # --- the private stream (WS /v1/stream) -------------------------------------------------------
-    async def stream(self, since: int | None = None, *, max_reconnects: int | None = None,
+    async def stream(self, since: int | None = None, *, max_reconnects: int | None = None, follow: bool = True,
                      ) -> AsyncIterator[Envelope]:
         """The account's events (fill, lease_started, notice, lease_ended) as the server's
         Envelope, `data` decoded as the lease in this account's view (Lease or OwnerLease).
 
         since: replay the events after that seq (0: all); None: from now on. On a dropped
         connection it reconnects (backoff up to 5 s; at most max_reconnects times in a row, None:
-        forever) and resumes after the last seq it yielded, so nothing is lost or repeated."""
+        forever) and resumes after the last seq it yielded, so nothing is lost or repeated.
+        follow=False: stop once the events stored when it first connected are replayed (the
+        server's `ready` names that seq), so `stream(0, follow=False)` lists the history."""
         url = ws_url(self.base_url).removesuffix("/v1/feed") + "/v1/stream"
         last_seq = since
+        stop_after: int | None = None  # follow=False: the seq current at the first connection
         failures = 0
         delay = self.backoff_s
         while True:
@@ -351,13 +354,21 @@ class AsyncClient:
                             failures, delay = 0, self.backoff_s
                             if last_seq is None:
                                 last_seq = env.seq
+                            if not follow:
+                                stop_after = env.seq if stop_after is None else stop_after
+                                if last_seq >= stop_after:
+                                    return
                             continue
                         if env.type == "heartbeat" or env.seq is None:
+                            if stop_after is not None and (env.seq or 0) >= stop_after:
+                                return  # the server has sent everything up to it (a seq it skipped)
                             continue
                         if last_seq is not None and env.seq <= last_seq:
                             continue  # already yielded before a reconnect
                         last_seq = env.seq
                         yield msgspec.structs.replace(env, data=_lease_view(env.data))
+                        if stop_after is not None and last_seq >= stop_after:
+                            return
             except (OSError, EOFError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as exc:
                 failures += 1
                 if max_reconnects is not None and failures > max_reconnects:

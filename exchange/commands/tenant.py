@@ -198,20 +198,33 @@ def cost(out: Output, api: Client, bid_id: int) -> None:
 
 
 @click.command()
-@click.option("--since", type=click.IntRange(0), default=None, help="replay the events after this seq (0: all)")
-@click.option("--count", type=click.IntRange(1), default=None, help="stop after this many events")
-@click.option("--seconds", type=float, default=None, help="stop after this long")
+@click.option("--since", type=click.IntRange(0), default=None,
+              help="the events after this seq (default: all of them; with --follow: from now on)")
+@click.option("--follow", "-f", is_flag=True, help="keep printing events as they happen (resumes after a drop)")
+@click.option("--count", type=click.IntRange(1), default=None, help="--follow: stop after this many events")
+@click.option("--seconds", type=float, default=None, help="--follow: stop after this long")
 @click.option("--profile", envvar="GPUX_PROFILE", default=None)
 @answers
-def events(out: Output, since: int | None, count: int | None, seconds: float | None, profile: str | None) -> None:
-    """Your private events as they happen (fill, lease_started, notice, lease_ended), resuming after a
-    dropped connection with nothing lost. With --json, one JSON document per line (JSON Lines)."""
+def events(out: Output, since: int | None, follow: bool, count: int | None, seconds: float | None,
+           profile: str | None) -> None:
+    """Your private events (fill, lease_started, notice, lease_ended): the stored ones after --since,
+    or with --follow as they happen. --json: one JSON array; with --follow, JSON Lines (one event
+    per line, as they come)."""
     chosen = chosen_profile(profile)
+    if not follow:
+        history = asyncio.run(_history(chosen.url, chosen.key, since or 0))
+        out.emit(history, lambda items: "\n".join(_event_line(e) for e in items) or "(none)")
+        return
     emit = functools.partial(_emit_event, out)
     try:
         asyncio.run(_follow(chosen.url, chosen.key, since, count, seconds, emit))
     except KeyboardInterrupt:
         pass
+
+
+async def _history(url: str, key: str | None, since: int) -> list[Any]:
+    async with AsyncClient(url, key) as api:
+        return [event async for event in api.stream(since, follow=False, max_reconnects=3)]
 
 
 async def _follow(url: str, key: str | None, since: int | None, count: int | None, seconds: float | None,
@@ -230,13 +243,14 @@ async def _follow(url: str, key: str | None, since: int | None, count: int | Non
             pass
 
 
-def _emit_event(out: Output, event: Any) -> None:
-    if out.as_json:
-        click.echo(msgspec.json.encode(event).decode())
-        return
+def _event_line(event: Any) -> str:
     lease_ = event.data
-    click.echo(f"{event.seq:>6}  {event.type:<13} lease {lease_.id} {lease_.status:<7} {lease_.gpus} GPU(s)"
-               f" {lease_.market} at {lease_.price}" + (f"  ends {lease_.end_at}" if lease_.end_at else ""))
+    return (f"{event.seq:>6}  {event.type:<13} lease {lease_.id} {lease_.status:<7} {lease_.gpus} GPU(s)"
+            f" {lease_.market} at {lease_.price}" + (f"  ends {lease_.end_at}" if lease_.end_at else ""))
+
+
+def _emit_event(out: Output, event: Any) -> None:
+    click.echo(msgspec.json.encode(event).decode() if out.as_json else _event_line(event))
 
 
 COMMANDS = [quote, bid, bids, cancel, leases, lease, cost, events]

@@ -50,7 +50,7 @@ class Cli:
         run = Run(args, proc.returncode, proc.stdout, proc.stderr)
         self.runs.append(run)
         assert run.code == expect, f"gpux {' '.join(args)} -> {run.code}\nstdout: {run.out}\nstderr: {run.err}"
-        if "--json" in args:
+        if "--json" in args and "--follow" not in args:  # a followed stream is JSON Lines
             run.doc  # noqa: B018 (every --json answer parses, errors included)
         return run
 
@@ -181,6 +181,15 @@ def test_a_tenants_day_and_an_owners_day_with_only_the_cli(tmp_path: Path, serve
         assert cli.until(lambda b: b["held"] == "0.00", "balance") == {"available": "100.00", "held": "0.00"}
         assert cli.json("cost", str(bid["id"]))["charged"] == "0.00"
         assert cli.json("earnings", "--profile", "owner")["total"]["earned"] == "0.00"
+
+        # The private events of that day, as history (one JSON array) and followed (JSON Lines).
+        history = cli.json("events")
+        assert [e["type"] for e in history if e["data"]["id"] == lease["id"]] == [
+            "fill", "lease_started", "notice", "lease_ended"]
+        assert [e["seq"] for e in history] == sorted(e["seq"] for e in history)
+        followed = cli("events", "--follow", "--since", "0", "--count", "2", "--json")
+        assert [json.loads(line)["seq"] for line in followed.out.splitlines()] == [e["seq"] for e in history[:2]]
+        assert cli.json("events", "--since", str(history[-1]["seq"])) == []
     finally:
         agent.stop()
 
@@ -197,5 +206,5 @@ def test_a_tenants_day_and_an_owners_day_with_only_the_cli(tmp_path: Path, serve
     # Every --json run printed one JSON document; every command in the day ran at least once.
     ran = {run.args[0] for run in cli.runs}
     assert {"login", "quote", "bid", "bids", "lease", "leases", "cost", "balance", "cancel", "host", "hosts",
-            "offer", "offers", "reclaim", "reclaims", "earnings", "account", "deposit", "ledger"} <= ran
-    assert all(run.doc is not None for run in cli.runs if "--json" in run.args)
+            "offer", "offers", "reclaim", "reclaims", "earnings", "account", "deposit", "ledger", "events"} <= ran
+    assert all(run.doc is not None for run in cli.runs if "--json" in run.args and "--follow" not in run.args)

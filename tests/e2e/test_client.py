@@ -307,6 +307,9 @@ async def test_the_stream_resumes_after_a_disconnect_with_no_event_lost(server, 
                 while "notice" not in {e.type for e in seen}:
                     seen.append(await anext(events))
             await events.aclose()
+            # The history, without following: the stored events, then the iterator ends.
+            history = [e async for e in direct.stream(0, follow=False)]
+            after_all = [e async for e in direct.stream(history[-1].seq, follow=False)]
     finally:
         await proxy.close()
 
@@ -314,6 +317,8 @@ async def test_the_stream_resumes_after_a_disconnect_with_no_event_lost(server, 
     assert [(e.type, e.seq) for e in seen] == [("fill", 1), ("lease_started", 2), ("notice", 3)]
     assert all(type(e.data) is Lease for e in seen) and seen[2].data.end_reason == "reclaimed"
     assert proxy.connections >= 2
+    assert [(e.type, e.seq) for e in history][:3] == [("fill", 1), ("lease_started", 2), ("notice", 3)]
+    assert after_all == []
 
 
 async def _connected(proxy: Proxy) -> bool:
