@@ -26,7 +26,10 @@ def _webhook(row: asyncpg.Record, secret: str | None = None) -> Webhook:
 
 
 async def create_webhook(ctx: AppContext, principal: Principal, data: WebhookCreate) -> Webhook:
-    parts = urlsplit(data.url)
+    try:
+        parts = urlsplit(data.url)  # raises ValueError on a bracketed host that is no IPv6 address
+    except ValueError:
+        raise InvalidField("url", "an http or https URL with a valid host") from None
     try:
         parts.port  # noqa: B018 -- raises ValueError on a port out of range
     except ValueError:

@@ -193,6 +193,8 @@ async def test_another_account_sees_no_webhook_and_bad_input_is_refused(admin: A
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     for body in ({"url": "ftp://example.com/h", "events": ["fill"]}, {"url": "http://", "events": ["fill"]},
                  {"url": "https://example.com/h\n", "events": ["fill"]}, {"url": "https://x:99999/", "events": ["fill"]},
+                 # A bracketed host that is no IPv6 address (urlsplit raises; was a 500):
+                 {"url": "http://*5[h", "events": ["fill"]}, {"url": "https://[zz]/h", "events": ["fill"]},
                  {"url": "https://example.com/" + "a" * 3000, "events": ["fill"]},
                  {"url": "https://example.com/h", "events": []}, {"url": "https://example.com/h", "events": ["bogus"]},
                  {"url": "https://example.com/h"}):
