@@ -13,6 +13,7 @@ from litestar import Litestar, Response, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.logging import LoggingConfig
+from litestar._openapi.plugin import OpenAPIPlugin
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
@@ -25,6 +26,7 @@ from exchange.core.context import AppContext
 from exchange.core.errors import EXCEPTION_HANDLERS
 from exchange.core.listener import CONNECTION_ERRORS, ListenOptions
 from exchange.core.metrics_access import require_metrics_token
+from exchange.core.openapi import document_api
 from exchange.core.options import AllowHeaderMiddleware
 from exchange.core.limits import RateLimitMiddleware
 from exchange.core.settings import Settings
@@ -169,7 +171,7 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
         return state.ctx
 
     prometheus = PrometheusConfig(app_name="gpux", group_path=True, exclude=["/metrics"])
-    return Litestar(
+    app = Litestar(
         route_handlers=[healthz, MetricsController, AccountController, HostController, AgentController,
                         OfferController, BidController, MarketController, LeaseController, AgentLeaseController,
                         MeterController, ReclaimController, WebhookController, stream_socket],
@@ -188,3 +190,6 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
         ),
         state=State({"settings": settings}),
     )
+    # The schema is built (and cached) once here, then made to say what the API really answers.
+    document_api(app.plugins.get(OpenAPIPlugin).provide_openapi_schema(), settings)
+    return app

@@ -70,6 +70,9 @@ def check_times(data: object, *fields: str) -> None:
 
 
 _CURSOR = re.compile(r"[0-9]{1,19}")
+# What /schema promises a cursor may be: up to 18 digits is always within bigint (19 may not be),
+# so every cursor the schema allows is accepted; parse_cursor also takes 19 digits up to bigint.
+CURSOR_PATTERN = r"^[0-9]{1,18}$"
 
 
 def parse_cursor(cursor: str | None) -> int:

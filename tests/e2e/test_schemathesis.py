@@ -21,6 +21,8 @@ import httpx
 import pytest
 import requests
 import schemathesis
+from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                              status_code_conformance)
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -40,6 +42,10 @@ TEXT_ROUTES = {"/metrics"}
 def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
+
+# schemathesis's own checks that an answer matches the schema: its status is documented, its
+# content type too, and its body validates against the documented schema for that status.
+CONFORMANCE = [status_code_conformance, content_type_conformance, response_schema_conformance]
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory, server_db):
@@ -126,6 +132,10 @@ def test_every_operation_as_each_role_never_gets_a_5xx(fuzz_server, keys, role: 
         if problem and not (response.status_code < 500 and case.path in TEXT_ROUTES):
             failures.append(f"{role} {operation.label} [{phase}]: {problem}\n"
                             f"    {case.as_curl_command(headers=headers)}\n    -> {response.content[:300]!r}")
+        try:  # and the answer is what /schema says: a documented status, content type and body
+            case.validate_response(response, checks=CONFORMANCE, headers=headers)
+        except Exception as mismatch:  # schemathesis raises its failures (one, or a group)
+            failures.append(f"{role} {operation.label} [{phase}]: not as /schema says: {mismatch}"[:1500])
         return response.status_code
 
     for operation in operations:
