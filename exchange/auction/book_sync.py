@@ -200,17 +200,12 @@ class BookSync:
         with every lease, so blocks are re-sent each tick (there are far fewer of them than bids)."""
         where_model = "" if of_model is None else " AND o.model = $2"
         rows = await conn.fetch(
-            # The owner's own demand comes first: GPUs an active reclaim takes are not for sale,
-            # less those a lease under the reclaim's notice still holds (counted as leased already;
-            # the same rule as the tick's GPU assignment, auction/service._assignable_gpus).
-            "WITH reclaimed AS (SELECT rg.host_id, r.model, sum(rg.gpus) AS gpus FROM reclaims r"
-            "   JOIN reclaim_gpus rg ON rg.reclaim_id = r.id WHERE r.status = 'active' GROUP BY 1, 2),"
-            " noticed AS (SELECT l.host_id, r.model, sum(l.gpus) AS gpus FROM reclaims r"
-            "   JOIN leases l ON l.reclaim_id = r.id WHERE r.status = 'active'"
-            "   AND l.status IN ('active', 'ending') GROUP BY 1, 2)"
-            " SELECT o.id, o.host_id, h.owner_id, h.fabric, h.health, o.model, o.gpus, o.floor_price, o.available_until,"
+            # The owner's own demand comes first: GPUs an active reclaim holds that no live lease
+            # holds are not for sale (view reclaim_outstanding; a victim's share is leased until
+            # its lease ends, and counted as leased here until then).
+            "SELECT o.id, o.host_id, h.owner_id, h.fabric, h.health, o.model, o.gpus, o.floor_price, o.available_until,"
             " o.firm_until, o.reclaim_notice_s, o.reclaim_rate_per_h, hg.host_gpus, hg.leased,"
-            " coalesce(rc.gpus, 0) - coalesce(nt.gpus, 0) AS reclaimed,"
+            " coalesce(ro.gpus, 0) AS reclaimed,"
             # ...and no spot lease is placed across a reservation the owner scheduled on this host.
             " (SELECT min(r.at) FROM reclaims r WHERE r.status = 'scheduled' AND r.model = o.model"
             "   AND (r.host_id = o.host_id OR (r.host_id IS NULL AND r.owner_id = h.owner_id))) AS cut_at"
@@ -220,8 +215,7 @@ class BookSync:
             " CROSS JOIN LATERAL (SELECT count(*) AS host_gpus, count(*) FILTER (WHERE EXISTS"
             "   (SELECT 1 FROM lease_gpus lg WHERE lg.uuid = g.uuid AND lg.live)) AS leased"
             "   FROM gpus g WHERE g.host_id = o.host_id AND g.present AND g.model = o.model) hg"
-            " LEFT JOIN reclaimed rc ON rc.host_id = o.host_id AND rc.model = o.model"
-            " LEFT JOIN noticed nt ON nt.host_id = o.host_id AND nt.model = o.model"
+            " LEFT JOIN reclaim_outstanding ro ON ro.host_id = o.host_id AND ro.model = o.model"
             " WHERE o.status = 'live' AND o.available_from <= $1 AND o.available_until > $1" + where_model +
             " ORDER BY o.id", now, *([] if of_model is None else [of_model]))
         by_model: dict[str, list[asyncpg.Record]] = {}

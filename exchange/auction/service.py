@@ -154,13 +154,10 @@ async def _assignable_gpus(conn: asyncpg.Connection, host_id: int, model: str, g
         "SELECT g.uuid FROM gpus g JOIN hosts h ON h.id = g.host_id AND h.health = 'ok'"
         " WHERE g.host_id = $1 AND g.model = $2 AND g.present AND NOT EXISTS"
         " (SELECT 1 FROM lease_gpus lg WHERE lg.uuid = g.uuid AND lg.live) ORDER BY g.idx", host_id, model)
-    # GPUs an active reclaim took on this host and does not hold yet through a live lease tied to it
-    # (those are live lease GPUs already): they are the owner's, not for sale.
+    # GPUs an active reclaim holds on this host that no live lease holds: the owner's, not for sale
+    # (view reclaim_outstanding, the book's rule too).
     outstanding = await conn.fetchval(
-        "SELECT greatest(0, coalesce((SELECT sum(rg.gpus) FROM reclaim_gpus rg JOIN reclaims r ON r.id = rg.reclaim_id"
-        "   WHERE rg.host_id = $1 AND r.status = 'active' AND r.model = $2), 0)"
-        " - coalesce((SELECT sum(l.gpus) FROM leases l JOIN reclaims r ON r.id = l.reclaim_id"
-        "   WHERE l.host_id = $1 AND l.status IN ('active', 'ending') AND r.status = 'active'), 0))::int",
+        "SELECT coalesce((SELECT gpus FROM reclaim_outstanding WHERE host_id = $1 AND model = $2), 0)::int",
         host_id, model)
     usable = max(0, len(rows) - outstanding)
     return [r["uuid"] for r in rows[:min(gpus, usable)]]

@@ -201,12 +201,16 @@ MARKET_CHECKS = [
               JOIN leases l ON l.id = lg.lease_id
               JOIN gpus g ON g.uuid = lg.uuid AND g.host_id = l.host_id AND g.present
               WHERE lg.live
-                AND NOT EXISTS (SELECT 1 FROM reclaims r WHERE r.id = l.reclaim_id AND r.status = 'active')
               GROUP BY l.host_id),
+          -- Every live lease's GPUs above, victims under notice included; here what active
+          -- reclaims hold besides (their idle GPUs, and victims' shares once those leases ended).
           reclaimed AS (
-              SELECT rg.host_id, sum(rg.gpus) AS reclaimed,
-                     max(r.executed_at) FILTER (WHERE r.idle_gpus > 0) AS latest FROM reclaim_gpus rg
-              JOIN reclaims r ON r.id = rg.reclaim_id AND r.status = 'active' GROUP BY rg.host_id)
+              SELECT ro.host_id, sum(ro.gpus) AS reclaimed,
+                     -- a new commitment of the host's GPUs: idle ones taken (a victim's share moves
+                     -- GPUs from a lease to the owner, it commits none anew)
+                     (SELECT max(r.executed_at) FROM reclaims r JOIN reclaim_gpus rg ON rg.reclaim_id = r.id
+                      WHERE r.status = 'active' AND rg.host_id = ro.host_id AND rg.lease_id IS NULL) AS latest
+              FROM reclaim_outstanding ro GROUP BY ro.host_id)
           SELECT h.id AS host_id, i.present, coalesce(le.leased, 0) AS leased,
                  coalesce(rc.reclaimed, 0) AS reclaimed, i.reported_at AS inventory_at,
                  greatest(le.latest, rc.latest) AS latest_commitment

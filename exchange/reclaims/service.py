@@ -32,10 +32,21 @@ async def _scope_hosts(conn: asyncpg.Connection, owner_id: int, model: str, host
     return [r["id"] for r in rows]
 
 
-async def _reclaimed_on(conn: asyncpg.Connection, hosts: list[int]) -> dict[int, int]:
+async def _committed_on(conn: asyncpg.Connection, hosts: list[int], model: str) -> dict[int, int]:
+    """GPUs of `model` that active reclaims have taken on each host, however they are held now (idle,
+    or still in a victim lease under notice): the capacity no new reclaim can take again."""
     rows = await conn.fetch(
         "SELECT rg.host_id, sum(rg.gpus)::int AS gpus FROM reclaim_gpus rg JOIN reclaims r ON r.id = rg.reclaim_id"
-        " WHERE r.status = 'active' AND rg.host_id = ANY($1::bigint[]) GROUP BY rg.host_id", hosts)
+        " WHERE r.status = 'active' AND r.model = $2 AND rg.host_id = ANY($1::bigint[]) GROUP BY rg.host_id",
+        hosts, model)
+    return {r["host_id"]: r["gpus"] for r in rows}
+
+
+async def _outstanding_on(conn: asyncpg.Connection, hosts: list[int], model: str) -> dict[int, int]:
+    """GPUs active reclaims hold on each host that no live lease holds (the view
+    reclaim_outstanding, migration 0012: the one definition the book and the tick read too)."""
+    rows = await conn.fetch("SELECT host_id, gpus::int FROM reclaim_outstanding"
+                            " WHERE host_id = ANY($1::bigint[]) AND model = $2", hosts, model)
     return {r["host_id"]: r["gpus"] for r in rows}
 
 
@@ -97,7 +108,7 @@ async def _insert_reclaim(conn: asyncpg.Connection, principal: Principal, data: 
                            (" under that host_id" if data.host_id else ""))
     total = await conn.fetchval("SELECT count(*) FROM gpus WHERE host_id = ANY($1::bigint[]) AND present"
                                 " AND model = $2", hosts, data.model)
-    taken = sum((await _reclaimed_on(conn, hosts)).values())
+    taken = sum((await _committed_on(conn, hosts, data.model)).values())
     if data.gpus > total - taken:
         raise InvalidField("gpus", f"only {total - taken} {data.model} GPUs are not reclaimed already")
     reclaim_id = await conn.fetchval(
@@ -118,18 +129,18 @@ async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: dateti
     # refunds, nor requeues) work that is already done, even between two ticks.
     await lifecycle.end_due(conn, now)
     hosts = await _scope_hosts(conn, reclaim["owner_id"], reclaim["model"], reclaim["host_id"])
-    reclaimed = await _reclaimed_on(conn, hosts)
+    outstanding = await _outstanding_on(conn, hosts, reclaim["model"])
     idle = {r["host_id"]: r["n"] for r in await conn.fetch(
         "SELECT g.host_id, count(*)::int AS n FROM gpus g WHERE g.host_id = ANY($1::bigint[]) AND g.present"
         " AND g.model = $2 AND NOT EXISTS (SELECT 1 FROM lease_gpus lg WHERE lg.uuid = g.uuid AND lg.live)"
         " GROUP BY g.host_id", hosts, reclaim["model"])}
     need = reclaim["gpus"]
-    taking: dict[int, int] = {}
+    taking: list[tuple[int, int | None, int]] = []  # (host, victim lease or None for idle GPUs, GPUs)
     for host in hosts:  # idle GPUs first: taking them disturbs no tenant
-        free = max(0, idle.get(host, 0) - reclaimed.get(host, 0))
+        free = max(0, idle.get(host, 0) - outstanding.get(host, 0))
         take = min(free, need)
         if take:
-            taking[host] = take
+            taking.append((host, None, take))
             need -= take
     idle_taken = reclaim["gpus"] - need
     if need > 0:
@@ -163,10 +174,11 @@ async def execute_reclaim(conn: asyncpg.Connection, reclaim_id: int, now: dateti
         for row in rows:
             if row["id"] in ending and row["host_id"] in hosts and need > 0 and row["gpus"] > 0:
                 take = min(row["gpus"], need)
-                taking[row["host_id"]] = taking.get(row["host_id"], 0) + take
+                taking.append((row["host_id"], row["id"], take))
                 need -= take
-    await conn.executemany("INSERT INTO reclaim_gpus (reclaim_id, host_id, gpus) VALUES ($1, $2, $3)",
-                           [(reclaim_id, host, gpus) for host, gpus in sorted(taking.items())])
+    # Per source: the idle GPUs are the owner's now; a victim's share once that lease is over.
+    await conn.executemany("INSERT INTO reclaim_gpus (reclaim_id, host_id, lease_id, gpus) VALUES ($1, $2, $3, $4)",
+                           [(reclaim_id, host, lease_id, gpus) for host, lease_id, gpus in taking])
     await conn.execute("UPDATE reclaims SET status = 'active', executed_at = $2, shortfall = $3, idle_gpus = $4"
                        " WHERE id = $1", reclaim_id, now, max(0, need), idle_taken)
 

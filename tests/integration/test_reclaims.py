@@ -286,3 +286,48 @@ async def test_an_outbid_spot_lease_ends_after_its_notice(s: Scenario) -> None:
     assert lease["status"] == "ending" and lease["end_reason"] == "outbid"
     assert lease["end_at"] == START + timedelta(seconds=5 + 120)
     assert after[0]["status"] == "ended" and len(after) == 2 and after[1]["status"] == "active"
+
+
+async def test_idle_gpus_a_reclaim_took_are_not_sold_while_its_victim_runs_out_its_notice(s: Scenario) -> None:
+    # Arrange: an 8-GPU host, a 6-GPU spot lease; the owner reclaims 4: the 2 idle GPUs now, and 2
+    # of the lease's 6 when it ends after its notice.
+    await s.market(floor="1.00")
+    await s.bid(market="H100-80GB/spot", gpus=6, duration_s=3600, limit="3.00", coid="big")
+    await s.tick()
+    reclaim = await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=4))
+    assert reclaim.taken_free == 2 and [le.gpus for le in reclaim.leases] == [6]
+
+    # Act: a tenant bids for 2 GPUs during the notice, and again once the lease has ended.
+    await s.bid(market="H100-80GB/spot", gpus=2, duration_s=3600, limit="3.00", coid="during")
+    await s.tick()
+    during = await by_coid(s)
+    s.clock.advance(reclaim.leases[0].end_at.timestamp() - s.clock().timestamp() + 1)
+    await s.tick()
+    after = await by_coid(s)
+
+    # Assert: the 2 idle GPUs were the owner's from the reclaim on (the old book sold them: the
+    # victim's 6 GPUs hid the reclaim's 4); once the lease ended, 4 of 8 are the owner's and the
+    # bid gets 2 of the other 4.
+    assert "during" not in during, during.get("during")
+    assert after["big"]["status"] == "ended" and after["during"]["gpus"] == 2
+    s.clock.advance(40)
+    await _settle(s)  # closes the ended lease, so the audit sees the day settled
+    async with s.ctx.pool.acquire() as conn:
+        assert await run_audit(conn) == []
+
+
+async def test_the_audit_counts_a_victims_gpus_as_leased_and_the_idle_ones_as_reclaimed(s: Scenario) -> None:
+    # The same day, audited during the notice: the victim's 6 GPUs are leased, the 2 idle ones the
+    # reclaim's; 8 of 8. With the old book (a bid sold the 2 idle GPUs too) this check reads 10 of
+    # 8 ("leased and reclaimed GPUs within each host's present GPUs"); the old check did not see it,
+    # as it counted the victim's lease as the reclaim's 4 and no more.
+    await s.market(floor="1.00")
+    s.clock.advance(5)
+    await s.bid(market="H100-80GB/spot", gpus=6, duration_s=3600, limit="3.00", coid="big")
+    await s.tick()
+    s.clock.advance(5)
+    await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=4))
+    await s.bid(market="H100-80GB/spot", gpus=2, duration_s=3600, limit="3.00", coid="during")
+    await s.tick()
+    async with s.ctx.pool.acquire() as conn:
+        assert await run_audit(conn, now=s.clock()) == []
