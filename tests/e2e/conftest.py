@@ -12,6 +12,12 @@ async def server_db(pg_server_url: str, template_db: str) -> str:
     return await create_database(pg_server_url, template_db)
 
 
+@pytest.fixture
+async def fresh_db(pg_server_url: str, template_db: str) -> str:
+    """A new database of its own for one test (one that restarts servers or counts everything)."""
+    return await create_database(pg_server_url, template_db)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, server_db: str):
     """A real `gpux serve` process on its own database, shared by one test module."""

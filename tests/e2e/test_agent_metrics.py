@@ -7,9 +7,7 @@ import socket
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.conftest import create_database
 from tests.e2e.client import Api
 from tests.e2e.test_agent_settlement import until
 from tests.support import ADMIN_KEY, start_agent, start_server
@@ -44,10 +42,6 @@ def parse(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
         series.setdefault(name, []).append(({k: v.strip('"') for k, v in labels.items()}, float(value)))
     return series
 
-
-@pytest.fixture
-async def fresh_db(pg_server_url: str, template_db: str) -> str:
-    return await create_database(pg_server_url, template_db)
 
 
 async def test_agent_metrics_endpoint_serves_dcgm_names_and_its_own(tmp_path: Path, fresh_db: str) -> None:

@@ -5,41 +5,18 @@ and both are gone once the lease has ended."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.conftest import create_database
 from tests.e2e.client import Api
 from tests.e2e.test_agent_settlement import until
-from tests.support import ADMIN_KEY, AgentProcess, free_port, start_server
+from tests.support import ADMIN_KEY, free_port, start_agent, start_server
 
 SERVER_ENV = {"GPUX_TICK_S": "0.2", "GPUX_SETTLE_S": "1", "GPUX_MIN_DURATION_S": "5"}
 NOTICE_S = 8  # the offer's reclaim notice: long enough to read the notice, short enough to see the end
-
-
-def start_agent_with_metadata(tmp: Path, base_url: str, token: str, policy: Path, port: int) -> AgentProcess:
-    data_dir = tmp / "agent-sim-0"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = tmp / "agent-sim-0.log"
-    args = [sys.executable, "-m", "exchange.cli", "agent", "--exchange", base_url, "--token", token,
-            "--simulate", "8xH100-80GB", "--host", "sim-0", "--data-dir", str(data_dir),
-            "--sample-interval", "0.2", "--batch", "1", "--policy", str(policy), "--metadata-port", str(port)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", GPUX_LOG_LEVEL="INFO")
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return AgentProcess(proc=proc, log_path=log_path, data_dir=data_dir)
-
-
-@pytest.fixture
-async def fresh_db(pg_server_url: str, template_db: str) -> str:
-    return await create_database(pg_server_url, template_db)
 
 
 async def test_reclaim_notice_reaches_the_file_and_the_local_endpoint(tmp_path: Path, fresh_db: str) -> None:
@@ -56,7 +33,8 @@ async def test_reclaim_notice_reaches_the_file_and_the_local_endpoint(tmp_path: 
         async with Api(server.base_url, ADMIN_KEY) as admin, httpx.AsyncClient(base_url=local) as metadata:
             owner = await admin.new_account("owner")
             host = await owner.ok("POST", "/v1/hosts", 201, json={"name": "sim-0", "fabric": "pod-a"})
-            agent = start_agent_with_metadata(tmp_path, server.base_url, host["agent_token"], policy, port)
+            agent = start_agent(tmp_path, server.base_url, host["agent_token"], host="sim-0", policy=policy,
+                                extra_args=("--metadata-port", str(port)))
 
             async def offer_live():
                 return bool((await owner.ok("GET", "/v1/offers", params={"status": "live"}))["items"])

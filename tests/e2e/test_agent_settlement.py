@@ -11,10 +11,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from exchange.settlement.service import settle
-from tests.conftest import create_database
 from tests.e2e.client import Api
 from tests.support import ADMIN_KEY, run_audit, start_agent, start_server
 
@@ -40,10 +38,6 @@ def write_policy(tmp: Path, floor: str = "2.00") -> tuple[Path, Path]:
         f'on_lease_end = "echo end $GPUX_LEASE_ID >> {hooks}"\n')
     return policy, hooks
 
-
-@pytest.fixture
-async def fresh_db(pg_server_url: str, template_db: str) -> str:
-    return await create_database(pg_server_url, template_db)
 
 
 async def _owner_with_hosts(admin: Api, n: int) -> tuple[Api, list[dict]]:

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import create_database
 from tests.e2e.client import unique
 from tests.support import ADMIN_KEY, start_agent, start_server
 
@@ -66,10 +65,6 @@ class Cli:
             assert time.monotonic() < deadline, f"gpux {' '.join(args)} never satisfied the test: {doc}"
             time.sleep(0.3)
 
-
-@pytest.fixture
-async def fresh_db(pg_server_url: str, template_db: str) -> str:
-    return await create_database(pg_server_url, template_db)
 
 
 @pytest.fixture

@@ -9,11 +9,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
-import pytest
 
 from agents.runner import ExchangeClient
 from exchange.metering.schemas import MeterReport, MeterSample
-from tests.conftest import create_database
 from tests.e2e.client import Api, in_hours, rfc3339
 from tests.e2e.test_agent_settlement import until
 from tests.support import ADMIN_KEY, start_server
@@ -22,10 +20,6 @@ SERVER_ENV = {"GPUX_TICK_S": "0.5", "GPUX_SETTLE_S": "1", "GPUX_SETTLE_CLOSE_AFT
 POWER_MW = 650_000
 NEAR_2_63 = 9_000_000_000_000_000_000
 
-
-@pytest.fixture
-async def fresh_db(pg_server_url: str, template_db: str) -> str:
-    return await create_database(pg_server_url, template_db)
 
 
 def _sample(uuid: str, at: datetime, energy_mj: int, **reading: int) -> dict:

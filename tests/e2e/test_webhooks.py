@@ -11,7 +11,6 @@ import time
 import pytest
 
 from tests.e2e.client import Api, in_seconds, unique
-from tests.conftest import create_database
 from tests.support import ADMIN_KEY, free_port, run_audit, start_server
 
 # Fast retries so a receiver's outage of a few attempts fits a test.
@@ -208,10 +207,6 @@ async def test_another_account_sees_no_webhook_and_bad_input_is_refused(admin: A
     assert (await tenant.ok("DELETE", f"/v1/webhooks/{hook['id']}"))["id"] == hook["id"]
     assert (await tenant.ok("GET", "/v1/webhooks"))["items"] == []
 
-
-@pytest.fixture
-async def fresh_db(pg_server_url: str, template_db: str) -> str:
-    return await create_database(pg_server_url, template_db)
 
 
 async def test_events_wait_out_a_server_restart_and_two_processes_send_each_once(tmp_path, fresh_db: str) -> None:
