@@ -80,25 +80,15 @@ def _quote_line(q: Any) -> str:
 
 def _differences(asked: dict[str, Any], bid: Bid) -> list[str]:
     """Terms the exchange holds that differ from those asked (a client_order_id already used with
-    other terms answers the first bid): said out loud, never silently."""
+    other terms answers the first bid): said out loud, never silently. The bid was placed, so the
+    limit asked was a valid amount: compared in micro-dollars ("2.5" is "2.50")."""
     held = msgspec.structs.asdict(bid)
     different = []
     for name, value in asked.items():
-        if name == "limit_price":
-            same = parse_money(value) == parse_money(held[name]) if _is_money(value) else value == held[name]
-        else:
-            same = value == held[name]
+        same = parse_money(value) == parse_money(held[name]) if name == "limit_price" else value == held[name]
         if not same:
             different.append(f"{name}: asked {value}, holds {held[name]}")
     return different
-
-
-def _is_money(text: str) -> bool:
-    try:
-        parse_money(text)
-        return True
-    except ValueError:
-        return False
 
 
 def _bid_line(b: Bid) -> str:
