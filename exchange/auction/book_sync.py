@@ -198,26 +198,7 @@ class BookSync:
     async def load_blocks(self, conn: asyncpg.Connection, now: datetime, *, of_model: str | None = None) -> None:
         """Refresh every live offer (of `of_model` only, when given) as a block: what is free changes
         with every lease, so blocks are re-sent each tick (there are far fewer of them than bids)."""
-        where_model = "" if of_model is None else " AND o.model = $2"
-        rows = await conn.fetch(
-            # The owner's own demand comes first: GPUs an active reclaim holds that no live lease
-            # holds are not for sale (view reclaim_outstanding; a victim's share is leased until
-            # its lease ends, and counted as leased here until then).
-            "SELECT o.id, o.host_id, h.owner_id, h.fabric, h.health, o.model, o.gpus, o.floor_price, o.available_until,"
-            " o.firm_until, o.reclaim_notice_s, o.reclaim_rate_per_h, hg.host_gpus, hg.leased,"
-            " coalesce(ro.gpus, 0) AS reclaimed,"
-            # ...and no spot lease is placed across a reservation the owner scheduled on this host.
-            " (SELECT min(r.at) FROM reclaims r WHERE r.status = 'scheduled' AND r.model = o.model"
-            "   AND (r.host_id = o.host_id OR (r.host_id IS NULL AND r.owner_id = h.owner_id))) AS cut_at"
-            " FROM offers o JOIN hosts h ON h.id = o.host_id"
-            # What live leases hold on the host, whichever offer sold them: an offer withdrawn and
-            # republished while its leases run must not look free.
-            " CROSS JOIN LATERAL (SELECT count(*) AS host_gpus, count(*) FILTER (WHERE EXISTS"
-            "   (SELECT 1 FROM lease_gpus lg WHERE lg.uuid = g.uuid AND lg.live)) AS leased"
-            "   FROM gpus g WHERE g.host_id = o.host_id AND g.present AND g.model = o.model) hg"
-            " LEFT JOIN reclaim_outstanding ro ON ro.host_id = o.host_id AND ro.model = o.model"
-            " WHERE o.status = 'live' AND o.available_from <= $1 AND o.available_until > $1" + where_model +
-            " ORDER BY o.id", now, *([] if of_model is None else [of_model]))
+        rows = await live_offers(conn, now, None if of_model is None else [of_model])
         by_model: dict[str, list[asyncpg.Record]] = {}
         for row in rows:
             by_model.setdefault(row["model"], []).append(row)
@@ -259,9 +240,37 @@ class BookSync:
                                       np.array([r["limit_price"] for r in group], dtype=np.int64))
 
 
+async def live_offers(db: asyncpg.Connection | asyncpg.Pool, now: datetime,
+                      models: list[str] | None = None) -> list[asyncpg.Record]:
+    """Every live offer available now (of `models` only, when given) with what its host holds:
+    the one reading of an offer's free GPUs (`free_gpus`), for the matching book and the public
+    market data alike."""
+    where_models = "" if models is None else " AND o.model = ANY($2::text[])"
+    return await db.fetch(
+        # The owner's own demand comes first: GPUs an active reclaim holds that no live lease
+        # holds are not for sale (view reclaim_outstanding; a victim's share is leased until
+        # its lease ends, and counted as leased here until then).
+        "SELECT o.id, o.host_id, h.owner_id, h.fabric, h.health, o.model, o.gpus, o.floor_price, o.available_until,"
+        " o.firm_until, o.reclaim_notice_s, o.reclaim_rate_per_h, hg.host_gpus, hg.leased,"
+        " coalesce(ro.gpus, 0) AS reclaimed,"
+        # ...and no spot lease is placed across a reservation the owner scheduled on this host.
+        " (SELECT min(r.at) FROM reclaims r WHERE r.status = 'scheduled' AND r.model = o.model"
+        "   AND (r.host_id = o.host_id OR (r.host_id IS NULL AND r.owner_id = h.owner_id))) AS cut_at"
+        " FROM offers o JOIN hosts h ON h.id = o.host_id"
+        # What live leases hold on the host, whichever offer sold them: an offer withdrawn and
+        # republished while its leases run must not look free.
+        " CROSS JOIN LATERAL (SELECT count(*) AS host_gpus, count(*) FILTER (WHERE EXISTS"
+        "   (SELECT 1 FROM lease_gpus lg WHERE lg.uuid = g.uuid AND lg.live)) AS leased"
+        "   FROM gpus g WHERE g.host_id = o.host_id AND g.present AND g.model = o.model) hg"
+        " LEFT JOIN reclaim_outstanding ro ON ro.host_id = o.host_id AND ro.model = o.model"
+        " WHERE o.status = 'live' AND o.available_from <= $1 AND o.available_until > $1" + where_models +
+        " ORDER BY o.id", now, *([] if models is None else [models]))
+
+
 def free_gpus(offer_gpus: int, host_gpus: int, leased_on_host: int, reclaimed_on_host: int, health: str) -> int:
     """GPUs of an offer for sale now: the offered GPUs the host still has, less those live leases
     and the owner's reclaims hold on the host; none on a host that is not reporting."""
+    assert reclaimed_on_host >= 0, reclaimed_on_host  # reclaim_outstanding sums counts; it never subtracts
     if health != "ok":
         return 0
-    return max(0, min(offer_gpus, host_gpus) - leased_on_host - max(0, reclaimed_on_host))
+    return max(0, min(offer_gpus, host_gpus) - leased_on_host - reclaimed_on_host)

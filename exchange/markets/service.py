@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 
+from exchange.auction.book_sync import free_gpus, live_offers
 from exchange.core.bounds import check_time
 from exchange.core.context import AppContext
 from exchange.core.errors import InvalidField, NotFound
@@ -56,29 +57,26 @@ async def require_market(db: Db, model: str, tier: str) -> str:
 # --- the L2 book ------------------------------------------------------------------------------------
 
 async def compute_books(db: Db, now: datetime, markets: list[str]) -> dict[str, tuple[Side, Side]]:
-    """Each market's book now: bids are the open bids by limit price; asks are the GPUs of live offers
-    available now that no live lease holds, by floor price (a firm market's asks: only offers whose
-    firm window is still open)."""
+    """Each market's book now: bids are the open bids by limit price; asks are the free GPUs of live
+    offers available now (exchange/auction/book_sync.py: what the matching book sells), by floor
+    price (a firm market's asks: only offers whose firm window is still open)."""
     books: dict[str, tuple[Side, Side]] = {m: ({}, {}) for m in markets}
     for r in await db.fetch(
             "SELECT market, limit_price, sum(gpus)::bigint AS gpus FROM bids WHERE status = 'open'"
             " AND market = ANY($1::text[]) GROUP BY market, limit_price", markets):
         books[r["market"]][0][r["limit_price"]] = r["gpus"]
     models = sorted({m.rsplit("/", 1)[0] for m in markets})
-    for r in await db.fetch(
-            "SELECT o.model, o.floor_price, (o.firm_until IS NOT NULL AND o.firm_until > $1) AS firm,"
-            " sum(o.gpus - coalesce(l.used, 0))::bigint AS gpus"
-            " FROM offers o LEFT JOIN (SELECT offer_id, sum(gpus) AS used FROM leases"
-            "   WHERE status IN ('active', 'ending') GROUP BY offer_id) l ON l.offer_id = o.id"
-            " WHERE o.status = 'live' AND o.available_from <= $1 AND o.available_until > $1"
-            " AND o.model = ANY($2::text[]) GROUP BY 1, 2, 3", now, models):
-        if r["gpus"] <= 0:
+    for r in await live_offers(db, now, models):
+        # Free as the matching book counts it: the host's GPUs less what live leases (sold by any
+        # offer, a republished one's included) and the owner's reclaims hold; none on a silent host.
+        gpus = free_gpus(r["gpus"], r["host_gpus"], r["leased"], r["reclaimed"], r["health"])
+        if gpus <= 0:
             continue
-        tiers = ("spot", "firm") if r["firm"] else ("spot",)
-        for tier in tiers:
+        firm = r["firm_until"] is not None and r["firm_until"] > now
+        for tier in ("spot", "firm") if firm else ("spot",):
             book = books.get(market_id(r["model"], tier))
             if book is not None:
-                book[1][r["floor_price"]] = book[1].get(r["floor_price"], 0) + r["gpus"]
+                book[1][r["floor_price"]] = book[1].get(r["floor_price"], 0) + gpus
     return books
 
 

@@ -331,3 +331,24 @@ async def test_the_audit_counts_a_victims_gpus_as_leased_and_the_idle_ones_as_re
     await s.tick()
     async with s.ctx.pool.acquire() as conn:
         assert await run_audit(conn, now=s.clock()) == []
+
+
+async def test_the_public_book_offers_what_the_matching_book_sells(s: Scenario) -> None:
+    # An 8-GPU host: a 6-GPU lease, then the owner withdraws the offer and publishes it again (as
+    # an agent renewing its offer does while leases run), then reclaims 1 GPU. The public book used
+    # to count each offer's own leases only: 8 free on the new offer (the web demo's utilisation
+    # read 38 GPUs offered of 32). Now it reads what the matching book sells: 8 - 6 - 1 = 1.
+    from exchange.markets.service import compute_books
+    from exchange.offers.schemas import OfferCreate
+    from exchange.offers.service import create_offer, withdraw_offer
+
+    await s.market(floor="1.00")
+    await s.bid(market="H100-80GB/spot", gpus=6, duration_s=3600, limit="3.00", coid="big")
+    await s.tick()
+    first = (await s.ctx.pool.fetchrow("SELECT id, host_id, available_until FROM offers"))
+    await withdraw_offer(s.ctx, owner(s), first["id"])
+    await create_offer(s.ctx, owner(s), OfferCreate(host_id=first["host_id"], gpus=8, floor_price="1.00",
+                                                    available_until=first["available_until"]))
+    await create_reclaim(s.ctx, owner(s), ReclaimCreate(model="H100-80GB", gpus=1))
+    books = await compute_books(s.ctx.pool, s.clock(), ["H100-80GB/spot"])
+    assert books["H100-80GB/spot"][1] == {1_000_000: 1}
