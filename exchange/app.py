@@ -45,6 +45,7 @@ from exchange.offers.controller import OfferController
 from exchange.scheduler import start_jobs
 from exchange.webhooks.controller import WebhookController
 from exchange.webhooks.delivery import WebhookDeliverer
+from exchange.webhooks.resolvers import Destinations
 
 log = logging.getLogger("exchange")
 
@@ -142,7 +143,8 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
             app.state.ctx = ctx
             # Every process runs the webhook loop (a webhook is worked by one at a time, SKIP LOCKED);
             # new events wake it, and so does a LISTEN restored (what it missed is in the table).
-            deliverer = app.state.webhooks = WebhookDeliverer(ctx)
+            destinations = ctx.extras["webhook_destinations"] = Destinations.from_settings(settings)
+            deliverer = app.state.webhooks = WebhookDeliverer(ctx, destinations)
             ctx.extras["webhook_wake"] = deliverer.wake
             stream_hub.on_event.append(deliverer.wake)
             stream_hub.listener.on_restored.append(deliverer.resync)
@@ -161,6 +163,7 @@ def create_app(settings: Settings | None = None, clock: Clock = system_clock) ->
                 await leader.close()
             if "webhooks" in app.state:
                 await app.state.webhooks.stop()
+                ctx.extras["webhook_destinations"].close()
             if "stream_hub" in app.state:
                 await app.state.stream_hub.stop()
             await pool.close()

@@ -69,6 +69,8 @@ async def run_demo(seconds: float, port: int | None, home: Path, seed: int, out=
     env.update({"GPUX_HOME": str(home), "GPUX_ADMIN_KEY": admin_key, "GPUX_TICK_S": "1", "GPUX_SETTLE_S": "5",
                 "GPUX_SETTLE_CLOSE_AFTER_S": "5", "GPUX_MIN_DURATION_S": "20", "GPUX_LOG_LEVEL": "WARNING",
                 "GPUX_FEE_BPS": "150", "PYTHONUNBUFFERED": "1"})
+    # A demo's webhook receivers run on this machine: loopback allowed unless the caller says otherwise.
+    env.setdefault("GPUX_WEBHOOK_ALLOWED_NETS", "127.0.0.0/8,::1/128")
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs = Procs(agents=[])

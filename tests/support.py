@@ -13,6 +13,9 @@ import psutil
 from exchange.core.net import free_port, wait_healthy, with_database  # noqa: F401 (re-exported for tests)
 
 ADMIN_KEY = "gpx_test_admin_key_0123456789abcdefghijklmnop"
+# The test suite's receivers listen on loopback, which webhooks refuse unless allowed; and names are
+# looked up in the hosts file only, so no test makes the exchange send a query off this machine.
+WEBHOOK_TEST_ENV = {"GPUX_WEBHOOK_ALLOWED_NETS": "127.0.0.0/8,::1/128", "GPUX_WEBHOOK_RESOLVE": "hosts"}
 
 
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
@@ -47,7 +50,7 @@ def start_server(tmp: Path, *, database_url: str | None, home: Path | None = Non
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "GPUX_ADMIN_KEY")}
     env.update({"GPUX_HOME": str(home or tmp / "home"), "GPUX_TICK_S": "0.5", "GPUX_LOG_LEVEL": "WARNING",
-                "PYTHONUNBUFFERED": "1"})
+                "PYTHONUNBUFFERED": "1", **WEBHOOK_TEST_ENV})
     if admin_key:
         env["GPUX_ADMIN_KEY"] = admin_key
     if database_url:

@@ -316,6 +316,10 @@ class AsyncClient:
     async def delete_webhook(self, webhook_id: int) -> Webhook:
         return await self._call("DELETE", f"/v1/webhooks/{webhook_id}", Webhook)
 
+    async def enable_webhook(self, webhook_id: int) -> Webhook:
+        """A disabled webhook works again; its pending message is sent at once."""
+        return await self._call("POST", f"/v1/webhooks/{webhook_id}/enable", Webhook)
+
     async def webhook_deliveries(self, webhook_id: int) -> list[Delivery]:
         return (await self._call("GET", f"/v1/webhooks/{webhook_id}/deliveries", DeliveryList)).items
 

@@ -15,12 +15,13 @@ def webhooks(out: Output, api: Client) -> None:
     """Your webhooks."""
     out.emit(api.webhooks(), lambda items: table(items, [
         ("ID", lambda w: w.id), ("URL", lambda w: w.url), ("EVENTS", lambda w: w.events),
+        ("STATUS", lambda w: w.status), ("FAILING SINCE", lambda w: w.failing_since),
         ("CREATED", lambda w: w.created_at)]))
 
 
 @click.group()
 def webhook() -> None:
-    """One webhook: create, delete, deliveries, test."""
+    """One webhook: create, delete, enable, deliveries, test."""
 
 
 @webhook.command("create")
@@ -29,7 +30,9 @@ def webhook() -> None:
               help="an event to deliver (repeatable; default: all)")
 @api_command
 def webhook_create(out: Output, api: Client, url: str, events: tuple[str, ...]) -> None:
-    """Deliver your events to URL, signed (Gpux-Signature, HMAC-SHA256); the secret is shown once."""
+    """Deliver your events to URL, signed (Gpux-Signature and Standard Webhooks); the secret is shown once.
+
+    URL must reach a public address (internal ones are refused unless the operator allows them)."""
     out.emit(api.create_webhook(url, list(events or EVENT_KINDS)))
     if not out.as_json:
         out.note("the signing secret is shown only now: keep it")
@@ -40,6 +43,14 @@ def webhook_create(out: Output, api: Client, url: str, events: tuple[str, ...]) 
 @api_command
 def webhook_delete(out: Output, api: Client, webhook_id: int) -> None:
     out.emit(api.delete_webhook(webhook_id))
+
+
+@webhook.command("enable")
+@click.argument("webhook_id", type=int)
+@api_command
+def webhook_enable(out: Output, api: Client, webhook_id: int) -> None:
+    """Re-enable a webhook disabled after failing for too long; what it missed is sent in order."""
+    out.emit(api.enable_webhook(webhook_id))
 
 
 @webhook.command("deliveries")

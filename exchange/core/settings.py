@@ -1,10 +1,14 @@
 """Settings, read once from the environment into a frozen struct (SPEC §9)."""
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
 import msgspec
+
+
+WEBHOOK_RESOLVERS = ("system", "hosts")
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -59,6 +63,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     webhook_retry_max_s: float = 300.0
     webhook_timeout_s: float = 5.0
     webhook_poll_s: float = 1.0
+    # Networks a webhook may reach although they are internal (comma-separated CIDRs; empty: none).
+    # Refused otherwise: loopback, private, link-local, shared, reserved, ... (exchange/webhooks/destinations.py).
+    webhook_allowed_nets: str = ""
+    # How a webhook URL's name is looked up: "system" (the machine's resolver) or "hosts" (the hosts
+    # file only: no query leaves the machine; closed networks and the test suite).
+    webhook_resolve: str = "system"
+    # A webhook with no successful delivery for this long is disabled until its account re-enables it.
+    webhook_disable_after_s: float = 3 * 24 * 3600.0
+    # Delivery attempts in flight at once per process, and per account within that (one account's
+    # slow receivers hold at most its own share).
+    webhook_concurrency: int = 64
+    webhook_account_concurrency: int = 4
     log_level: str = "INFO"
 
     @classmethod
@@ -98,6 +114,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "webhook_retry_max_s": float(env.get("GPUX_WEBHOOK_RETRY_MAX_S", d.webhook_retry_max_s)),
             "webhook_timeout_s": float(env.get("GPUX_WEBHOOK_TIMEOUT_S", d.webhook_timeout_s)),
             "webhook_poll_s": float(env.get("GPUX_WEBHOOK_POLL_S", d.webhook_poll_s)),
+            "webhook_allowed_nets": env.get("GPUX_WEBHOOK_ALLOWED_NETS", d.webhook_allowed_nets),
+            "webhook_resolve": env.get("GPUX_WEBHOOK_RESOLVE", d.webhook_resolve),
+            "webhook_disable_after_s": float(env.get("GPUX_WEBHOOK_DISABLE_AFTER_S", d.webhook_disable_after_s)),
+            "webhook_concurrency": int(env.get("GPUX_WEBHOOK_CONCURRENCY", d.webhook_concurrency)),
+            "webhook_account_concurrency": int(env.get("GPUX_WEBHOOK_ACCOUNT_CONCURRENCY",
+                                                       d.webhook_account_concurrency)),
             "log_level": env.get("GPUX_LOG_LEVEL", "INFO"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -118,7 +140,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError(f"GPUX_RECLAIM_STRATEGY must be one of {', '.join(sorted(VICTIM_STRATEGIES))}")
         for name in ("rate_limit_per_s", "rate_limit_per_address_per_s", "quote_limit_per_s", "auth_failures_per_s",
                      "ws_per_address",
-                     "ws_per_account", "ws_max_markets_per_subscribe"):
+                     "ws_per_account", "ws_max_markets_per_subscribe", "webhook_concurrency",
+                     "webhook_account_concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPUX_{name.upper()} must be at least 1")
         if self.rate_limit_slice < 0:
@@ -130,5 +153,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 or self.webhook_poll_s <= 0:
             raise ValueError("GPUX_WEBHOOK_RETRY_MIN_S must be positive and at most GPUX_WEBHOOK_RETRY_MAX_S;"
                              " GPUX_WEBHOOK_TIMEOUT_S and GPUX_WEBHOOK_POLL_S positive")
+        if self.webhook_disable_after_s <= 0:
+            raise ValueError("GPUX_WEBHOOK_DISABLE_AFTER_S must be positive")
+        if self.webhook_resolve not in WEBHOOK_RESOLVERS:
+            raise ValueError(f"GPUX_WEBHOOK_RESOLVE must be one of {', '.join(WEBHOOK_RESOLVERS)}")
+        for net in self.webhook_allowed_nets.split(","):
+            try:
+                if net.strip():
+                    ipaddress.ip_network(net.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"GPUX_WEBHOOK_ALLOWED_NETS: {net.strip()!r} is not a CIDR") from None
         if self.max_gang_gpus < 1:
             raise ValueError("GPUX_MAX_GANG_GPUS must be at least 1")

@@ -26,6 +26,10 @@ class WebhookController(Controller):
     async def remove(self, ctx: AppContext, request: Request, webhook_id: PathId) -> Webhook:
         return await service.delete_webhook(ctx, request.user, webhook_id)
 
+    @post("/{webhook_id:int}/enable", status_code=200)
+    async def enable(self, ctx: AppContext, request: Request, webhook_id: PathId) -> Webhook:
+        return await service.enable_webhook(ctx, principal=request.user, webhook_id=webhook_id)
+
     @get("/{webhook_id:int}/deliveries")
     async def deliveries(self, ctx: AppContext, request: Request, webhook_id: PathId) -> DeliveryList:
         return DeliveryList(items=await service.list_deliveries(ctx, request.user, webhook_id))

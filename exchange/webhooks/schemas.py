@@ -22,12 +22,22 @@ class WebhookCreate(Struct, frozen=True, kw_only=True):
     events: Annotated[list[EventKind], msgspec.Meta(min_length=1, max_length=4)]
 
 
+WebhookStatus = Literal["active", "disabled"]
+
+
 class Webhook(Struct, frozen=True, kw_only=True, omit_defaults=True):
     id: int
     url: str
     events: list[str]
     created_at: datetime
-    # Only in the answer to the create: the HMAC key of `Gpux-Signature`; never shown again.
+    # "disabled" after GPUX_WEBHOOK_DISABLE_AFTER_S without a successful delivery: nothing is sent
+    # (its events are kept) until POST /v1/webhooks/{id}/enable.
+    status: WebhookStatus
+    # Since when every attempt failed (null while the last one succeeded), and when it was disabled.
+    failing_since: datetime | None
+    disabled_at: datetime | None
+    # Only in the answer to the create: the key of both signatures (`Gpux-Signature` and Standard
+    # Webhooks' `webhook-signature`, exchange/webhooks/signing.py); never shown again.
     secret: str | None = None
 
 

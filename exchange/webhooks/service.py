@@ -3,8 +3,6 @@ another's webhook answers 404, as if it did not exist."""
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
-from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -12,6 +10,8 @@ from exchange.core.auth import Principal
 from exchange.core.context import AppContext
 from exchange.core.errors import ApiError, InvalidField, NotFound
 from exchange.feed.schemas import Envelope, encoder
+from exchange.webhooks.destinations import Refused
+from exchange.webhooks.resolvers import Destinations
 from exchange.webhooks.schemas import EVENT_KINDS, Delivery, Webhook, WebhookCreate
 
 # Each registered URL is a delivery loop's work; a bound keeps one account from making it unbounded.
@@ -20,22 +20,28 @@ MAX_WEBHOOKS_PER_ACCOUNT = 16
 DELIVERY_LOG_LIMIT = 100
 
 
+_WEBHOOK_COLUMNS = "id, url, events, created_at, failing_since, disabled_at"
+
+
 def _webhook(row: asyncpg.Record, secret: str | None = None) -> Webhook:
     return Webhook(id=row["id"], url=row["url"], events=list(row["events"]), created_at=row["created_at"],
-                   secret=secret)
+                   status="disabled" if row["disabled_at"] else "active", failing_since=row["failing_since"],
+                   disabled_at=row["disabled_at"], secret=secret)
+
+
+def _wake(ctx: AppContext) -> None:
+    wake = ctx.extras.get("webhook_wake")
+    if wake is not None:
+        wake()
 
 
 async def create_webhook(ctx: AppContext, principal: Principal, data: WebhookCreate) -> Webhook:
+    destinations: Destinations = ctx.extras["webhook_destinations"]
     try:
-        parts = urlsplit(data.url)  # raises ValueError on a bracketed host that is no IPv6 address
-    except ValueError:
-        raise InvalidField("url", "an http or https URL with a valid host") from None
-    try:
-        parts.port  # noqa: B018 -- raises ValueError on a port out of range
-    except ValueError:
-        raise InvalidField("url", "the port is not a number from 0 to 65535") from None
-    if not parts.hostname:
-        raise InvalidField("url", "an http or https URL with a host")
+        # Checked again at every attempt: a name may point elsewhere later.
+        await destinations.check(data.url)
+    except Refused as refused:
+        raise InvalidField("url", str(refused)) from None
     # Kept in the canonical order, once each.
     events = [kind for kind in EVENT_KINDS if kind in data.events]
     secret = "whsec_" + secrets.token_hex(32)
@@ -49,19 +55,19 @@ async def create_webhook(ctx: AppContext, principal: Principal, data: WebhookCre
         # Events from now on: the cursor starts at the account's current seq.
         row = await conn.fetchrow(
             "INSERT INTO webhooks (account_id, url, events, secret, cursor_seq, created_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, url, events, created_at",
+            f" VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_WEBHOOK_COLUMNS}",
             principal.account_id, data.url, events, secret, head, ctx.clock())
     return _webhook(row, secret)
 
 
 async def list_webhooks(ctx: AppContext, principal: Principal) -> list[Webhook]:
-    rows = await ctx.pool.fetch("SELECT id, url, events, created_at FROM webhooks WHERE account_id = $1 ORDER BY id",
+    rows = await ctx.pool.fetch(f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE account_id = $1 ORDER BY id",
                                 principal.account_id)
     return [_webhook(row) for row in rows]
 
 
 async def _own(conn, principal: Principal, webhook_id: int) -> asyncpg.Record:
-    row = await conn.fetchrow("SELECT id, url, events, created_at FROM webhooks WHERE id = $1 AND account_id = $2",
+    row = await conn.fetchrow(f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE id = $1 AND account_id = $2",
                               webhook_id, principal.account_id)
     if row is None:
         raise NotFound("webhook")
@@ -72,6 +78,21 @@ async def delete_webhook(ctx: AppContext, principal: Principal, webhook_id: int)
     async with ctx.pool.acquire() as conn, conn.transaction():
         row = await _own(conn, principal, webhook_id)
         await conn.execute("DELETE FROM webhooks WHERE id = $1", webhook_id)  # its deliveries go with it
+    return _webhook(row)
+
+
+async def enable_webhook(ctx: AppContext, principal: Principal, webhook_id: int) -> Webhook:
+    """A disabled webhook works again from where it stopped: its pending message is due now. Harmless
+    on an active one."""
+    now = ctx.clock()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        row = await _own(conn, principal, webhook_id)
+        if row["disabled_at"] is not None:
+            row = await conn.fetchrow("UPDATE webhooks SET disabled_at = NULL, failing_since = NULL WHERE id = $1"
+                                      f" RETURNING {_WEBHOOK_COLUMNS}", webhook_id)
+            await conn.execute("UPDATE webhook_deliveries SET next_attempt_at = $2 WHERE webhook_id = $1"
+                               " AND delivered_at IS NULL AND next_attempt_at > $2", webhook_id, now)
+    _wake(ctx)
     return _webhook(row)
 
 
@@ -104,7 +125,5 @@ async def queue_ping(ctx: AppContext, principal: Principal, webhook_id: int) -> 
         row = await conn.fetchrow(
             "INSERT INTO webhook_deliveries (webhook_id, seq, kind, body, created_at, next_attempt_at)"
             f" VALUES ($1, NULL, 'ping', $2, $3, $3) RETURNING {_DELIVERY_COLUMNS}", webhook_id, body, now)
-    wake = ctx.extras.get("webhook_wake")
-    if wake is not None:
-        wake()
+    _wake(ctx)
     return _delivery(row)

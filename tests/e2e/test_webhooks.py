@@ -1,17 +1,25 @@
-"""/v1/webhooks: an account's events POSTed to its URL, signed (Gpux-Signature, HMAC-SHA256 over
-"<t>.<body>"), retried with backoff while the receiver fails or is down, each delivery logged."""
+"""/v1/webhooks: an account's events POSTed to its URL, signed twice (Gpux-Signature, Stripe's scheme,
+and Standard Webhooks' headers; both verified here by those projects' own packages), retried with
+backoff while the receiver fails or is down, each delivery logged; internal destinations refused
+unless the operator allows them, at create and at every attempt."""
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
+import standardwebhooks
+import stripe
 
 from tests.e2e.client import Api, in_seconds, unique
-from tests.support import ADMIN_KEY, free_port, run_audit, start_server
+from tests.receivers import Receiver
+from tests.support import ADMIN_KEY, run_audit, start_server
 
 # Fast retries so a receiver's outage of a few attempts fits a test.
 WEBHOOK_ENV = {"GPUX_WEBHOOK_RETRY_MIN_S": "0.2", "GPUX_WEBHOOK_RETRY_MAX_S": "1", "GPUX_WEBHOOK_TIMEOUT_S": "2"}
@@ -24,62 +32,22 @@ def server(tmp_path_factory: pytest.TempPathFactory, server_db: str):
     proc.stop()
 
 
-class Receiver:
-    """A real HTTP server on a free port: records each POST (headers, body, arrival) and answers with
-    the status in `answer` (500 to play a failing receiver); `stop()`/`start()` play one that is down."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/hook"
-        self.answer = 200
-        self.received: list[tuple[dict[str, str], bytes, float]] = []
-        self.refused = 0  # requests answered with a non-2xx
-        self.arrived = asyncio.Event()
-        self.server: asyncio.Server | None = None
-        self.open: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def stop(self) -> None:
-        self.server.close()
-        for writer in list(self.open):  # kept-alive connections too: down means down
-            writer.close()
-        await self.server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.open.add(writer)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode().split("\r\n")
-                headers = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:] if ":" in l)}
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                status = self.answer
-                if status < 300:
-                    self.received.append((headers, body, time.monotonic()))
-                    self.arrived.set()
-                else:
-                    self.refused += 1
-                writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode())
-                await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.CancelledError, ConnectionError):
-            pass
-        finally:
-            self.open.discard(writer)
-            writer.close()
-
-    async def wait_for(self, count: int, timeout: float = 30) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.received) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
-
-
 def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
+    """Gpux-Signature checked by hand, then both signatures by the verifiers receivers use: Stripe's
+    (our header is its scheme, keyed by the whole secret) and the Standard Webhooks package."""
     parts = dict(item.split("=", 1) for item in headers["gpux-signature"].split(","))
     expected = hmac.new(secret.encode(), f"{parts['t']}.".encode() + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, parts["v1"]) and abs(time.time() - int(parts["t"])) < 300
+    if not (hmac.compare_digest(expected, parts["v1"]) and abs(time.time() - int(parts["t"])) < 300):
+        return False
+    try:
+        stripe.WebhookSignature.verify_header(body.decode(), headers["gpux-signature"], secret, tolerance=300)
+    except stripe.SignatureVerificationError:
+        return False
+    try:
+        standardwebhooks.Webhook(secret).verify(body, headers)
+    except standardwebhooks.WebhookVerificationError:
+        return False
+    return True
 
 
 async def filled_lease(admin: Api, tenant: Api) -> tuple[Api, str, dict]:
@@ -116,6 +84,14 @@ async def test_events_arrive_signed_in_order_and_a_reclaim_notice_follows(admin:
     # A body signed with another secret, or altered, does not verify: the check above can fail.
     headers, body, _ = receiver.received[0]
     assert not verify("whsec_other", headers, body) and not verify(hook["secret"], headers, body + b" ")
+    tampered = body.replace(b'"fill"', b'"notice"')
+    assert tampered != body
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(hook["secret"]).verify(tampered, headers)
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.WebhookSignature.verify_header(tampered.decode(), headers["gpux-signature"], hook["secret"], 300)
+    # The Standard Webhooks message id is the receiver's dedupe key: one per message.
+    assert len({h["webhook-id"] for h, _, _ in receiver.received}) == 3
     assert bodies[2]["data"]["status"] == "ending" and bodies[2]["channel"] == "stream"
     # The figure in the README (run with -s): the notice may reach the receiver before the reclaim's
     # answer reaches its caller (both follow the same commit).
@@ -158,6 +134,8 @@ async def test_a_failing_then_down_receiver_gets_the_event_later(admin: Api) -> 
         await receiver.stop()
     headers, body, _ = receiver.received[0]
     assert json.loads(body)["type"] == "fill" and verify(hook["secret"], headers, body)
+    # Every retry of the message carried the same webhook-id (a receiver dedupes on it).
+    assert len(receiver.seen) >= 3 and {h["webhook-id"] for h in receiver.seen} == {headers["webhook-id"]}
     done = await log_until(lambda items: items[0]["delivered_at"] is not None)
     assert done[0]["attempts"] >= 5 and done[0]["last_status_code"] == 200 and done[0]["last_error"] is None
     assert len(done) == 1  # lease_started was not subscribed: never sent
@@ -182,26 +160,26 @@ async def test_the_test_endpoint_sends_a_signed_ping(admin: Api) -> None:
 async def test_another_account_sees_no_webhook_and_bad_input_is_refused(admin: Api) -> None:
     tenant = await admin.new_account("tenant")
     other = await admin.new_account("tenant")
-    hook = await tenant.ok("POST", "/v1/webhooks", 201, json={"url": "https://example.com/h", "events": ["fill"]})
+    hook = await tenant.ok("POST", "/v1/webhooks", 201, json={"url": "https://localhost/h", "events": ["fill"]})
     listed = (await tenant.ok("GET", "/v1/webhooks"))["items"]
     assert [h["id"] for h in listed] == [hook["id"]] and "secret" not in listed[0]
     assert (await other.ok("GET", "/v1/webhooks"))["items"] == []
     for method, path in (("DELETE", f"/v1/webhooks/{hook['id']}"), ("GET", f"/v1/webhooks/{hook['id']}/deliveries"),
-                         ("POST", f"/v1/webhooks/{hook['id']}/test")):
+                         ("POST", f"/v1/webhooks/{hook['id']}/test"), ("POST", f"/v1/webhooks/{hook['id']}/enable")):
         response = await other.request(method, path)
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     for body in ({"url": "ftp://example.com/h", "events": ["fill"]}, {"url": "http://", "events": ["fill"]},
                  {"url": "https://example.com/h\n", "events": ["fill"]}, {"url": "https://x:99999/", "events": ["fill"]},
                  # A bracketed host that is no IPv6 address (urlsplit raises; was a 500):
                  {"url": "http://*5[h", "events": ["fill"]}, {"url": "https://[zz]/h", "events": ["fill"]},
-                 {"url": "https://example.com/" + "a" * 3000, "events": ["fill"]},
-                 {"url": "https://example.com/h", "events": []}, {"url": "https://example.com/h", "events": ["bogus"]},
-                 {"url": "https://example.com/h"}):
+                 {"url": "https://localhost/" + "a" * 3000, "events": ["fill"]},
+                 {"url": "https://localhost/h", "events": []}, {"url": "https://localhost/h", "events": ["bogus"]},
+                 {"url": "https://localhost/h"}):
         response = await tenant.request("POST", "/v1/webhooks", json=body)
         assert 400 <= response.status_code < 500 and "error" in response.json(), (body, response.text)
     response = await tenant.request("GET", "/v1/webhooks/99999999999999999999/deliveries")
     assert 400 <= response.status_code < 500
-    admin_try = await admin.request("POST", "/v1/webhooks", json={"url": "https://example.com/h", "events": ["fill"]})
+    admin_try = await admin.request("POST", "/v1/webhooks", json={"url": "https://localhost/h", "events": ["fill"]})
     assert admin_try.status_code == 403
     assert (await tenant.ok("GET", "/v1/webhooks"))["items"] == listed  # nothing refused was stored
     assert (await tenant.ok("DELETE", f"/v1/webhooks/{hook['id']}"))["id"] == hook["id"]
@@ -252,3 +230,86 @@ async def test_events_wait_out_a_server_restart_and_two_processes_send_each_once
                                                                          ("fill", True)]
     audit = run_audit(fresh_db)
     assert audit.returncode == 0, audit.stdout
+
+
+# Loopback in every spelling a URL parser or the C library accepts, and the other internal ranges.
+INTERNAL_URLS = ["http://127.0.0.1:{port}/h", "http://localhost:{port}/h", "http://127.1:{port}/h",
+                 "http://2130706433:{port}/h", "http://0x7f000001:{port}/h", "http://0177.0.0.1:{port}/h",
+                 "http://127.0.0.1.:{port}/h", "http://[::ffff:127.0.0.1]:{port}/h", "http://0.0.0.0:{port}/h",
+                 "http://0:{port}/h", "http://[::1]:{port}/h", "http://[::]:{port}/h", "http://LOCALHOST:{port}/h",
+                 "http://a.localhost:{port}/h", "http://10.0.0.1/h", "http://192.168.1.1/h", "http://172.16.0.1/h",
+                 "http://169.254.169.254/latest/meta-data", "http://100.64.0.1/h", "http://[fd00::1]/h",
+                 "http://[fe80::1]/h", "http://224.0.0.1/h", "http://255.255.255.255/h", "http://192.0.2.1/h",
+                 "http://[::ffff:169.254.169.254]/h", "http://[2002:7f00:1::]/h", "http://[64:ff9b::a00:1]/h"]
+
+
+async def test_internal_destinations_are_refused_at_create_and_at_send(tmp_path, fresh_db: str) -> None:
+    """With no allowance, every internal URL is a 422 on `url` and nothing is stored; a webhook that
+    was allowed when created (the operator's allowance, since withdrawn) is refused at each attempt:
+    the log says refused, the loopback receiver never hears of it."""
+    receiver = Receiver()
+    await receiver.start()
+    allowed = start_server(tmp_path / "a", database_url=fresh_db, extra_env=WEBHOOK_ENV)
+    try:
+        async with Api(allowed.base_url, ADMIN_KEY) as admin:
+            tenant = await admin.new_account("tenant")
+            hook = await tenant.ok("POST", "/v1/webhooks", 201, json={"url": receiver.url, "events": ["fill"]})
+    finally:
+        allowed.stop()
+    closed = start_server(tmp_path / "b", database_url=fresh_db,
+                          extra_env={**WEBHOOK_ENV, "GPUX_WEBHOOK_ALLOWED_NETS": ""})
+    try:
+        async with Api(closed.base_url, tenant.key) as again:
+            for url in INTERNAL_URLS:
+                response = await again.request("POST", "/v1/webhooks", json={"url": url.format(port=receiver.port),
+                                                                             "events": ["fill"]})
+                assert response.status_code == 422, (url, response.text)
+                error = response.json()["error"]
+                assert error["field"] == "url" and ("address" in error["message"]), (url, error)
+            assert [h["id"] for h in (await again.ok("GET", "/v1/webhooks"))["items"]] == [hook["id"]]
+            await again.ok("POST", f"/v1/webhooks/{hook['id']}/test", 202)
+            path = f"/v1/webhooks/{hook['id']}/deliveries"
+            async with asyncio.timeout(30):
+                while not (log := (await again.ok("GET", path))["items"]) or log[0]["attempts"] < 2:
+                    await asyncio.sleep(0.1)
+    finally:
+        closed.stop()
+        await receiver.stop()
+    assert receiver.seen == []
+    assert log[0]["last_status_code"] is None and log[0]["delivered_at"] is None
+    assert log[0]["last_error"] == "refused: the host is a loopback address"
+
+
+async def test_a_webhook_failing_too_long_is_disabled_and_can_be_enabled(tmp_path, fresh_db: str) -> None:
+    receiver = Receiver()
+    receiver.answer = 500
+    await receiver.start()
+    server = start_server(tmp_path, database_url=fresh_db,
+                          extra_env={**WEBHOOK_ENV, "GPUX_WEBHOOK_DISABLE_AFTER_S": "1.5"})
+    try:
+        async with Api(server.base_url, ADMIN_KEY) as admin:
+            tenant = await admin.new_account("tenant", deposit="100.00")
+            hook = await tenant.ok("POST", "/v1/webhooks", 201, json={"url": receiver.url, "events": ["fill"]})
+            assert hook["status"] == "active" and hook["failing_since"] is None
+            await tenant.ok("POST", f"/v1/webhooks/{hook['id']}/test", 202)
+            async with asyncio.timeout(30):
+                while (listed := (await tenant.ok("GET", "/v1/webhooks"))["items"][0])["status"] != "disabled":
+                    await asyncio.sleep(0.1)
+            assert listed["failing_since"] and listed["disabled_at"] >= listed["failing_since"]
+            # Disabled: nothing is tried any more, and what happens meanwhile waits for it.
+            refused = receiver.refused
+            await filled_lease(admin, tenant)
+            await asyncio.sleep(1.5)
+            assert receiver.refused == refused and receiver.received == []
+            cli = subprocess.run([sys.executable, "-m", "exchange.cli", "webhooks"], capture_output=True, text=True,
+                                 env={**os.environ, "GPUX_URL": server.base_url, "GPUX_API_KEY": tenant.key,
+                                      "GPUX_CONFIG": str(tmp_path / "none.toml")}, timeout=60)
+            assert cli.returncode == 0 and "disabled" in cli.stdout, cli.stdout + cli.stderr
+            receiver.answer = 200
+            enabled = await tenant.ok("POST", f"/v1/webhooks/{hook['id']}/enable")
+            assert enabled["status"] == "active" and enabled["disabled_at"] is None
+            await receiver.wait_for(2)  # the ping, then the fill that waited
+    finally:
+        server.stop()
+        await receiver.stop()
+    assert [json.loads(body)["type"] for _, body, _ in receiver.received] == ["ping", "fill"]
