@@ -320,6 +320,12 @@ WEBHOOK_CHECKS = [
           " FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
           " LEFT JOIN account_events e ON e.account_id = w.account_id AND e.seq = d.seq"
           " WHERE d.seq IS NOT NULL AND (e.kind IS DISTINCT FROM d.kind OR d.seq > w.cursor_seq) ORDER BY d.id"),
+    # Migration 0013: only the first undelivered message of a webhook is ever sent.
+    Check("a webhook's messages are delivered in order",
+          "SELECT d.id AS delivery_id, d.webhook_id, e.id AS undelivered_before FROM webhook_deliveries d"
+          " JOIN LATERAL (SELECT min(id) AS id FROM webhook_deliveries e WHERE e.webhook_id = d.webhook_id"
+          "   AND e.id < d.id AND e.delivered_at IS NULL) e ON e.id IS NOT NULL"
+          " WHERE d.delivered_at IS NOT NULL ORDER BY d.id"),
 ]
 
 CHECKS: list[Check] = LEDGER_CHECKS + MARKET_CHECKS + OWNER_CHECKS + METER_CHECKS + WEBHOOK_CHECKS

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,27 +65,49 @@ def system_resolver(executor: ThreadPoolExecutor, timeout_s: float) -> Resolver:
     return resolve
 
 
+class Busy(Exception):
+    """Too many checks of one account in flight (a 429)."""
+
+
 class Destinations:
     """The webhook destination check as configured: the lookup (GPUX_WEBHOOK_RESOLVE) and the
     operator's allowance (GPUX_WEBHOOK_ALLOWED_NETS). One per process, shared by create and delivery."""
 
     def __init__(self, resolve: Resolver, allowed: tuple[IPNetwork, ...] = (),
-                 executor: ThreadPoolExecutor | None = None) -> None:
+                 executor: ThreadPoolExecutor | None = None, account_cap: int = 4) -> None:
         self.resolve = resolve
         self.allowed = allowed
         self.executor = executor
+        # Checks one account may have in flight at create: slow names of one account (a name server
+        # that never answers) never take the lookup threads everyone's checks share.
+        self.account_cap = account_cap
+        self.in_flight: Counter[int] = Counter()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Destinations":
         allowed = parse_nets(settings.webhook_allowed_nets)
         if settings.webhook_resolve == "hosts":
             return cls(hosts_resolver(), allowed)
-        # As many lookup threads as attempts in flight: a slow name server never queues another's lookup.
-        executor = ThreadPoolExecutor(max_workers=settings.webhook_concurrency, thread_name_prefix="webhook-lookup")
-        return cls(system_resolver(executor, settings.webhook_timeout_s), allowed, executor)
+        # Lookup threads for every attempt in flight and as many creates again; a lookup given up at
+        # the timeout may hold its thread a while longer (the C resolver's own timeout).
+        executor = ThreadPoolExecutor(max_workers=2 * settings.webhook_concurrency, thread_name_prefix="webhook-lookup")
+        return cls(system_resolver(executor, settings.webhook_timeout_s), allowed, executor,
+                   settings.webhook_account_concurrency)
 
-    async def check(self, url: str) -> Destination:
-        return await check_url(url, self.resolve, self.allowed)
+    async def check(self, url: str, account_id: int | None = None) -> Destination:
+        """The destination of `url`, every address checked; Refused with why. With `account_id` (a
+        create), Busy when that account already has its share of checks in flight."""
+        if account_id is None:
+            return await check_url(url, self.resolve, self.allowed)
+        if self.in_flight[account_id] >= self.account_cap:
+            raise Busy(f"at most {self.account_cap} webhook URL checks at a time per account")
+        self.in_flight[account_id] += 1
+        try:
+            return await check_url(url, self.resolve, self.allowed)
+        finally:
+            self.in_flight[account_id] -= 1
+            if self.in_flight[account_id] <= 0:
+                del self.in_flight[account_id]
 
     def close(self) -> None:
         if self.executor is not None:

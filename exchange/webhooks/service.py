@@ -11,7 +11,7 @@ from exchange.core.context import AppContext
 from exchange.core.errors import ApiError, InvalidField, NotFound
 from exchange.feed.schemas import Envelope, encoder
 from exchange.webhooks.destinations import Refused
-from exchange.webhooks.resolvers import Destinations
+from exchange.webhooks.resolvers import Busy, Destinations
 from exchange.webhooks.schemas import EVENT_KINDS, Delivery, Webhook, WebhookCreate
 
 # Each registered URL is a delivery loop's work; a bound keeps one account from making it unbounded.
@@ -39,9 +39,11 @@ async def create_webhook(ctx: AppContext, principal: Principal, data: WebhookCre
     destinations: Destinations = ctx.extras["webhook_destinations"]
     try:
         # Checked again at every attempt: a name may point elsewhere later.
-        await destinations.check(data.url)
+        await destinations.check(data.url, principal.account_id)
     except Refused as refused:
         raise InvalidField("url", str(refused)) from None
+    except Busy as busy:
+        raise ApiError("rate_limited", str(busy), status=429, headers={"Retry-After": "1"}) from None
     # Kept in the canonical order, once each.
     events = [kind for kind in EVENT_KINDS if kind in data.events]
     secret = "whsec_" + secrets.token_hex(32)

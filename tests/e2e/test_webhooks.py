@@ -98,7 +98,13 @@ async def test_events_arrive_signed_in_order_and_a_reclaim_notice_follows(admin:
     arrived_at = receiver.received[2][2]
     print(f"reclaim sent -> notice at the receiver: {(arrived_at - sent_at) * 1000:.1f} ms"
           f" (reclaim answered after {(answered_at - sent_at) * 1000:.1f} ms)")
-    log = (await tenant.ok("GET", f"/v1/webhooks/{hook['id']}/deliveries"))["items"]
+    # The receiver has the notice once it answered; the server records it just after.
+    async with asyncio.timeout(10):
+        while True:
+            log = (await tenant.ok("GET", f"/v1/webhooks/{hook['id']}/deliveries"))["items"]
+            if all(d["delivered_at"] for d in log):
+                break
+            await asyncio.sleep(0.05)
     assert [(d["kind"], d["seq"], d["attempts"], d["last_status_code"]) for d in log] == [
         ("notice", 3, 1, 200), ("lease_started", 2, 1, 200), ("fill", 1, 1, 200)]
     assert all(d["delivered_at"] and d["next_attempt_at"] is None for d in log)

@@ -231,6 +231,15 @@ CORRUPTIONS: dict[str, str] = {
         f" WHERE id = {TENANT} RETURNING id)"
         " INSERT INTO webhook_deliveries (webhook_id, seq, kind, body, created_at, next_attempt_at)"
         " SELECT w.id, 1, 'notice', '{}', now(), now() FROM w",
+    # A ping delivered while the message queued before it is still pending.
+    "a webhook's messages are delivered in order":
+        "WITH w AS (INSERT INTO webhooks (account_id, url, events, secret, cursor_seq, created_at)"
+        f" SELECT id, 'https://example.com/h', ARRAY['fill'], 'whsec_x', event_seq, now() FROM accounts"
+        f" WHERE id = {TENANT} RETURNING id),"
+        " first AS (INSERT INTO webhook_deliveries (webhook_id, seq, kind, body, created_at, next_attempt_at)"
+        "   SELECT w.id, NULL, 'ping', '{}', now(), now() FROM w RETURNING webhook_id)"
+        " INSERT INTO webhook_deliveries (webhook_id, seq, kind, body, created_at, delivered_at)"
+        " SELECT webhook_id, NULL, 'ping', '{}', now(), now() FROM first",
 }
 
 

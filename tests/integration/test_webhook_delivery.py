@@ -46,6 +46,15 @@ async def tenant(s: Scenario) -> Principal:
     return Principal(role="tenant", account_id=account.id)
 
 
+async def pinged_webhook(s: Scenario, receiver: Receiver) -> tuple[Destinations, Principal, object]:
+    """A tenant's webhook at a loopback receiver (allowed), with a ping queued."""
+    s.ctx.extras["webhook_destinations"] = destinations = Destinations(Names(), parse_nets("127.0.0.0/8"))
+    principal = await tenant(s)
+    hook = await service.create_webhook(s.ctx, principal, WebhookCreate(url=receiver.url, events=["fill"]))
+    await service.queue_ping(s.ctx, principal, hook.id)
+    return destinations, principal, hook
+
+
 async def log_of(s: Scenario, principal: Principal, webhook_id: int) -> list:
     return await service.list_deliveries(s.ctx, principal, webhook_id)
 
@@ -107,10 +116,7 @@ async def test_a_crash_between_send_and_record_sends_again_once_the_claim_runs_o
     receiver = Receiver()
     await receiver.start()
     try:
-        s.ctx.extras["webhook_destinations"] = destinations = Destinations(Names(), parse_nets("127.0.0.0/8"))
-        principal = await tenant(s)
-        hook = await service.create_webhook(s.ctx, principal, WebhookCreate(url=receiver.url, events=["fill"]))
-        await service.queue_ping(s.ctx, principal, hook.id)
+        destinations, principal, hook = await pinged_webhook(s, receiver)
         dying, other = WebhookDeliverer(s.ctx, destinations), WebhookDeliverer(s.ctx, destinations)
         job = await dying._claim(hook.id)
         headers = signed_headers(job.secret, job.delivery_id, int(s.clock().timestamp()), job.body)
@@ -138,10 +144,7 @@ async def test_a_webhook_failing_past_the_limit_is_disabled_and_keeps_its_events
     receiver.answer = 503
     await receiver.start()
     try:
-        s.ctx.extras["webhook_destinations"] = destinations = Destinations(Names(), parse_nets("127.0.0.0/8"))
-        principal = await tenant(s)
-        hook = await service.create_webhook(s.ctx, principal, WebhookCreate(url=receiver.url, events=["fill"]))
-        await service.queue_ping(s.ctx, principal, hook.id)
+        destinations, principal, hook = await pinged_webhook(s, receiver)
         deliverer = WebhookDeliverer(s.ctx, destinations)
         limit_s = s.ctx.settings.webhook_disable_after_s
         elapsed = 0.0

@@ -156,3 +156,27 @@ def test_the_hosts_file_is_read_as_the_c_library_reads_it() -> None:
                             "10.0.0.7 Db.Internal.\nbogus line\n93.184.216.34 hooks.example\n")
     assert entries["db.internal"] == [ip("10.0.0.7")] and entries["hooks.example"] == [ip("93.184.216.34")]
     assert entries["ip6-loopback"] == [ip("::1")] and "bogus" not in entries
+
+
+async def test_one_account_has_at_most_its_share_of_checks_in_flight() -> None:
+    import asyncio
+
+    from exchange.webhooks.resolvers import Busy, Destinations
+
+    release = asyncio.Event()
+
+    async def slow(host: str, port: int) -> list:  # a name server that takes its time
+        await release.wait()
+        return [ip("93.184.216.34")]
+
+    destinations = Destinations(slow, account_cap=2)
+    waiting = [asyncio.create_task(destinations.check("http://slow.example/", account_id=1)) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Busy):
+        await destinations.check("http://slow.example/", account_id=1)
+    other = asyncio.create_task(destinations.check("http://slow.example/", account_id=2))  # not held up by 1
+    await asyncio.sleep(0)
+    release.set()
+    for task in [*waiting, other]:
+        assert (await task).addresses == (ip("93.184.216.34"),)
+    assert not destinations.in_flight
