@@ -4,7 +4,11 @@ a process that dies between its send and its record leaves a claim that runs out
 sent again, never lost, never twice while the claim lives."""
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import shutil
+import ssl
+import subprocess
 
 import pytest
 
@@ -170,3 +174,39 @@ async def test_a_webhook_failing_past_the_limit_is_disabled_and_keeps_its_events
     assert len(receiver.received) == 1
     [delivery] = await log_of(s, principal, hook.id)
     assert delivery.delivered_at is not None and delivery.attempts == tries + 1
+
+
+async def test_https_goes_to_the_checked_address_with_the_url_s_name_as_tls_server_name(s: Scenario, tmp_path) -> None:
+    """A TLS listener on loopback records the server name each client hello asks for: the attempt
+    connects to the address checked yet names the URL's host, so certificates are checked against it
+    (this one is self-signed: the attempt fails verification, after the hello)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=hooks.tenant.test"], check=True, capture_output=True)
+    names_asked: list[str | None] = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda _sock, name, _ctx: names_asked.append(name)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        destinations = Destinations(Names({"hooks.tenant.test": ["127.0.0.1"]}), parse_nets("127.0.0.0/8"))
+        s.ctx.extras["webhook_destinations"] = destinations
+        principal = await tenant(s)
+        hook = await service.create_webhook(s.ctx, principal, WebhookCreate(
+            url=f"https://hooks.tenant.test:{port}/h", events=["fill"]))
+        await service.queue_ping(s.ctx, principal, hook.id)
+        deliverer = WebhookDeliverer(s.ctx, destinations)
+        await deliverer.drain()
+        await deliverer.stop()
+    finally:
+        server.close()
+    assert names_asked == ["hooks.tenant.test"]
+    [delivery] = await log_of(s, principal, hook.id)
+    assert delivery.delivered_at is None and "CERTIFICATE_VERIFY_FAILED" in delivery.last_error
