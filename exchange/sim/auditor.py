@@ -13,6 +13,7 @@ import asyncpg
 from exchange.ledger.audit import METER_BOUNDS_CHECK, run_audit
 from exchange.leases.lifecycle import PREEMPTION_REASONS
 from exchange.sim.driver import Driver, SimFailure, acknowledged_deposits
+from exchange.sim.money_model import bid_hold_micros, fill_hold_micros, micros
 
 # run_audit grows keyword arguments (the time, the settlement and host graces); pass those it takes.
 _AUDIT_PARAMS = set(inspect.signature(run_audit).parameters)
@@ -23,7 +24,8 @@ _PREEMPTIONS = [str(r) for r in PREEMPTION_REASONS]
 METER_CHECK_EVERY_STEPS = 25
 
 # (check, SQL returning the offending rows), beside the audit's. Parameters by name, if ever needed:
-# :now the simulation's time, :mark the largest lease id before this step, :preempt the preemption reasons.
+# :now the simulation's time, :mark the largest lease id before this step, :preempt the preemption reasons,
+# :fee_bps the seed's fee rate (the audit cannot know the rate a lease was billed at; the seed does).
 SQL_CHECKS: list[tuple[str, str]] = [
     ("a filled bid has its whole gang leased in one tick",
      "SELECT b.id, b.gpus, g.tick_id, g.gpus AS leased FROM bids b LEFT JOIN LATERAL"
@@ -37,7 +39,28 @@ SQL_CHECKS: list[tuple[str, str]] = [
      "SELECT l.id, l.status, l.gpus, count(lg.uuid) FILTER (WHERE lg.live) AS live_gpus FROM leases l"
      " LEFT JOIN lease_gpus lg ON lg.lease_id = l.id GROUP BY l.id"
      " HAVING count(lg.uuid) FILTER (WHERE lg.live) <> CASE WHEN l.status IN ('active', 'ending') THEN l.gpus ELSE 0 END"),
+    ("each lease's fee is floor(billed x fee rate / 10000) at the seed's rate",
+     "SELECT id, billed_amount, fees_amount, billed_amount * :fee_bps / 10000 AS expected FROM leases"
+     " WHERE fees_amount <> billed_amount * :fee_bps / 10000 ORDER BY id"),
 ]
+
+# What every seed of LIVENESS_MIN_STEPS steps or more must have done by its end. A build that refuses
+# much of what it is asked (meter reports, fills) passes every other check while doing nothing.
+LIVENESS_MIN_STEPS = 150
+SEED_MINIMUMS = {"leases": 3, "completed leases": 1, "micro-dollars billed": 1, "offers expired": 1}
+SEED_COUNTS_SQL = (
+    "SELECT (SELECT count(*) FROM leases) AS \"leases\","
+    " (SELECT count(*) FROM leases WHERE end_reason = 'completed') AS \"completed leases\","
+    " (SELECT coalesce(sum(billed_amount), 0)::bigint FROM leases) AS \"micro-dollars billed\","
+    " (SELECT count(*) FROM offers WHERE available_until <= $1) AS \"offers expired\","
+    " (SELECT count(*) FROM leases WHERE requeued_at IS NOT NULL) AS \"leases requeued\","
+    " (SELECT count(*) FROM leases WHERE end_reason IN ('outbid', 'reclaimed', 'host_failed', 'gang_failed'))"
+    "   AS \"leases preempted\"")
+
+
+async def seed_counts(conn: asyncpg.Connection, now: datetime) -> dict[str, int]:
+    return dict(await conn.fetchrow(SEED_COUNTS_SQL, now))
+
 
 # A bid's status may move only along these edges (filled -> open: a preempted bid requeued).
 BID_MOVES = {("open", "filled"), ("open", "cancelled"), ("open", "expired"), ("filled", "open")}
@@ -55,9 +78,16 @@ class Auditor:
     async def before_step(self) -> None:
         self.lease_mark = await self.conn.fetchval("SELECT coalesce(max(id), 0) FROM leases")
 
-    async def finish(self) -> None:
-        """After a seed's last step: the checks run only every few steps (the meter bounds)."""
+    async def finish(self, liveness: bool = True) -> None:
+        """After a seed's last step: the checks run only every few steps (the meter bounds), and with
+        `liveness` (a seed of LIVENESS_MIN_STEPS or more) that the seed did something of each kind."""
         await self._audit(self.driver.clock(), every_check=True)
+        if liveness:
+            counts = await seed_counts(self.conn, self.driver.clock())
+            short = {name: (counts[name], least) for name, least in SEED_MINIMUMS.items() if counts[name] < least}
+            if short:
+                raise SimFailure("a seed does something: fills, completed leases, money billed, offers expired",
+                                 {"(done, at least)": short, "counts": counts})
 
     async def _audit(self, now: datetime, every_check: bool) -> None:
         self.steps_checked += 1
@@ -84,6 +114,7 @@ class Auditor:
             if rows:
                 raise SimFailure(name, [dict(r) for r in rows[:5]])
         await self._check_bids()
+        await self._check_holds()
         await self._check_ended_leases()
         await self._check_deposits()
 
@@ -96,7 +127,8 @@ class Auditor:
 
     def _bind(self, sql: str, now: datetime) -> tuple[str, list]:
         """Named parameters to asyncpg's numbered ones, each with its type."""
-        values = {":now": ("timestamptz", now), ":mark": ("bigint", self.lease_mark), ":preempt": ("text[]", _PREEMPTIONS)}
+        values = {":now": ("timestamptz", now), ":mark": ("bigint", self.lease_mark), ":preempt": ("text[]", _PREEMPTIONS),
+                  ":fee_bps": ("bigint", self.driver.workload.fee_bps)}
         args: list = []
         for name, (kind, value) in values.items():
             if name in sql:
@@ -137,6 +169,39 @@ class Auditor:
                     raise SimFailure("a bid's status moves only forward (filled -> open only to requeue)",
                                      f"bid {bid_id}: {before} -> {status}")
             self.bid_status[bid_id] = status
+
+    async def _check_holds(self) -> None:
+        """Against the simulation's own arithmetic (exchange/sim/money_model.py): an open bid holds
+        limit x GPUs x duration rounded up; a bid's leases started in this step hold together, before
+        any settlement, what they can cost at its terms, and carry its terms."""
+        by_id = {acked.bid_id: acked for acked in self.driver.model.bids.values()}
+        for row in await self.conn.fetch("SELECT id, hold_amount FROM bids WHERE status = 'open' ORDER BY id"):
+            acked = by_id.get(row["id"])
+            if acked is not None and row["hold_amount"] != bid_hold_micros(acked.body):
+                raise SimFailure("an open bid holds limit x GPUs x duration, rounded up",
+                                 {"bid": row["id"], "terms": acked.body, "held": row["hold_amount"],
+                                  "model": bid_hold_micros(acked.body)})
+        fills = await self.conn.fetch(
+            "SELECT bid_id, tick_id, min(tier) AS tier, min(price) AS price, max(price) AS max_price,"
+            " min(limit_price) AS limit_price, max(limit_price) AS max_limit, sum(gpus)::int AS gpus,"
+            " min(extract(epoch FROM planned_end_at - start_at))::int AS duration_s,"
+            " max(extract(epoch FROM planned_end_at - start_at))::int AS max_duration_s,"
+            " sum(hold_amount)::bigint AS held FROM leases WHERE id > $1 GROUP BY bid_id, tick_id"
+            " HAVING bool_and(settled_at IS NULL) ORDER BY bid_id", self.lease_mark)
+        for fill in fills:
+            acked = by_id.get(fill["bid_id"])
+            if acked is None:
+                continue
+            body = acked.body
+            expected = fill_hold_micros(body, fill["tier"], fill["price"])
+            terms = (fill["gpus"], fill["duration_s"], fill["max_duration_s"], fill["limit_price"], fill["max_limit"],
+                     fill["max_price"], fill["tier"])
+            want = (body["gpus"], body["duration_s"], body["duration_s"], micros(body["limit_price"]),
+                    micros(body["limit_price"]), fill["price"], body["market"].rsplit("/", 1)[1])
+            if terms != want or fill["held"] != expected:
+                raise SimFailure("a fill leases the bid's terms and holds what its leases can cost",
+                                 {"bid": fill["bid_id"], "terms": body, "leased (gpus, duration, limit, price, tier)":
+                                  terms, "held": fill["held"], "model": expected})
 
     async def _check_ended_leases(self) -> None:
         """A lease that ended or failed never changes its status, reason or end again."""

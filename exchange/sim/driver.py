@@ -1,6 +1,9 @@
 """Executes the workload's steps against the real services on a real PostgreSQL database, on an
 injected ManualClock. No HTTP: the services are called as the controllers call them. A refusal the
-services raise as an ApiError is an expected answer; any other exception is a failure.
+services raise as an ApiError is an answer only where the step's kind may get it and the simulation
+can see why (`refusal_breach`: a bid refused for funds the tenant has, a cancel of an open bid, ...);
+any other refusal or exception is a failure. The agents send only valid samples: a report's samples
+are all accepted, none refused.
 
 Time passes only in `advance` steps; while it passes, the agents that are not silent report their
 samples (as a running agent would), and the exchange's periodic jobs run when due (a tick every
@@ -35,6 +38,7 @@ from exchange.offers.service import create_offer, withdraw_offer
 from exchange.reclaims.schemas import ReclaimCreate
 from exchange.reclaims.service import create_reclaim, release_reclaim
 from exchange.settlement.service import settle
+from exchange.sim.money_model import bid_hold_micros
 from exchange.sim.workload import (GPUS_PER_HOST, MODEL, START, AckedBid, HostState, SimModel, Step, Workload)
 
 SAMPLE_EVERY_S = 10
@@ -100,10 +104,51 @@ class Driver:
         except SimFailure:
             raise
         except ApiError as refusal:
+            breach = await self.refusal_breach(step, refusal)
+            if breach is not None:
+                raise SimFailure("a step is refused only for a reason its kind allows and the simulation sees",
+                                 f"{step} refused {refusal.code} ({refusal.field}): {refusal.message}; {breach}") from None
             return f"refused {refusal.code}"
         except Exception as error:  # a 500: the services must never raise anything else
             raise SimFailure("no step raises an unexpected exception",
                              "".join(traceback.format_exception(error)).strip()) from error
+
+    async def refusal_breach(self, step: Step, refusal: ApiError) -> str | None:
+        """None when `refusal` is an answer this step may get, from what the simulation knows; else why not."""
+        code, field = refusal.code, refusal.field
+        match step.kind, code:
+            case ("bid", "idempotency_conflict") if step.arg("conflict"):
+                return None
+            case ("bid", "invalid_field") if field == "expire_at" and step.arg("expire_at") is not None \
+                    and step.arg("expire_at") <= self.clock():
+                return None  # a gtd bid retried after its expiry
+            case ("bid" | "held_bid_tick", "insufficient_funds"):
+                available = await self.pool.fetchval(
+                    "SELECT balance FROM ledger_accounts WHERE account_id = $1 AND kind = 'available'",
+                    self.model.tenant_ids[step.arg("tenant")])
+                need = bid_hold_micros(self._body(step))
+                return None if available < need else f"the tenant has {available} available for a hold of {need}"
+            case ("cancel" | "held_cancel_tick", "bid_not_open"):
+                status = await self.pool.fetchval("SELECT status FROM bids WHERE id = $1",
+                                                  self.model.bids[step.arg("coid")].bid_id)
+                return None if status != "open" else "the bid is open"
+            case ("deposit", "idempotency_conflict") if step.arg("conflict"):
+                return None
+            case ("offer_publish", "invalid_field") if field == "gpus":
+                host = self.model.hosts[step.arg("host")]
+                return None if step.arg("gpus") > sum(host.present) else f"the host reported {sum(host.present)} GPUs"
+            case ("offer_publish", "offer_overlaps"):
+                host = self.model.hosts[step.arg("host")]
+                live = host.offer_id is not None and host.offer_until > (step.arg("from") or self.clock())
+                return None if live else "the host has no live offer the simulation knows of"
+            case ("reclaim", "invalid_field") if field == "gpus":
+                return None  # more GPUs than the owner's not yet reclaimed (the simulation keeps no count)
+            case ("deliver_held", "invalid_field") if "is not this host's" in refusal.message:
+                # A report held back over a GPU that moved to another host meanwhile.
+                host = self.model.hosts[step.arg("host")]
+                moved = {host.uuids[i] for i in host.moved_out}
+                return None if any(f"GPU {uuid} " in refusal.message for uuid in moved) else "no GPU of it moved"
+        return "no such refusal is expected of this step"
 
     # --- principals -------------------------------------------------------------------------------
 
@@ -364,6 +409,10 @@ class Driver:
         if ack.duplicate != duplicate:
             raise SimFailure("a report is stored once: its resend is a duplicate, a new one is not",
                              f"host {host.name} seq {report.seq}: duplicate={ack.duplicate}")
+        if not duplicate and (ack.refused or ack.accepted != len(report.samples)):
+            raise SimFailure("every valid sample of a report is accepted",
+                             f"host {host.name} seq {report.seq}: {len(report.samples)} sent, {ack.accepted} accepted,"
+                             f" {ack.refused} refused {ack.refused_reasons}")
         host.agent.last_sent = report
         return f"seq {report.seq}: {ack.accepted}"
 

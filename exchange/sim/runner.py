@@ -16,9 +16,9 @@ import asyncpg
 from exchange.core.net import with_database
 from exchange.db import databases
 from exchange.db.databases import drop_database  # noqa: F401 (the runner's callers drop seeds' databases)
-from exchange.sim.auditor import Auditor
+from exchange.sim.auditor import LIVENESS_MIN_STEPS, Auditor, seed_counts
 from exchange.sim.driver import Driver, SimFailure
-from exchange.sim.workload import Step, Workload
+from exchange.sim.workload import START, Step, Workload
 
 STEP_TIMEOUT_S = 60.0
 # Failing seeds whose databases are kept for inspection; later failures drop theirs (a replay remakes it).
@@ -36,6 +36,8 @@ class SeedResult:
     database: str = ""                           # its database's name (dropped when the seed passed)
     database_url: str = ""
     kept: bool = False                           # its database was kept after a failure
+    simulated_s: float = 0.0                     # simulated time the seed spanned
+    counts: dict[str, int] = field(default_factory=dict)  # what it did (auditor.seed_counts)
 
     @property
     def ok(self) -> bool:
@@ -77,9 +79,11 @@ async def run_seed(server_url: str, template: str, seed: int, steps: int) -> See
                 break
         else:
             try:
-                await auditor.finish()
+                await auditor.finish(liveness=steps >= LIVENESS_MIN_STEPS)
             except SimFailure as failure:
                 result.failure, result.failed_at = failure, len(result.log) - 1
+        result.simulated_s = (driver.clock() - START).total_seconds()
+        result.counts = await seed_counts(audit_conn, driver.clock())
     finally:
         await driver.close()
         if audit_conn is not None:
@@ -150,7 +154,10 @@ async def run_seeds(server_url: str, first: int, steps: int, count: int, echo: C
     elapsed = time.perf_counter() - started
     failed = [r.seed for r in results if not r.ok]
     total_steps = sum(len(r.log) for r in results)
-    echo(f"sim: {len(results)} seeds, {total_steps} steps in {elapsed:.1f} s"
+    hours = sum(r.simulated_s for r in results) / 3600
+    totals = {name: sum(r.counts.get(name, 0) for r in results) for name in (results[0].counts if results else {})}
+    echo("done: " + ", ".join(f"{value} {name}" for name, value in totals.items()))
+    echo(f"sim: {len(results)} seeds, {total_steps} steps, {hours:.1f} simulated hours in {elapsed:.1f} s"
          f" ({elapsed / max(1, len(results)):.2f} s per seed); "
          + (f"{len(failed)} FAILED: {', '.join(map(str, failed))}" if failed else "all passed"))
     return results

@@ -15,6 +15,7 @@ GPUS_PER_HOST = 8
 FABRICS = ("pod-a", "pod-b")
 TENANTS = 3
 OWNERS = 2
+FIRST_SHORT_OFFER_H = 1 / 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +112,9 @@ class Workload:
             # Hosts alternate owners; fabrics are drawn, so some seeds have a fabric of one host only.
             fabric = FABRICS[0] if h < 2 else self.rng.choice(FABRICS)
             steps.append(step("host", host=h, owner=h % OWNERS, fabric=fabric))
-            steps.append(self._offer_step(h, START, first=True))
+            # The last host's first offer is short, so that every seed sees an offer expire (and its
+            # host's leases end at the offer's end); the others last the whole seed.
+            steps.append(self._offer_step(h, START, first=True, hours=FIRST_SHORT_OFFER_H if h == self.n_hosts - 1 else 48))
         return steps
 
     def next(self, model: SimModel) -> Step:
@@ -214,9 +217,10 @@ class Workload:
 
     # --- owners -----------------------------------------------------------------------------------
 
-    def _offer_step(self, host: int, now: datetime, *, first: bool = False) -> Step:
+    def _offer_step(self, host: int, now: datetime, *, first: bool = False, hours: float = 48) -> Step:
         rng = self.rng
-        until = now + timedelta(hours=rng.choice((1, 4, 24, 48)) if not first else 48)
+        # Short offers expire within a seed's horizon (the suite's seeds span one to a few hours).
+        until = now + timedelta(hours=rng.choice((1 / 6, 0.5, 1, 4, 24, 48)) if not first else hours)
         args: dict = {"host": host, "gpus": rng.choice((GPUS_PER_HOST,) * 3 + (rng.randint(2, GPUS_PER_HOST),)),
                       "floor": self._money(0.3, 2.0), "until": until,
                       "notice_s": rng.choice((0, 30, 120, 600))}
@@ -320,7 +324,8 @@ class Workload:
         return step("settle")
 
     def _advance(self, model: SimModel) -> Step:
-        return step("advance", s=self.rng.choice((1, 2, 5, 15, 30, 60, 120, 300)))
+        # Now and then a long quiet stretch, so that leases of an hour or more complete within a seed.
+        return step("advance", s=self.rng.choice((1, 2, 5, 15, 30, 60, 120, 300, 300, 900, 1800)))
 
     def _restart_leader(self, model: SimModel) -> Step:
         return step("restart_leader")
