@@ -38,10 +38,15 @@ from exchange.offers.service import create_offer, withdraw_offer
 from exchange.reclaims.schemas import ReclaimCreate
 from exchange.reclaims.service import create_reclaim, release_reclaim
 from exchange.settlement.service import settle
-from exchange.sim.money_model import bid_hold_micros
+from exchange.sim.billing_model import BillingModel
+from exchange.sim.money_model import bid_hold_micros, micros
 from exchange.sim.workload import (GPUS_PER_HOST, MODEL, START, AckedBid, HostState, SimModel, Step, Workload)
 
 SAMPLE_EVERY_S = 10
+# The facts of every lease a settlement run sees (the billing model computes its money itself).
+LEASE_FACTS_SQL = (
+    "SELECT id, host_id, gpu_uuids, gpus, start_at, end_at, planned_end_at, status, tier, market, price, floor_price,"
+    " limit_price, free_of_charge, hold_amount FROM leases ORDER BY id")
 
 
 class SimFailure(Exception):
@@ -67,6 +72,8 @@ class Driver:
         self.settings = sim_settings(workload)
         self.clock = ManualClock(START)
         self.model = SimModel(now=START)
+        self.billing = BillingModel(fee_bps=workload.fee_bps, max_gap_s=self.settings.meter_max_gap_s,
+                                    close_after_s=self.settings.settle_close_after_s)
         self.pool: asyncpg.Pool | None = None
         self.ctx: AppContext | None = None
         self.leader: MatchingLeader | None = None
@@ -275,7 +282,7 @@ class Driver:
         summary = await task
         if summary is None:
             raise SimFailure("every tick runs", "the leader gave up its tick")
-        self._after_tick()
+        await self._after_tick(summary)
         return how
 
     async def _deposit(self, step: Step) -> str:
@@ -368,6 +375,7 @@ class Driver:
             raise SimFailure("a GPU moves to another host once released and not leased, else is refused "
                              "without effect", {"uuid": uuid, "before": dict(before), "taken": True})
         source.moved_out.add(index)
+        target.joined_at[len(target.uuids) - 1] = self.clock()
         return f"{uuid} moved to host {target.host_id}"
 
     async def _reclaim(self, step: Step) -> str:
@@ -395,7 +403,8 @@ class Driver:
             elapsed = int((ts - START).total_seconds())
             samples.extend(MeterSample(uuid=u, ts=ts, util=90, mem_used_mb=70_000, power_mw=650_000,
                                        energy_mj=1_000_000 + elapsed * 650_000, temp_c=70, healthy=healthy)
-                           for u, present in zip(host.uuids, host.present) if present)
+                           for i, (u, present) in enumerate(zip(host.uuids, host.present))
+                           if present and ts >= host.joined_at.get(i, START))
             ts += timedelta(seconds=SAMPLE_EVERY_S)
         agent.sampled_until = ts
         if not samples:
@@ -413,6 +422,8 @@ class Driver:
             raise SimFailure("every valid sample of a report is accepted",
                              f"host {host.name} seq {report.seq}: {len(report.samples)} sent, {ack.accepted} accepted,"
                              f" {ack.refused} refused {ack.refused_reasons}")
+        if not duplicate:
+            self.billing.stored(host.host_id, [(x.uuid, x.ts, x.healthy) for x in report.samples])
         host.agent.last_sent = report
         return f"seq {report.seq}: {ack.accepted}"
 
@@ -454,25 +465,76 @@ class Driver:
 
     # --- the exchange's jobs ----------------------------------------------------------------------
 
-    def _after_tick(self) -> None:
+    async def _after_tick(self, summary) -> None:
         self.ticked = True
         self.last_tick_at = self.clock()
+        # The prices the tick published: what the billing model takes as the spot price in force.
+        for row in await self.pool.fetch("SELECT market, price, competing_limit FROM market_ticks"
+                                         " WHERE id = ANY($1::bigint[]) ORDER BY id", list(summary.tick_ids.values())):
+            self.billing.ticked(row["market"], row["price"], row["competing_limit"])
 
     async def _do_tick(self) -> str:
         summary = await self.leader.tick()
         if summary is None:
             raise SimFailure("every tick runs", "the leader gave up its tick")
-        self._after_tick()
+        await self._after_tick(summary)
         self.book_fresh = True
         return f"fills={summary.fills} leases={summary.leases} ended={summary.ended} outbid={summary.outbid}"
 
     async def _do_settle(self) -> str:
+        facts = [dict(r) for r in await self.pool.fetch(LEASE_FACTS_SQL)]
         async with self.pool.acquire() as conn:
             summary = await settle(conn, self.clock(), fee_bps=self.settings.fee_bps,
                                    max_gap_s=self.settings.meter_max_gap_s,
                                    close_after_s=self.settings.settle_close_after_s)
         self.last_settle_at = self.clock()
+        if summary.failed:
+            raise SimFailure("every lease settles", f"{summary.failed} leases failed to settle")
+        self.billing.settle(facts, self.clock())
+        await self._check_billing()
         return f"settled {summary.leases} billed {summary.billed} charged {summary.charged_micros} closed {summary.closed}"
+
+    async def _check_billing(self) -> None:
+        """After a settlement run: every lease's billed seconds and money, every account's balances
+        and the fees book equal the billing model's, to the micro-dollar."""
+        stored = {r["id"]: r for r in await self.pool.fetch(
+            "SELECT id, account_id, host_id, billed_gpu_s, billed_amount, fees_amount, hold_amount, closed FROM leases")}
+        for lease_id, money in self.billing.leases.items():
+            row = stored[lease_id]
+            got = (row["billed_gpu_s"], row["billed_amount"], row["fees_amount"], row["hold_amount"], row["closed"])
+            want = (money.billed_gpu_s, money.billed, money.fees, money.hold, money.closed)
+            if got != want:
+                raise SimFailure("settlement bills each lease what the billing model says, to the micro-dollar",
+                                 {"lease": lease_id, "(GPU-s, billed, fees, hold, closed)": got, "model": want})
+        owners = {r["id"]: r["owner_id"] for r in await self.pool.fetch("SELECT id, owner_id FROM hosts")}
+        bids = {acked.bid_id: acked for acked in self.model.bids.values()}
+        expected: dict[tuple[int | None, str], int] = {(None, "fees"): 0}
+        for (tenant, _), (amount, _) in self.model.deposits.items():
+            key = (self.model.tenant_ids[tenant], "available")
+            expected[key] = expected.get(key, 0) + micros(amount)
+        for row in await self.pool.fetch("SELECT id, account_id FROM bids WHERE status = 'open'"):
+            hold = bid_hold_micros(bids[row["id"]].body)
+            expected[(row["account_id"], "held")] = expected.get((row["account_id"], "held"), 0) + hold
+            expected[(row["account_id"], "available")] = expected.get((row["account_id"], "available"), 0) - hold
+        for lease_id, row in stored.items():
+            money = self.billing.leases.get(lease_id)
+            if money is None:
+                continue  # started after this run's snapshot: the fill check covers its hold
+            tenant, owner = row["account_id"], owners[row["host_id"]]
+            expected[(tenant, "held")] = expected.get((tenant, "held"), 0) + money.hold
+            expected[(tenant, "available")] = expected.get((tenant, "available"), 0) - money.hold - money.billed
+            expected[(owner, "available")] = expected.get((owner, "available"), 0) + money.billed - money.fees
+            expected[(None, "fees")] += money.fees
+        new = [lease_id for lease_id in stored if lease_id not in self.billing.leases]
+        if new:
+            return  # a lease the run did not see (none: settlement runs between ticks); balances need all
+        got = {(r["account_id"], r["kind"]): r["balance"] for r in await self.pool.fetch(
+            "SELECT account_id, kind, balance FROM ledger_accounts WHERE kind <> 'world'")}
+        wrong = {key: (got.get(key, 0), value) for key, value in expected.items() if got.get(key, 0) != value}
+        wrong.update({key: (value, 0) for key, value in got.items() if value and key not in expected})
+        if wrong:
+            raise SimFailure("every balance and the fees book equal the billing model's",
+                             {"(account, book)": {f"{k[0]}/{k[1]}": f"stored {v[0]}, model {v[1]}" for k, v in wrong.items()}})
 
     async def _tick(self, step: Step) -> str:
         return await self._do_tick()

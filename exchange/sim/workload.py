@@ -74,6 +74,8 @@ class HostState:
     present: list[bool]
     # Indices of GPUs that moved to another host (never restored here).
     moved_out: set[int] = field(default_factory=set)
+    # Index -> when a GPU moved in from another host: it is sampled here only from then on.
+    joined_at: dict[int, datetime] = field(default_factory=dict)
     host_id: int = 0
     offer_id: int | None = None                  # the live offer the simulation published last
     offer_until: datetime = START
