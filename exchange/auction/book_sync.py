@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Callable
 from datetime import datetime
 
 import asyncpg
@@ -61,10 +62,11 @@ class BookSync:
     applied: dict[int, tuple[int, int]] = field(default_factory=dict)
     # Models dropped by reset_model: the next load rebuilds them from every open bid.
     rebuild: set[str] = field(default_factory=set)
+    book_factory: Callable[[], ModelBook] = ModelBook
 
     def state(self, model: str) -> ModelState:
         if model not in self.models:
-            self.models[model] = ModelState(model=model)
+            self.models[model] = ModelState(model=model, book=self.book_factory())
         return self.models[model]
 
     def fabric_id(self, owner_id: int, name: str) -> int:

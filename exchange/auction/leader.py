@@ -4,8 +4,10 @@ process takes over on its next attempt (and rebuilds its book from the database)
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import asyncpg
+from matching import ModelBook
 
 from exchange.auction.book_sync import BookSync
 from exchange.auction.service import TickSummary, run_tick
@@ -18,11 +20,13 @@ TICK_LOCK_KEY = 0x6770_7578_0002
 
 
 class MatchingLeader:
-    def __init__(self, ctx: AppContext, dsn: str) -> None:
+    def __init__(self, ctx: AppContext, dsn: str, book_factory: Callable[[], ModelBook] = ModelBook) -> None:
         self.ctx = ctx
         self.dsn = dsn
         self.conn: asyncpg.Connection | None = None
         self.sync: BookSync | None = None
+        # The engine's book per model (the simulation passes one that also clears with the reference).
+        self.book_factory = book_factory
 
     async def _lead(self) -> bool:
         if self.conn is not None and not self.conn.is_closed():
@@ -31,7 +35,7 @@ class MatchingLeader:
         if await self.conn.fetchval("SELECT pg_try_advisory_lock($1)", TICK_LOCK_KEY):
             # A new leader loads the whole book once (every open bid, live offer and incumbent),
             # then only changes.
-            self.sync = BookSync()
+            self.sync = BookSync(book_factory=self.book_factory)
             log.info("this process now runs the auction ticks")
             return True
         await self.conn.close()
@@ -54,7 +58,7 @@ class MatchingLeader:
         except Exception:
             # Whatever failed, the engine may hold what the database does not (winners taken out,
             # loads half applied): the next tick starts from a book rebuilt from the database.
-            self.sync = BookSync()
+            self.sync = BookSync(book_factory=self.book_factory)
             raise
         try:
             await self._measure_drift()

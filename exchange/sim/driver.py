@@ -39,6 +39,7 @@ from exchange.reclaims.schemas import ReclaimCreate
 from exchange.reclaims.service import create_reclaim, release_reclaim
 from exchange.settlement.service import settle
 from exchange.sim.billing_model import BillingModel
+from exchange.sim.matching_oracle import MirroredBook
 from exchange.sim.money_model import bid_hold_micros, micros
 from exchange.sim.workload import (GPUS_PER_HOST, MODEL, START, AckedBid, HostState, SimModel, Step, Workload)
 
@@ -87,7 +88,7 @@ class Driver:
     async def open(self) -> None:
         self.pool = await create_pool(self.url, min_size=1, max_size=2)
         self.ctx = AppContext(settings=self.settings, pool=self.pool, clock=self.clock)
-        self.leader = MatchingLeader(self.ctx, self.url)
+        self.leader = MatchingLeader(self.ctx, self.url, book_factory=MirroredBook)
         self.side = await asyncpg.connect(self.url)
 
     async def close(self) -> None:
@@ -144,6 +145,10 @@ class Driver:
             case ("offer_publish", "invalid_field") if field == "gpus":
                 host = self.model.hosts[step.arg("host")]
                 return None if step.arg("gpus") > sum(host.present) else f"the host reported {sum(host.present)} GPUs"
+            case ("offer_publish", "invalid_field") if field == "firm_until" and step.arg("firm_until") is not None:
+                start = step.arg("from") or self.clock()
+                firm_until = step.arg("firm_until")
+                return None if not start <= firm_until <= step.arg("until") else "its firm window lies inside the offer"
             case ("offer_publish", "offer_overlaps"):
                 host = self.model.hosts[step.arg("host")]
                 live = host.offer_id is not None and host.offer_until > (step.arg("from") or self.clock())
@@ -468,6 +473,10 @@ class Driver:
     async def _after_tick(self, summary) -> None:
         self.ticked = True
         self.last_tick_at = self.clock()
+        for model, state in sorted(self.leader.sync.models.items()):
+            if state.book.disagreements:
+                raise SimFailure("each tick clears as matching.reference does on the same book",
+                                 [{"model": model, **d} for d in state.book.disagreements[:3]])
         # The prices the tick published: what the billing model takes as the spot price in force.
         for row in await self.pool.fetch("SELECT market, price, competing_limit FROM market_ticks"
                                          " WHERE id = ANY($1::bigint[]) ORDER BY id", list(summary.tick_ids.values())):
@@ -560,7 +569,7 @@ class Driver:
 
     async def _restart_leader(self, step: Step) -> str:
         await self.leader.close()
-        self.leader = MatchingLeader(self.ctx, self.url)
+        self.leader = MatchingLeader(self.ctx, self.url, book_factory=MirroredBook)
         return "new leader (book rebuilt at its first tick)"
 
 
