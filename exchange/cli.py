@@ -220,7 +220,9 @@ def audit() -> None:
 @click.option("--seeds", default=1, show_default=True, type=int, help="how many consecutive seeds, from --seed")
 @click.option("--verbose", is_flag=True, help="print every step of every seed")
 @click.option("-x", "--stop-on-failure", is_flag=True, help="stop at the first failing seed")
-def sim(seed: int, steps: int, seeds: int, verbose: bool, stop_on_failure: bool) -> None:
+@click.option("--crash-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="the share of ticks, settlement runs and meter reports crashed mid-way (then restarted)")
+def sim(seed: int, steps: int, seeds: int, verbose: bool, stop_on_failure: bool, crash_rate: float) -> None:
     """Deterministic simulation: seeded tenants, owners, agents and faults against the real services,
     every invariant checked after every step. Each seed runs in a new database (DATABASE_URL's
     server, else the embedded one); a failing seed keeps it. Exit 1 on any failure."""
@@ -229,7 +231,7 @@ def sim(seed: int, steps: int, seeds: int, verbose: bool, stop_on_failure: bool)
     url, server = _database_url(Settings.from_env())
     try:
         results = asyncio.run(run_seeds(url, seed, steps, seeds, click.echo, verbose=verbose,
-                                        stop_on_failure=stop_on_failure))
+                                        stop_on_failure=stop_on_failure, crash_rate=crash_rate))
     finally:
         if server is not None:
             from exchange.db.embedded import stop_embedded

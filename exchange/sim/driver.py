@@ -12,6 +12,7 @@ between steps. Ticks go through the MatchingLeader, which also fails silent host
 from __future__ import annotations
 
 import asyncio
+import random
 import traceback
 from datetime import datetime, timedelta
 
@@ -67,9 +68,15 @@ def sim_settings(workload: Workload) -> Settings:
 
 
 class Driver:
-    def __init__(self, url: str, workload: Workload) -> None:
+    def __init__(self, url: str, workload: Workload, crash_rate: float = 0.0) -> None:
         self.url = url
         self.workload = workload
+        # Crashes (FoundationDB's buggify): which operations crash is drawn from the seed; when, within
+        # the operation, the crash lands is a wall-clock moment (0-15 ms in), so a seed run with
+        # crashes replays its steps but not always its crash points.
+        self.crash_rate = crash_rate
+        self.crash_rng = random.Random(workload.seed * 7919 + 1)
+        self.crashes = 0
         self.settings = sim_settings(workload)
         self.clock = ManualClock(START)
         self.model = SimModel(now=START)
@@ -86,7 +93,7 @@ class Driver:
         self.last_settle_at = START
 
     async def open(self) -> None:
-        self.pool = await create_pool(self.url, min_size=1, max_size=2)
+        self.pool = await create_pool(self.url, min_size=1, max_size=3)  # races run two steps' calls at once
         self.ctx = AppContext(settings=self.settings, pool=self.pool, clock=self.clock)
         self.leader = MatchingLeader(self.ctx, self.url, book_factory=MirroredBook)
         self.side = await asyncpg.connect(self.url)
@@ -161,6 +168,60 @@ class Driver:
                 moved = {host.uuids[i] for i in host.moved_out}
                 return None if any(f"GPU {uuid} " in refusal.message for uuid in moved) else "no GPU of it moved"
         return "no such refusal is expected of this step"
+
+    # --- injected crashes -------------------------------------------------------------------------
+
+    def _crash_now(self) -> bool:
+        return self.crash_rate > 0 and self.crash_rng.random() < self.crash_rate
+
+    async def _kill_during(self, pid: int, work: asyncio.Future) -> bool:
+        """Terminate backend `pid` a moment into `work` (a process dying mid-transaction: its locks go,
+        its transaction rolls back); True if it died before `work` finished."""
+        await asyncio.wait({work}, timeout=self.crash_rng.uniform(0, 0.015))
+        if work.done():
+            return False
+        self.crashes += 1
+        await self.pool.fetchval("SELECT pg_terminate_backend($1)", pid)
+        await asyncio.wait({work})
+        return True
+
+    async def _crashing_settle(self) -> None:
+        """A settlement run on a connection of its own that dies part way (or finishes first)."""
+        conn = await asyncpg.connect(self.url)
+        try:
+            work = asyncio.ensure_future(settle(conn, self.clock(), fee_bps=self.settings.fee_bps,
+                                                max_gap_s=self.settings.meter_max_gap_s,
+                                                close_after_s=self.settings.settle_close_after_s))
+            if await self._kill_during(conn.get_server_pid(), work) and not work.cancelled():
+                work.exception()  # the dead connection's error: expected
+        finally:
+            await conn.close()
+
+    async def _crashing_tick(self) -> None:
+        """The leader's connection dies part way into a tick: the leader gives up, a new one rebuilds
+        the book from the database."""
+        if not await self.leader._lead():
+            return
+        work = asyncio.ensure_future(self.leader.tick())
+        if await self._kill_during(self.leader.conn.get_server_pid(), work):
+            if not work.cancelled():
+                work.exception()  # the dead connection's error (asyncpg's, whichever): expected
+            await self.leader.close()
+            self.leader = MatchingLeader(self.ctx, self.url, book_factory=MirroredBook)
+        else:  # done before the crash landed: an ordinary tick
+            summary = work.result()
+            if summary is None:
+                raise SimFailure("every tick runs", "the leader gave up its tick")
+            await self._after_tick(summary)
+
+    async def _crashing_ingest(self, host: HostState, report: MeterReport) -> None:
+        """An agent's report whose request is cut part way (the agent sends it again after)."""
+        work = asyncio.ensure_future(ingest_report(self.ctx, self._agent(host), report))
+        await asyncio.wait({work}, timeout=self.crash_rng.uniform(0, 0.015))
+        if not work.done():
+            self.crashes += 1
+            work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
 
     # --- principals -------------------------------------------------------------------------------
 
@@ -239,6 +300,38 @@ class Driver:
         if bid.status != "cancelled":
             raise SimFailure("a cancel that succeeds leaves the bid cancelled", f"bid {bid.id} is {bid.status}")
         return f"id={bid.id} cancelled"
+
+    async def _race_bid(self, step: Step) -> str:
+        """Two requests with one new client_order_id at once: one bid, answered to both, one of them
+        as a replay; refused alike when refused."""
+        tenant_id = self.model.tenant_ids[step.arg("tenant")]
+        answers = await asyncio.gather(*(place_bid(self.ctx, tenant_id, self._bid_create(step)) for _ in range(2)),
+                                       return_exceptions=True)
+        refusals = [a for a in answers if isinstance(a, ApiError)]
+        unexpected = [a for a in answers if isinstance(a, BaseException) and not isinstance(a, ApiError)]
+        if unexpected:
+            raise unexpected[0]
+        if refusals:
+            if len(refusals) == 2 and refusals[0].code == refusals[1].code:
+                raise refusals[0]
+            raise SimFailure("one client_order_id sent twice at once is one bid", [str(a) for a in answers])
+        (first, first_replayed), (second, second_replayed) = answers
+        if first.id != second.id or first_replayed == second_replayed:
+            raise SimFailure("one client_order_id sent twice at once is one bid",
+                             {"ids": (first.id, second.id), "replayed": (first_replayed, second_replayed)})
+        self._acknowledge(step, first.id)
+        return f"id={first.id} (twice at once)"
+
+    async def _race_deposit(self, step: Step) -> str:
+        tenant, key, amount = step.arg("tenant"), step.arg("key"), step.arg("amount")
+        answers = await asyncio.gather(*(deposit(self.ctx, self.model.tenant_ids[tenant],
+                                                 DepositCreate(amount=amount, idempotency_key=key)) for _ in range(2)))
+        (first, first_replayed), (second, second_replayed) = answers
+        if first.id != second.id or first_replayed == second_replayed:
+            raise SimFailure("one deposit key sent twice at once credits once",
+                             {"ids": (first.id, second.id), "replayed": (first_replayed, second_replayed)})
+        self.model.deposits[(tenant, key)] = (amount, first.id)
+        return f"id={first.id} (twice at once)"
 
     async def _held_bid_tick(self, step: Step) -> str:
         """BEGIN; insert the bid and its hold; tick while it is open; COMMIT (when the tick ends, or
@@ -419,7 +512,13 @@ class Driver:
         return report
 
     async def _send(self, host: HostState, report: MeterReport, *, duplicate: bool = False) -> str:
+        crashed = not duplicate and self._crash_now()
+        if crashed:
+            await self._crashing_ingest(host, report)
         ack = await ingest_report(self.ctx, self._agent(host), report)
+        if crashed and ack.duplicate:  # the cut request had committed: this resend is its duplicate
+            duplicate = True
+            self.billing.stored(host.host_id, [(x.uuid, x.ts, x.healthy) for x in report.samples])
         if ack.duplicate != duplicate:
             raise SimFailure("a report is stored once: its resend is a duplicate, a new one is not",
                              f"host {host.name} seq {report.seq}: duplicate={ack.duplicate}")
@@ -483,6 +582,8 @@ class Driver:
             self.billing.ticked(row["market"], row["price"], row["competing_limit"])
 
     async def _do_tick(self) -> str:
+        if self._crash_now():
+            await self._crashing_tick()  # then a tick as usual, by the leader now in place
         summary = await self.leader.tick()
         if summary is None:
             raise SimFailure("every tick runs", "the leader gave up its tick")
@@ -490,15 +591,23 @@ class Driver:
         self.book_fresh = True
         return f"fills={summary.fills} leases={summary.leases} ended={summary.ended} outbid={summary.outbid}"
 
-    async def _do_settle(self) -> str:
-        facts = [dict(r) for r in await self.pool.fetch(LEASE_FACTS_SQL)]
+    async def _settle_once(self):
         async with self.pool.acquire() as conn:
-            summary = await settle(conn, self.clock(), fee_bps=self.settings.fee_bps,
-                                   max_gap_s=self.settings.meter_max_gap_s,
-                                   close_after_s=self.settings.settle_close_after_s)
+            return await settle(conn, self.clock(), fee_bps=self.settings.fee_bps,
+                                max_gap_s=self.settings.meter_max_gap_s,
+                                close_after_s=self.settings.settle_close_after_s)
+
+    async def _do_settle(self, runs: int = 1) -> str:
+        """`runs` settlement runs at once at this moment: they bill as one run (one holds the lock, a
+        later one finds nothing more to bill)."""
+        facts = [dict(r) for r in await self.pool.fetch(LEASE_FACTS_SQL)]
+        if self._crash_now():
+            await self._crashing_settle()  # then restarted: the run below bills what it did not
+        summaries = await asyncio.gather(*(self._settle_once() for _ in range(runs)))
+        summary = max(summaries, key=lambda s: s.leases)
         self.last_settle_at = self.clock()
-        if summary.failed:
-            raise SimFailure("every lease settles", f"{summary.failed} leases failed to settle")
+        if any(s.failed for s in summaries):
+            raise SimFailure("every lease settles", f"{[s.failed for s in summaries]} leases failed to settle")
         self.billing.settle(facts, self.clock())
         await self._check_billing()
         return f"settled {summary.leases} billed {summary.billed} charged {summary.charged_micros} closed {summary.closed}"
@@ -550,6 +659,9 @@ class Driver:
 
     async def _settle(self, step: Step) -> str:
         return await self._do_settle()
+
+    async def _race_settle(self, step: Step) -> str:
+        return "two at once: " + await self._do_settle(runs=2)
 
     async def _advance(self, step: Step) -> str:
         self.clock.advance(step.arg("s"))

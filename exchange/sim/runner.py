@@ -38,6 +38,7 @@ class SeedResult:
     kept: bool = False                           # its database was kept after a failure
     simulated_s: float = 0.0                     # simulated time the seed spanned
     counts: dict[str, int] = field(default_factory=dict)  # what it did (auditor.seed_counts)
+    crashes: int = 0                             # crashes injected (--crash-rate)
 
     @property
     def ok(self) -> bool:
@@ -48,14 +49,14 @@ async def create_template(server_url: str) -> str:
     return await databases.create_template(server_url, f"gpux_sim_template_{os.getpid()}")
 
 
-async def run_seed(server_url: str, template: str, seed: int, steps: int) -> SeedResult:
+async def run_seed(server_url: str, template: str, seed: int, steps: int, crash_rate: float = 0.0) -> SeedResult:
     """One seed in a new database cloned from `template`; the caller drops it (or keeps it)."""
     started = time.perf_counter()
     name = f"gpux_sim_{os.getpid()}_{seed}"
     result = SeedResult(seed=seed, steps=steps, database=name, database_url=with_database(server_url, name))
     url = await databases.clone_database(server_url, template, name)
     workload = Workload(seed)
-    driver = Driver(url, workload)
+    driver = Driver(url, workload, crash_rate=crash_rate)
     audit_conn: asyncpg.Connection | None = None
     try:
         await driver.open()
@@ -84,6 +85,7 @@ async def run_seed(server_url: str, template: str, seed: int, steps: int) -> See
                 result.failure, result.failed_at = failure, len(result.log) - 1
         result.simulated_s = (driver.clock() - START).total_seconds()
         result.counts = await seed_counts(audit_conn, driver.clock())
+        result.crashes = driver.crashes
     finally:
         await driver.close()
         if audit_conn is not None:
@@ -115,7 +117,7 @@ def format_failure(result: SeedResult, last: int = 30) -> str:
 
 async def run_seeds(server_url: str, first: int, steps: int, count: int, echo: Callable[[str], None], *,
                     verbose: bool = False, stop_on_failure: bool = False,
-                    template: str | None = None) -> list[SeedResult]:
+                    template: str | None = None, crash_rate: float = 0.0) -> list[SeedResult]:
     """Run seeds first .. first + count - 1; print one line per seed and a summary. `template`: a
     migrated database to clone (default: one made and dropped here)."""
     # The services log the races they handle and the breaches they see; the simulation reports them.
@@ -129,7 +131,7 @@ async def run_seeds(server_url: str, first: int, steps: int, count: int, echo: C
     dropping: asyncio.Task | None = None
     try:
         for seed in range(first, first + count):
-            result = await run_seed(server_url, template, seed, steps)
+            result = await run_seed(server_url, template, seed, steps, crash_rate)
             results.append(result)
             if dropping is not None:
                 await dropping
@@ -157,7 +159,9 @@ async def run_seeds(server_url: str, first: int, steps: int, count: int, echo: C
     hours = sum(r.simulated_s for r in results) / 3600
     totals = {name: sum(r.counts.get(name, 0) for r in results) for name in (results[0].counts if results else {})}
     echo("done: " + ", ".join(f"{value} {name}" for name, value in totals.items()))
-    echo(f"sim: {len(results)} seeds, {total_steps} steps, {hours:.1f} simulated hours in {elapsed:.1f} s"
+    crashes = sum(r.crashes for r in results)
+    echo(f"sim: {len(results)} seeds, {total_steps} steps, {hours:.1f} simulated hours"
+         + (f", {crashes} crashes injected" if crash_rate else "") + f" in {elapsed:.1f} s"
          f" ({elapsed / max(1, len(results)):.2f} s per seed); "
          + (f"{len(failed)} FAILED: {', '.join(map(str, failed))}" if failed else "all passed"))
     return results

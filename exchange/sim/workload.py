@@ -125,7 +125,8 @@ class Workload:
                  ("held_cancel_tick", 2), ("deposit", 2), ("retry_deposit", 1), ("offer_withdraw", 2),
                  ("offer_publish", 3), ("inventory", 2), ("gpu_fails", 0.25), ("move_gpu", 0.5), ("meter", 18), ("deliver_held", 3), ("host_silent", 1),
                  ("host_returns", 3), ("reclaim", 3), ("release", 2), ("tick", 14), ("settle", 5),
-                 ("advance", 12), ("restart_leader", 1)]
+                 ("advance", 12), ("restart_leader", 1), ("race_bid", 2), ("race_deposit", 1),
+                 ("race_settle", 1)]
         while True:
             kind = rng.choices([k for k, _ in kinds], weights=[w for _, w in kinds])[0]
             made = getattr(self, "_" + kind)(model)
@@ -188,6 +189,11 @@ class Workload:
         bid = self._acked(model, open_only=self.rng.random() < 0.8)
         return None if bid is None else step("cancel", tenant=bid.tenant, coid=bid.coid)
 
+    def _race_bid(self, model: SimModel) -> Step:
+        """The same new bid sent twice at once (a client retrying before the first answer came)."""
+        tenant = self.rng.randrange(TENANTS)
+        return step("race_bid", tenant=tenant, coid=self._new_coid(model, tenant), **self._bid_body(model))
+
     def _held_bid_tick(self, model: SimModel) -> Step:
         """A bid whose transaction stays open across a tick, committing after it: its change number
         is older than changes the tick loads."""
@@ -207,6 +213,11 @@ class Workload:
     def _deposit(self, model: SimModel) -> Step:
         self.deposits_named += 1
         return step("deposit", tenant=self.rng.randrange(TENANTS), amount=self._money(10, 300),
+                    key=f"dep-{self.deposits_named}")
+
+    def _race_deposit(self, model: SimModel) -> Step:
+        self.deposits_named += 1
+        return step("race_deposit", tenant=self.rng.randrange(TENANTS), amount=self._money(10, 100),
                     key=f"dep-{self.deposits_named}")
 
     def _retry_deposit(self, model: SimModel) -> Step | None:
@@ -324,6 +335,9 @@ class Workload:
 
     def _settle(self, model: SimModel) -> Step:
         return step("settle")
+
+    def _race_settle(self, model: SimModel) -> Step:
+        return step("race_settle")
 
     def _advance(self, model: SimModel) -> Step:
         # Now and then a long quiet stretch, so that leases of an hour or more complete within a seed.
