@@ -137,7 +137,7 @@ class Driver:
             case ("bid", "invalid_field") if field == "expire_at" and step.arg("expire_at") is not None \
                     and step.arg("expire_at") <= self.clock():
                 return None  # a gtd bid retried after its expiry
-            case ("bid" | "held_bid_tick", "insufficient_funds"):
+            case ("bid" | "held_bid_tick" | "race_bid", "insufficient_funds"):
                 available = await self.pool.fetchval(
                     "SELECT balance FROM ledger_accounts WHERE account_id = $1 AND kind = 'available'",
                     self.model.tenant_ids[step.arg("tenant")])
@@ -192,8 +192,11 @@ class Driver:
             work = asyncio.ensure_future(settle(conn, self.clock(), fee_bps=self.settings.fee_bps,
                                                 max_gap_s=self.settings.meter_max_gap_s,
                                                 close_after_s=self.settings.settle_close_after_s))
-            if await self._kill_during(conn.get_server_pid(), work) and not work.cancelled():
-                work.exception()  # the dead connection's error: expected
+            if await self._kill_during(conn.get_server_pid(), work):
+                if not work.cancelled():
+                    work.exception()  # the dead connection's error: expected
+            elif work.result().failed:  # done before the crash landed: an ordinary run
+                raise SimFailure("every lease settles", f"{work.result().failed} leases failed to settle")
         finally:
             await conn.close()
 
