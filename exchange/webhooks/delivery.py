@@ -123,11 +123,15 @@ class WebhookDeliverer:
     async def run_once(self) -> None:
         """One pass: start a worker for each webhook with work (an event after its cursor or a message
         due) that no process holds, fairly across accounts and within the caps."""
+        # Work is a pending message that is due, or, with none pending, an event after the cursor. A
+        # message backing off holds back the events behind it: listing those would start a worker
+        # that finds nothing to do, and its end would start the next pass at once (a busy loop).
         rows = await self.ctx.pool.fetch(
             "SELECT w.id, w.account_id FROM webhooks w JOIN accounts a ON a.id = w.account_id"
+            " LEFT JOIN LATERAL (SELECT d.next_attempt_at FROM webhook_deliveries d"
+            "   WHERE d.webhook_id = w.id AND d.delivered_at IS NULL ORDER BY d.id LIMIT 1) p ON true"
             " WHERE w.disabled_at IS NULL AND (w.claim_until IS NULL OR w.claim_until <= $1)"
-            "   AND (a.event_seq > w.cursor_seq OR EXISTS (SELECT 1 FROM webhook_deliveries d"
-            "     WHERE d.webhook_id = w.id AND d.delivered_at IS NULL AND d.next_attempt_at <= $1))"
+            "   AND (p.next_attempt_at <= $1 OR (p.next_attempt_at IS NULL AND a.event_seq > w.cursor_seq))"
             " ORDER BY w.id", self.ctx.clock())
         self.turn += 1
         for webhook_id, account_id in fair_order(((r["id"], r["account_id"]) for r in rows), self.turn):

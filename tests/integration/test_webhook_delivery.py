@@ -210,3 +210,28 @@ async def test_https_goes_to_the_checked_address_with_the_url_s_name_as_tls_serv
     assert names_asked == ["hooks.tenant.test"]
     [delivery] = await log_of(s, principal, hook.id)
     assert delivery.delivered_at is None and "CERTIFICATE_VERIFY_FAILED" in delivery.last_error
+
+
+async def test_a_message_backing_off_holds_its_webhook_out_of_the_next_passes(s: Scenario) -> None:
+    """Events queued behind a message that waits for its retry are no work yet: a pass must not
+    start a worker for them (each worker's end starts the next pass: that was a busy loop)."""
+    receiver = Receiver()
+    receiver.answer = 503
+    await receiver.start()
+    try:
+        destinations, principal, hook = await pinged_webhook(s, receiver)
+        deliverer = WebhookDeliverer(s.ctx, destinations)
+        await deliverer.drain()  # the ping failed: it backs off
+        assert receiver.refused == 1
+        # A new event of the account, after the webhook's cursor, waits behind the ping.
+        await s.ctx.pool.execute("UPDATE accounts SET event_seq = event_seq + 1 WHERE id = $1", principal.account_id)
+        await deliverer.run_once()
+        assert deliverer.workers == {}
+        s.clock.advance(s.ctx.settings.webhook_retry_min_s)  # the retry is due: work again
+        await deliverer.run_once()
+        assert list(deliverer.workers) == [hook.id]
+        await deliverer.drain()
+        await deliverer.stop()
+    finally:
+        await receiver.stop()
+    assert receiver.refused == 2
