@@ -151,6 +151,7 @@ class WebhookDeliverer:
             await asyncio.gather(*self.workers.values(), return_exceptions=True)
 
     async def _work(self, webhook_id: int, account_id: int) -> None:
+        failed = False
         try:
             for _ in range(BATCH):
                 job = await self._claim(webhook_id)
@@ -163,13 +164,17 @@ class WebhookDeliverer:
         except asyncio.CancelledError:
             raise
         except Exception:
+            failed = True
             log.exception("webhook %s delivery failed", webhook_id)
         finally:
             self.workers.pop(webhook_id, None)
             self.in_flight[account_id] -= 1
             if self.in_flight[account_id] <= 0:
                 del self.in_flight[account_id]
-            self.wake()  # a slot is free: the next pass may start what waited for it
+            # A slot is free: the next pass may start what waited for it. Not after an error (a
+            # database blip): the poll paces the retry instead of a pass at once.
+            if not failed:
+                self.wake()
 
     async def _claim(self, webhook_id: int) -> Job | None:
         now = self.ctx.clock()
