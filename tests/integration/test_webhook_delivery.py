@@ -235,3 +235,34 @@ async def test_a_message_backing_off_holds_its_webhook_out_of_the_next_passes(s:
     finally:
         await receiver.stop()
     assert receiver.refused == 2
+
+
+async def test_a_redirect_is_not_followed(s: Scenario) -> None:
+    """A receiver answering 302 towards another address gets its answer logged as a failure; the
+    address it points to never hears of the message (a redirect would skip the destination check)."""
+    target = Receiver()
+    await target.start()
+
+    async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(f"HTTP/1.1 302 Found\r\nLocation: {target.url}\r\nContent-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(redirect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        s.ctx.extras["webhook_destinations"] = destinations = Destinations(Names(), parse_nets("127.0.0.0/8"))
+        principal = await tenant(s)
+        hook = await service.create_webhook(s.ctx, principal, WebhookCreate(url=f"http://127.0.0.1:{port}/h",
+                                                                            events=["fill"]))
+        await service.queue_ping(s.ctx, principal, hook.id)
+        deliverer = WebhookDeliverer(s.ctx, destinations)
+        await deliverer.drain()
+        await deliverer.stop()
+    finally:
+        server.close()
+        await target.stop()
+    assert target.seen == []
+    [delivery] = await log_of(s, principal, hook.id)
+    assert delivery.last_status_code == 302 and delivery.last_error == "HTTP 302" and delivery.delivered_at is None
