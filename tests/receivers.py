@@ -12,11 +12,11 @@ class Receiver:
     """A real HTTP server on a free port: records each POST (headers, body, arrival) and answers with
     the status in `answer` (500 to play a failing receiver); `stop()`/`start()` play one that is down."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", answer: int = 200) -> None:
         self.host = host
         self.port = free_port()
         self.url = f"http://{host}:{self.port}/hook"
-        self.answer = 200
+        self.answer = answer
         self.received: list[tuple[dict[str, str], bytes, float]] = []
         self.refused = 0  # requests answered with a non-2xx
         self.seen: list[dict[str, str]] = []  # the headers of every request, answered 2xx or not

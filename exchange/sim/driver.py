@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import traceback
+from collections import Counter
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -189,9 +190,7 @@ class Driver:
         """A settlement run on a connection of its own that dies part way (or finishes first)."""
         conn = await asyncpg.connect(self.url)
         try:
-            work = asyncio.ensure_future(settle(conn, self.clock(), fee_bps=self.settings.fee_bps,
-                                                max_gap_s=self.settings.meter_max_gap_s,
-                                                close_after_s=self.settings.settle_close_after_s))
+            work = asyncio.ensure_future(self._settle_on(conn))
             if await self._kill_during(conn.get_server_pid(), work):
                 if not work.cancelled():
                     work.exception()  # the dead connection's error: expected
@@ -594,11 +593,13 @@ class Driver:
         self.book_fresh = True
         return f"fills={summary.fills} leases={summary.leases} ended={summary.ended} outbid={summary.outbid}"
 
+    async def _settle_on(self, conn: asyncpg.Connection):
+        return await settle(conn, self.clock(), fee_bps=self.settings.fee_bps, max_gap_s=self.settings.meter_max_gap_s,
+                            close_after_s=self.settings.settle_close_after_s)
+
     async def _settle_once(self):
         async with self.pool.acquire() as conn:
-            return await settle(conn, self.clock(), fee_bps=self.settings.fee_bps,
-                                max_gap_s=self.settings.meter_max_gap_s,
-                                close_after_s=self.settings.settle_close_after_s)
+            return await self._settle_on(conn)
 
     async def _do_settle(self, runs: int = 1) -> str:
         """`runs` settlement runs at once at this moment: they bill as one run (one holds the lock, a
@@ -627,28 +628,24 @@ class Driver:
             if got != want:
                 raise SimFailure("settlement bills each lease what the billing model says, to the micro-dollar",
                                  {"lease": lease_id, "(GPU-s, billed, fees, hold, closed)": got, "model": want})
+        if any(lease_id not in self.billing.leases for lease_id in stored):
+            return  # a lease this run did not see (none: settlement runs between ticks); balances need all
         owners = {r["id"]: r["owner_id"] for r in await self.pool.fetch("SELECT id, owner_id FROM hosts")}
         bids = {acked.bid_id: acked for acked in self.model.bids.values()}
-        expected: dict[tuple[int | None, str], int] = {(None, "fees"): 0}
+        expected: Counter[tuple[int | None, str]] = Counter({(None, "fees"): 0})
         for (tenant, _), (amount, _) in self.model.deposits.items():
-            key = (self.model.tenant_ids[tenant], "available")
-            expected[key] = expected.get(key, 0) + micros(amount)
+            expected[(self.model.tenant_ids[tenant], "available")] += micros(amount)
         for row in await self.pool.fetch("SELECT id, account_id FROM bids WHERE status = 'open'"):
             hold = bid_hold_micros(bids[row["id"]].body)
-            expected[(row["account_id"], "held")] = expected.get((row["account_id"], "held"), 0) + hold
-            expected[(row["account_id"], "available")] = expected.get((row["account_id"], "available"), 0) - hold
+            expected[(row["account_id"], "held")] += hold
+            expected[(row["account_id"], "available")] -= hold
         for lease_id, row in stored.items():
-            money = self.billing.leases.get(lease_id)
-            if money is None:
-                continue  # started after this run's snapshot: the fill check covers its hold
+            money = self.billing.leases[lease_id]
             tenant, owner = row["account_id"], owners[row["host_id"]]
-            expected[(tenant, "held")] = expected.get((tenant, "held"), 0) + money.hold
-            expected[(tenant, "available")] = expected.get((tenant, "available"), 0) - money.hold - money.billed
-            expected[(owner, "available")] = expected.get((owner, "available"), 0) + money.billed - money.fees
+            expected[(tenant, "held")] += money.hold
+            expected[(tenant, "available")] -= money.hold + money.billed
+            expected[(owner, "available")] += money.billed - money.fees
             expected[(None, "fees")] += money.fees
-        new = [lease_id for lease_id in stored if lease_id not in self.billing.leases]
-        if new:
-            return  # a lease the run did not see (none: settlement runs between ticks); balances need all
         got = {(r["account_id"], r["kind"]): r["balance"] for r in await self.pool.fetch(
             "SELECT account_id, kind, balance FROM ledger_accounts WHERE kind <> 'world'")}
         wrong = {key: (got.get(key, 0), value) for key, value in expected.items() if got.get(key, 0) != value}

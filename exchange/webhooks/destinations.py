@@ -141,7 +141,6 @@ class Destination:
     port: int
     addresses: tuple[IPAddress, ...]
     target: str  # path and query
-    is_name: bool
 
     @property
     def host_header(self) -> str:
@@ -220,7 +219,7 @@ async def check_url(url: str, resolve: Resolver, allowed: Iterable[IPNetwork] = 
         kind = address_refusal(literal, allowed)
         if kind is not None:
             raise Refused(f"the host is a {kind} address")
-        return Destination(parts.scheme, host, port, (literal,), target, is_name=False)
+        return Destination(parts.scheme, host, port, (literal,), target)
     name = host.rstrip(".")
     if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: loopback, never looked up
         addresses = [ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")]
@@ -232,4 +231,4 @@ async def check_url(url: str, resolve: Resolver, allowed: Iterable[IPNetwork] = 
     # Every address must pass: a name that also points inside would otherwise be one retry away.
     if not addresses or any(address_refusal(address, allowed) is not None for address in addresses):
         raise Refused(NAME_REFUSED)
-    return Destination(parts.scheme, host, port, tuple(dict.fromkeys(addresses)), target, is_name=True)
+    return Destination(parts.scheme, host, port, tuple(dict.fromkeys(addresses)), target)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+
 import httpx
 
 from exchange.webhooks.destinations import Refused

@@ -111,8 +111,7 @@ async def test_events_arrive_signed_in_order_and_a_reclaim_notice_follows(admin:
 
 
 async def test_a_failing_then_down_receiver_gets_the_event_later(admin: Api) -> None:
-    receiver = Receiver()
-    receiver.answer = 500
+    receiver = Receiver(answer=500)
     await receiver.start()
     tenant = await admin.new_account("tenant", deposit="100.00")
     hook = await tenant.ok("POST", "/v1/webhooks", 201, json={"url": receiver.url, "events": ["fill"]})
@@ -287,8 +286,7 @@ async def test_internal_destinations_are_refused_at_create_and_at_send(tmp_path,
 
 
 async def test_a_webhook_failing_too_long_is_disabled_and_can_be_enabled(tmp_path, fresh_db: str) -> None:
-    receiver = Receiver()
-    receiver.answer = 500
+    receiver = Receiver(answer=500)
     await receiver.start()
     server = start_server(tmp_path, database_url=fresh_db,
                           extra_env={**WEBHOOK_ENV, "GPUX_WEBHOOK_DISABLE_AFTER_S": "1.5"})

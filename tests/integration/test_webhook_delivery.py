@@ -59,6 +59,18 @@ async def pinged_webhook(s: Scenario, receiver: Receiver) -> tuple[Destinations,
     return destinations, principal, hook
 
 
+async def ping_once(s: Scenario, destinations: Destinations, url: str) -> tuple[Principal, object]:
+    """A tenant's webhook at `url`, one ping queued and attempted until nothing is due."""
+    s.ctx.extras["webhook_destinations"] = destinations
+    principal = await tenant(s)
+    hook = await service.create_webhook(s.ctx, principal, WebhookCreate(url=url, events=["fill"]))
+    await service.queue_ping(s.ctx, principal, hook.id)
+    deliverer = WebhookDeliverer(s.ctx, destinations)
+    await deliverer.drain()
+    await deliverer.stop()
+    return principal, hook
+
+
 async def log_of(s: Scenario, principal: Principal, webhook_id: int) -> list:
     return await service.list_deliveries(s.ctx, principal, webhook_id)
 
@@ -144,8 +156,7 @@ async def test_a_crash_between_send_and_record_sends_again_once_the_claim_runs_o
 
 
 async def test_a_webhook_failing_past_the_limit_is_disabled_and_keeps_its_events(s: Scenario) -> None:
-    receiver = Receiver()
-    receiver.answer = 503
+    receiver = Receiver(answer=503)
     await receiver.start()
     try:
         destinations, principal, hook = await pinged_webhook(s, receiver)
@@ -196,15 +207,8 @@ async def test_https_goes_to_the_checked_address_with_the_url_s_name_as_tls_serv
     server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
     port = server.sockets[0].getsockname()[1]
     try:
-        destinations = Destinations(Names({"hooks.tenant.test": ["127.0.0.1"]}), parse_nets("127.0.0.0/8"))
-        s.ctx.extras["webhook_destinations"] = destinations
-        principal = await tenant(s)
-        hook = await service.create_webhook(s.ctx, principal, WebhookCreate(
-            url=f"https://hooks.tenant.test:{port}/h", events=["fill"]))
-        await service.queue_ping(s.ctx, principal, hook.id)
-        deliverer = WebhookDeliverer(s.ctx, destinations)
-        await deliverer.drain()
-        await deliverer.stop()
+        principal, hook = await ping_once(s, Destinations(Names({"hooks.tenant.test": ["127.0.0.1"]}),
+                                                          parse_nets("127.0.0.0/8")), f"https://hooks.tenant.test:{port}/h")
     finally:
         server.close()
     assert names_asked == ["hooks.tenant.test"]
@@ -215,8 +219,7 @@ async def test_https_goes_to_the_checked_address_with_the_url_s_name_as_tls_serv
 async def test_a_message_backing_off_holds_its_webhook_out_of_the_next_passes(s: Scenario) -> None:
     """Events queued behind a message that waits for its retry are no work yet: a pass must not
     start a worker for them (each worker's end starts the next pass: that was a busy loop)."""
-    receiver = Receiver()
-    receiver.answer = 503
+    receiver = Receiver(answer=503)
     await receiver.start()
     try:
         destinations, principal, hook = await pinged_webhook(s, receiver)
@@ -252,14 +255,8 @@ async def test_a_redirect_is_not_followed(s: Scenario) -> None:
     server = await asyncio.start_server(redirect, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        s.ctx.extras["webhook_destinations"] = destinations = Destinations(Names(), parse_nets("127.0.0.0/8"))
-        principal = await tenant(s)
-        hook = await service.create_webhook(s.ctx, principal, WebhookCreate(url=f"http://127.0.0.1:{port}/h",
-                                                                            events=["fill"]))
-        await service.queue_ping(s.ctx, principal, hook.id)
-        deliverer = WebhookDeliverer(s.ctx, destinations)
-        await deliverer.drain()
-        await deliverer.stop()
+        principal, hook = await ping_once(s, Destinations(Names(), parse_nets("127.0.0.0/8")),
+                                          f"http://127.0.0.1:{port}/h")
     finally:
         server.close()
         await target.stop()
